@@ -1,0 +1,48 @@
+"""buttress: fast, production-grade building blocks for resilient services.
+
+Public names are importable from the top level (``from buttress import
+BloomFilter``).  Components load lazily, on first use, so importing buttress
+stays cheap and optional dependencies (redis, uvicorn) are needed only by the
+components that use them.  Pure-Python twins of the native pieces live in
+``buttress.reference``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from buttress._version import __version__
+from buttress.errors import ButtressError, Expired, Rejected, Shed, StoreUnavailable
+
+# Public name -> module that defines it.
+_LAZY: dict[str, str] = {
+    # hashing and the key-encoding rule (native)
+    "xxh64": "buttress._hash",
+    "xxh64_many": "buttress._hash",
+    "hash_key": "buttress._hash",
+    "encode_key": "buttress._hash",
+}
+
+__all__ = [
+    "ButtressError",
+    "Expired",
+    "Rejected",
+    "Shed",
+    "StoreUnavailable",
+    "__version__",
+    *sorted(_LAZY),
+]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'buttress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

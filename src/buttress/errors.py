@@ -1,0 +1,45 @@
+"""The one exception hierarchy of buttress (re-exported at the top level).
+
+Bad arguments raise plain ``ValueError`` / ``TypeError`` naming the argument
+and the value; everything below describes an outcome the caller must handle.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ButtressError", "Expired", "Rejected", "Shed", "StoreUnavailable"]
+
+
+class ButtressError(Exception):
+    """Base class of every buttress outcome exception."""
+
+
+class Rejected(ButtressError):
+    """Work was refused at admission (backpressure or shutdown).
+
+    ``state`` is the admission state when it was refused (for example
+    ``"shedding"`` or ``"shutting_down"``), ``reason`` a short human reason and
+    ``retry_after`` a hint in seconds (``None`` when retrying will not help,
+    such as after shutdown).
+    """
+
+    def __init__(self, reason: str, *, state: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.state = state
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        hint = "" if self.retry_after is None else f"; retry after {self.retry_after:.3g}s"
+        return f"{self.reason} (state={self.state}{hint})"
+
+
+class Shed(ButtressError):
+    """Accepted work was evicted from the queue to make room for more important work."""
+
+
+class Expired(ButtressError):
+    """Work reached its deadline before it could start, so it was not run."""
+
+
+class StoreUnavailable(ButtressError):
+    """A backing store (Redis, SQLite) could not be reached or used; nothing was done."""

