@@ -23,8 +23,11 @@ def register(session: BenchSession) -> None:
     ints = rng.integers(0, 2**63, size=n, dtype=np.int64).view(np.uint64)
     encoded = [k.to_bytes(8, "little") for k in ints.tolist()]
     digest = xxhash.xxh64_intdigest
+    # Each case takes well under a second, so more repeats cost little and keep
+    # the median clear of one-off page faults and neighbours' bursts.
+    repeats = max(session.repeats, 9)
 
-    case = session.case("hash", f"xxh64_many, {n:,} uint64 keys", unit="key")
+    case = session.case("hash", f"xxh64_many, {n:,} uint64 keys", unit="key", repeats=repeats)
     case.add("buttress", lambda: _hash.xxh64_many(ints), items=n)
     # The loop gets pre-encoded bytes: the fairest (fastest) form for it.
     case.add(LOOP, lambda: [digest(k) for k in encoded], items=n, note="pre-encoded bytes")
@@ -33,18 +36,18 @@ def register(session: BenchSession) -> None:
     case.target("buttress", LOOP, min_speedup=20)
 
     words = [f"user:{i}:session" for i in range(n // 4)]
-    case = session.case("hash", f"xxh64_many, {len(words):,} str keys", unit="key")
+    case = session.case("hash", f"xxh64_many, {len(words):,} str keys", unit="key", repeats=repeats)
     case.add("buttress", lambda: _hash.xxh64_many(words), items=len(words))
     case.add(LOOP, lambda: [digest(w.encode()) for w in words], items=len(words))
     case.add("reference", lambda: reference.xxh64_many(words), items=len(words))
 
     blob = rng.bytes(1 << 20)
-    case = session.case("hash", "xxh64 of one 1 MiB buffer", unit="MiB")
+    case = session.case("hash", "xxh64 of one 1 MiB buffer", unit="MiB", repeats=repeats)
     case.add("buttress", lambda: _hash.xxh64(blob), items=1)
     case.add("xxhash (C library)", lambda: digest(blob), items=1)
 
     key: Any = "user:42:session"
-    case = session.case("hash", "hash_key of one str key, Python loop", unit="call")
+    case = session.case("hash", "hash_key of one str key, Python loop", unit="call", repeats=repeats)
     calls = 200_000
     case.add("buttress", lambda: [_hash.hash_key(key) for _ in range(calls)], items=calls)
     case.add("reference", lambda: [reference.hash_key(key) for _ in range(calls)], items=calls)
