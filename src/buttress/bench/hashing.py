@@ -36,7 +36,9 @@ def register(session: BenchSession) -> None:
     case.target("buttress", LOOP, min_speedup=20)
 
     words = [f"user:{i}:session" for i in range(n // 4)]
-    case = session.case("hash", f"xxh64_many, {len(words):,} str keys", unit="key", repeats=repeats)
+    case = session.case(
+        "hash", f"xxh64_many, {len(words):,} str keys", unit="key", repeats=repeats
+    )
     case.add("buttress", lambda: _hash.xxh64_many(words), items=len(words))
     case.add(LOOP, lambda: [digest(w.encode()) for w in words], items=len(words))
     case.add("reference", lambda: reference.xxh64_many(words), items=len(words))
