@@ -49,7 +49,7 @@ def register(session: BenchSession) -> None:
     case.add("xxhash (C library)", lambda: digest(blob), items=1)
 
     key: Any = "user:42:session"
-    case = session.case("hash", "hash_key of one str key, Python loop", unit="call", repeats=repeats)
+    case = session.case("hash", "hash_key of one str key, in a loop", unit="call", repeats=repeats)
     calls = 200_000
     case.add("buttress", lambda: [_hash.hash_key(key) for _ in range(calls)], items=calls)
     case.add("reference", lambda: [reference.hash_key(key) for _ in range(calls)], items=calls)
