@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
 EXT_DIR = Path("ext") / "buttress"
@@ -69,4 +70,19 @@ def _extensions() -> list[Extension]:
     )
 
 
-setup(ext_modules=_extensions())
+class BuildExtExplained(build_ext):
+    """build_ext that says what is missing when the C toolchain fails."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:
+            sys.stderr.write(
+                f"\nbuttress: compiling the Cython extensions failed ({exc}).\n"
+                "It needs a C compiler (gcc or clang) and the Python development headers "
+                "(Debian/Ubuntu: `apt-get install build-essential python3-dev`).\n\n"
+            )
+            raise
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtExplained})
