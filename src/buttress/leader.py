@@ -634,6 +634,8 @@ class LeaderElector(ElectorCore):
         self._stop_timeout = timeout
         self._stopping.set()
         self._wake.set()
+        if self._thread is threading.current_thread():
+            return  # called from a callback: the thread stops after it returns
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
