@@ -550,6 +550,15 @@ def test_elector_steps_down_when_redis_dies_and_comes_back_empty(private_redis):
 # -- the asyncio twin --------------------------------------------------------
 
 
+async def async_wait_until(condition, timeout: float = 10.0, message: str = "condition") -> None:
+    """wait_until for a coroutine: poll without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(0.01)
+
+
 def test_async_election_interoperates_with_the_sync_one(redis_client, redis_url, unique_name):
     opened(redis_client, unique_name)
     sync = LeaderElection(redis_client, unique_name, ttl_ms=5000)
@@ -589,10 +598,8 @@ def test_async_elector_leads_and_hands_over(redis_client, redis_url, unique_name
             for i, name in enumerate("ab")}
         for elector in electors.values():
             elector.start()
-        deadline = time.monotonic() + 10
-        while not any(e.is_leader() for e in electors.values()):
-            assert time.monotonic() < deadline, "no async leader"
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: any(e.is_leader() for e in electors.values()),
+                               message="an async leader")
         leader = next(n for n, e in electors.items() if e.is_leader())
         follower = "b" if leader == "a" else "a"
         token = electors[leader].fencing_token
@@ -601,12 +608,45 @@ def test_async_elector_leads_and_hands_over(redis_client, redis_url, unique_name
         assert electors[leader].stats()["election"]["renewals"] >= 3
         await electors[leader].stop()
         assert events[leader].kinds() == ["elected", "lost"]
-        while not electors[follower].is_leader():
-            assert time.monotonic() < deadline + 5, "no hand-over"
-            await asyncio.sleep(0.01)
+        await async_wait_until(electors[follower].is_leader, message="hand-over")
         assert electors[follower].fencing_token > token  # type: ignore[operator]
         await electors[follower].stop()
         assert await client.exists(electors[follower].election.lease_key) == 0
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_async_elector_steps_down_on_time_while_redis_hangs(private_redis):
+    async def scenario() -> None:
+        client = redis.asyncio.Redis.from_url(private_redis.url)  # no timeout: calls hang
+        with redis.Redis.from_url(private_redis.url) as sync_client:
+            opened(sync_client, "async-hang")
+        events = Events()
+        election = AsyncLeaderElection(client, "async-hang", ttl_ms=600)
+        elector = AsyncLeaderElector(election, "a", on_elected=events.elected,
+                                     on_lost=events.lost).start()
+        await async_wait_until(elector.is_leader, message="election")
+        os.kill(private_redis.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+        frozen = time.monotonic()
+        await async_wait_until(lambda: "lost" in events.kinds(), timeout=5,
+                               message="on_lost while Redis hangs")
+        assert events.log[-1][2] <= frozen + 0.6 + 0.5
+        assert not elector.is_leader()
+        os.kill(private_redis.pid, signal.SIGCONT)  # type: ignore[arg-type]
+        await elector.stop()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_elector_can_be_stopped_from_its_own_callback(redis_client, unique_name):
+    opened(redis_client, unique_name)
+    election = LeaderElection(redis_client, unique_name, ttl_ms=300)
+    lost = threading.Event()
+    elector = LeaderElector(election, "a", on_elected=lambda _: elector.stop(),
+                            on_lost=lambda _: lost.set())
+    elector.start()
+    wait_until(lost.is_set, message="on_lost after stop() from on_elected")
+    wait_until(lambda: redis_client.exists(election.lease_key) == 0, message="release")
+    assert elector.stats()["callback_errors"] == 0

@@ -110,7 +110,10 @@ class FencingRejected(ButtressError):
 
 
 class ElectionProtocol:
-    """Validation, keys, scripts and the local view of one election (no I/O)."""
+    """Validation, keys, scripts and the local view of one election.
+
+    Subclasses only run the scripts, blocking or with ``await``.
+    """
 
     # KEYS[1] lease key, KEYS[2] fencing counter (same hash tag)
     # ARGV[1] instance id, ARGV[2] ttl in milliseconds
@@ -165,6 +168,7 @@ return 0
 
     def __init__(
         self,
+        redis_client: Any,
         name: str,
         *,
         ttl_ms: int,
@@ -199,6 +203,12 @@ return 0
         self._counts = dict.fromkeys(
             ("acquire_attempts", "terms_won", "renewals", "renewals_failed", "releases",
              "store_errors", "quarantines"), 0)
+        self.redis = redis_client
+        # register_script (sync or asyncio client alike) runs EVALSHA and
+        # reloads the script after NOSCRIPT.
+        self._acquire_script = redis_client.register_script(self.ACQUIRE_SCRIPT)
+        self._renew_script = redis_client.register_script(self.RENEW_SCRIPT)
+        self._release_script = redis_client.register_script(self.RELEASE_SCRIPT)
 
     # -- the local view ---------------------------------------------------
 
@@ -351,22 +361,6 @@ class LeaderElection(ElectionProtocol):
     local deadline still runs, so an unreachable Redis ends leadership on time.
     """
 
-    def __init__(
-        self,
-        redis_client: Any,
-        name: str,
-        *,
-        ttl_ms: int,
-        drift_ms: int | None = None,
-        prefix: str = DEFAULT_PREFIX,
-    ) -> None:
-        super().__init__(name, ttl_ms=ttl_ms, drift_ms=drift_ms, prefix=prefix)
-        self.redis = redis_client
-        # register_script runs EVALSHA and reloads the script after NOSCRIPT.
-        self._acquire_script = redis_client.register_script(self.ACQUIRE_SCRIPT)
-        self._renew_script = redis_client.register_script(self.RENEW_SCRIPT)
-        self._release_script = redis_client.register_script(self.RELEASE_SCRIPT)
-
     def acquire_leader(self, instance_id: str) -> bool:
         """Start a new term for ``instance_id`` if no lease is held; True if won.
 
@@ -447,14 +441,14 @@ class ElectorCore:
 
     def __init__(
         self,
-        election: ElectionProtocol,
+        election: Any,
         instance_id: str,
         *,
-        on_elected: Callable[[int], object] | None,
-        on_lost: Callable[[int], object] | None,
-        renew_interval_ms: int | None,
-        retry_interval_ms: int | None,
-        seed: int | None,
+        on_elected: Callable[[int], object] | None = None,
+        on_lost: Callable[[int], object] | None = None,
+        renew_interval_ms: int | None = None,
+        retry_interval_ms: int | None = None,
+        seed: int | None = None,
     ) -> None:
         _check_instance_id(instance_id)
         if not isinstance(election, ElectionProtocol):
@@ -480,11 +474,17 @@ class ElectorCore:
         self.on_lost = on_lost
         self.renew_interval = renew_interval_ms / 1e3
         self.retry_interval = retry_interval_ms / 1e3
-        self._protocol = election
+        self.election = election
+        self._protocol: ElectionProtocol = election
         self._random = random.Random(seed)
         self._token: int | None = None  # the term this elector leads, if any
         self._counts = dict.fromkeys(
             ("terms_won", "terms_lost", "renew_errors", "acquire_errors", "callback_errors"), 0)
+        self._stop_timeout = 5.0
+        self._init_driver()
+
+    def _init_driver(self) -> None:
+        """Set up the driver's own state (a thread, or a task)."""
 
     def is_leader(self) -> bool:
         """True while the elector leads and the term is within its local deadline."""
@@ -590,26 +590,13 @@ class LeaderElector(ElectorCore):
     :meth:`stop` calls ``on_lost`` and then releases the lease.
     """
 
-    def __init__(
-        self,
-        election: LeaderElection,
-        instance_id: str,
-        *,
-        on_elected: Callable[[int], object] | None = None,
-        on_lost: Callable[[int], object] | None = None,
-        renew_interval_ms: int | None = None,
-        retry_interval_ms: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(election, instance_id, on_elected=on_elected, on_lost=on_lost,
-                         renew_interval_ms=renew_interval_ms,
-                         retry_interval_ms=retry_interval_ms, seed=seed)
-        self.election = election
+    election: LeaderElection
+
+    def _init_driver(self) -> None:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._worker: _CallThread | None = None
-        self._stop_timeout = 5.0
 
     def start(self) -> LeaderElector:
         """Start contending (idempotent while running)."""
@@ -733,7 +720,7 @@ class _CallThread:
 
 
 class FencedResource:
-    """Validation, keys and the script of a fenced resource (no I/O)."""
+    """Validation, keys and the script of a fenced resource; subclasses run it."""
 
     # KEYS[1] highest accepted token, KEYS[2] data hash (same hash tag)
     # ARGV[1] token, ARGV[2] field, ARGV[3] value
@@ -749,7 +736,7 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return {1, ARGV[1]}
 """
 
-    def __init__(self, resource: str, *, prefix: str = FENCED_PREFIX) -> None:
+    def __init__(self, redis_client: Any, resource: str, *, prefix: str = FENCED_PREFIX) -> None:
         if not isinstance(resource, str) or not resource:
             raise ValueError(f"resource must be a non-empty str, got {resource!r}")
         if "{" in resource or "}" in resource:
@@ -758,6 +745,8 @@ return {1, ARGV[1]}
         self.token_key = f"{prefix}:{{{resource}}}:token"
         self.data_key = f"{prefix}:{{{resource}}}:data"
         self._counts = {"writes": 0, "rejected": 0}
+        self.redis = redis_client
+        self._write_script = redis_client.register_script(self.WRITE_SCRIPT)
 
     def stats(self) -> dict[str, Any]:
         return {"resource": self.resource, **self._counts}
@@ -796,11 +785,6 @@ class FencedStore(FencedResource):
     outside Redis (a database row, an object store) follows the same pattern:
     store the highest token with the data and compare in the same transaction.
     """
-
-    def __init__(self, redis_client: Any, resource: str, *, prefix: str = FENCED_PREFIX) -> None:
-        super().__init__(resource, prefix=prefix)
-        self.redis = redis_client
-        self._write_script = redis_client.register_script(self.WRITE_SCRIPT)
 
     def write(
         self, fencing_token: int, field: str | bytes, value: str | bytes | int | float,

@@ -23,8 +23,6 @@ from typing import Any
 
 from buttress.leader import (
     _REDIS_ERRORS,
-    DEFAULT_PREFIX,
-    FENCED_PREFIX,
     ElectionProtocol,
     ElectorCore,
     FencedResource,
@@ -38,21 +36,6 @@ logger = logging.getLogger("buttress.leader")
 
 class AsyncLeaderElection(ElectionProtocol):
     """:class:`buttress.LeaderElection` for a ``redis.asyncio`` client (methods are coroutines)."""
-
-    def __init__(
-        self,
-        redis_client: Any,
-        name: str,
-        *,
-        ttl_ms: int,
-        drift_ms: int | None = None,
-        prefix: str = DEFAULT_PREFIX,
-    ) -> None:
-        super().__init__(name, ttl_ms=ttl_ms, drift_ms=drift_ms, prefix=prefix)
-        self.redis = redis_client
-        self._acquire_script = redis_client.register_script(self.ACQUIRE_SCRIPT)
-        self._renew_script = redis_client.register_script(self.RENEW_SCRIPT)
-        self._release_script = redis_client.register_script(self.RELEASE_SCRIPT)
 
     async def acquire_leader(self, instance_id: str) -> bool:
         """Start a new term for ``instance_id`` if no lease is held; True if won."""
@@ -95,25 +78,12 @@ class AsyncLeaderElector(ElectorCore):
     threaded elector.  Callbacks are plain functions called on the loop.
     """
 
-    def __init__(
-        self,
-        election: AsyncLeaderElection,
-        instance_id: str,
-        *,
-        on_elected: Callable[[int], object] | None = None,
-        on_lost: Callable[[int], object] | None = None,
-        renew_interval_ms: int | None = None,
-        retry_interval_ms: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(election, instance_id, on_elected=on_elected, on_lost=on_lost,
-                         renew_interval_ms=renew_interval_ms,
-                         retry_interval_ms=retry_interval_ms, seed=seed)
-        self.election = election
+    election: AsyncLeaderElection
+
+    def _init_driver(self) -> None:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: asyncio.Task[bool] | None = None
-        self._stop_timeout = 5.0
 
     def start(self) -> AsyncLeaderElector:
         """Start contending on the running loop (idempotent while running)."""
@@ -201,11 +171,6 @@ class AsyncLeaderElector(ElectorCore):
 
 class AsyncFencedStore(FencedResource):
     """:class:`buttress.FencedStore` for a ``redis.asyncio`` client."""
-
-    def __init__(self, redis_client: Any, resource: str, *, prefix: str = FENCED_PREFIX) -> None:
-        super().__init__(resource, prefix=prefix)
-        self.redis = redis_client
-        self._write_script = redis_client.register_script(self.WRITE_SCRIPT)
 
     async def write(
         self, fencing_token: int, field: str | bytes, value: str | bytes | int | float,
