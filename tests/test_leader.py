@@ -418,6 +418,20 @@ def test_unreachable_redis_raises_store_unavailable(unique_name):
     assert election.stats()["store_errors"] == 1
 
 
+def test_renewing_against_a_dead_redis_raises_and_the_deadline_still_ends_the_term(
+        private_redis):
+    client = redis.Redis.from_url(private_redis.url, socket_timeout=0.2, retry=None)
+    opened(client, "dead")
+    election = LeaderElection(client, "dead", ttl_ms=400)
+    won(election, "a")
+    private_redis.stop()
+    with pytest.raises(StoreUnavailable, match="renew"):
+        election.renew_leader("a")
+    wait_until(lambda: not election.is_leader(), timeout=2, message="the local deadline")
+    assert election.renew_leader("a") is False  # the term is over: no round trip, no error
+    client.close()
+
+
 # -- the elector -------------------------------------------------------------
 
 

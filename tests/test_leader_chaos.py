@@ -42,7 +42,7 @@ CONTENDERS = 5
 DURATION = 21.0
 TTL_MS, RENEW_MS, RETRY_MS = 1000, 250, 150
 TAKEOVER_BOUND = (TTL_MS + RETRY_MS + 200) / 1e3
-FORCED_EVERY = 3.0  # alternately: kill the leader (measured), pause the leader past its ttl
+FORCED_EVERY = 2.0  # alternately: kill the leader (measured), pause the leader past its ttl
 
 
 @dataclass

@@ -185,7 +185,7 @@ return 0
         if drift_ms is None:
             # 1% covers clock rate differences (NTP slews at most 0.05%) and
             # 2 ms covers the server's expiry granularity.
-            drift_ms = ttl_ms // 100 + 2
+            drift_ms = min(ttl_ms // 100 + 2, ttl_ms // 2)
         if isinstance(drift_ms, bool) or not isinstance(drift_ms, int) or drift_ms < 0:
             raise ValueError(f"drift_ms must be an int >= 0, got {drift_ms!r}")
         if drift_ms >= ttl_ms:
@@ -359,6 +359,8 @@ class LeaderElection(ElectionProtocol):
 
     Redis errors surface as :class:`~buttress.errors.StoreUnavailable`; the
     local deadline still runs, so an unreachable Redis ends leadership on time.
+
+    One object tracks one term at a time: give each contender its own.
     """
 
     def acquire_leader(self, instance_id: str) -> bool:
