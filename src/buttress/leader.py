@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -297,8 +297,8 @@ return 0
         with self._lock:
             if self._term is not term:
                 return False
-            self._term = replace(term, sent_at=sent_at,
-                                 deadline=sent_at + (self.ttl_ms - self.drift_ms) / 1e3)
+            self._term = Term(term.instance_id, term.fencing_token, sent_at,
+                              sent_at + (self.ttl_ms - self.drift_ms) / 1e3)
         self._counts["renewals"] += 1
         return True
 
