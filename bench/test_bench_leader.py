@@ -82,3 +82,18 @@ def test_buttress_fenced_write(benchmark, client):
 @pytest.mark.benchmark(group="leader: fenced write")
 def test_plain_hset(benchmark, client):
     benchmark(client.hset, f"bench:hash:{uuid.uuid4().hex[:8]}", "field", "value")
+
+
+@pytest.mark.benchmark(group="leader: acquire attempt on a held lease")
+def test_buttress_acquire_attempt_on_held_lease(benchmark, client, election):
+    assert election.acquire_leader("holder")
+    follower = LeaderElection(client, election.name, ttl_ms=TTL_MS)
+    benchmark(lambda: not follower.acquire_leader("follower") or pytest.fail("won a held lease"))
+
+
+@pytest.mark.benchmark(group="leader: acquire attempt on a held lease")
+def test_bare_set_nx_px_on_held_key(benchmark, client):
+    key = f"bench:bare:{uuid.uuid4().hex[:8]}"
+    client.set(key, b"holder", px=TTL_MS)
+    benchmark(lambda: client.set(key, b"follower", nx=True, px=TTL_MS) is None
+              or pytest.fail("SET NX succeeded on a held key"))

@@ -7,6 +7,8 @@ All on the same Redis, one client each, interleaved repeats:
   ``acquire(blocking=False)`` + ``release()`` and a bare ``SET NX PX`` + ``DEL``
   (the floor: two plain round trips);
 - renew: ``renew_leader`` against ``Lock.reacquire()`` and a bare ``PEXPIRE``;
+- a follower's acquire attempt on a held lease against a failing
+  ``Lock.acquire(blocking=False)`` and a bare ``SET NX PX`` (one round trip);
 - fenced write: ``FencedStore.write`` against a plain ``HSET``.
 
 Every call is checked to have succeeded, so a failing call cannot pose as a
@@ -84,6 +86,31 @@ def register(session: BenchSession) -> None:
     case.add(LOCK, lock_renew, items=cycles, setup=_holding_lock(lock), note="reacquire()")
     case.add("bare PEXPIRE", bare_renew, items=cycles,
              setup=lambda: client.set(bare_key, b"bench", px=TTL_MS), note="no owner check")
+    case.target("buttress", LOCK, max_ratio=1.3)
+
+    # What a follower pays per retry: one acquire attempt on a held lease.
+    holder = LeaderElection(client, election.name, ttl_ms=TTL_MS)
+    rival_lock = client.lock(lock.name, timeout=TTL_MS / 1e3)
+
+    def ours_attempt(_: object) -> None:
+        for _ in range(cycles):
+            _check(not holder.acquire_leader("follower"))
+
+    def lock_attempt(_: object) -> None:
+        for _ in range(cycles):
+            _check(not rival_lock.acquire(blocking=False))
+
+    def bare_attempt(_: object) -> None:
+        for _ in range(cycles):
+            _check(client.set(bare_key, b"follower", nx=True, px=TTL_MS) is None)
+
+    case = session.case("leader", f"acquire attempt on a held lease, {cycles} tries",
+                        unit="try")
+    case.add("buttress", ours_attempt, items=cycles, setup=_holding(election))
+    case.add(LOCK, lock_attempt, items=cycles, setup=_holding_lock(lock),
+             note="acquire(blocking=False)")
+    case.add("bare SET NX PX", bare_attempt, items=cycles,
+             setup=lambda: client.set(bare_key, b"bench", px=TTL_MS), note="one round trip")
     case.target("buttress", LOCK, max_ratio=1.3)
 
     store = FencedStore(client, f"bench-{run}")
