@@ -11,14 +11,17 @@ Timing, chosen for a loaded 2-core machine: ttl 1000 ms, renew every 250 ms,
 retry every 75-150 ms.  After a SIGKILL of the leader the lease expires at
 most ttl after the kill; a contender retries within the retry interval; so a
 new term must start within ttl + retry + 200 ms of the kill, measured from the
-moment the signal was sent to the new leader's first True sample.  The loop
-measures a leader kill only when at least two other contenders are running,
-and does nothing else until the takeover window has passed, so the figure is
+moment the signal was sent to the new leader's first True sample.  Every 2 s the loop
+forces an action on the leader, alternately a measured SIGKILL and a SIGSTOP
+for twice the ttl; before it, stopped contenders are resumed until a leader
+and at least two other running contenders are seen, and after a measured kill
+nothing else happens until the takeover window has passed, so the figure is
 the election's and not the chaos loop's.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -184,7 +187,11 @@ def test_five_contenders_under_signal_chaos(redis_url, redis_client, unique_name
             chaos.resume_due(now)
             leader = chaos.active_leader(redis_client, lease_key)
             others = [c for c in chaos.contenders.values() if c is not leader and c.running()]
-            if now >= next_forced and leader is not None and len(others) >= 2:
+            if now >= next_forced:
+                if leader is None or len(others) < 2:
+                    chaos.resume_due(math.inf)  # clear the field for the forced action
+                    pace(0.02)
+                    continue
                 if forced_kill:  # measured: nothing else happens during the window
                     token = leader.last_sample()[2]  # type: ignore[index]
                     killed_at = time.monotonic()
