@@ -665,3 +665,74 @@ def test_elector_can_be_stopped_from_its_own_callback(redis_client, unique_name)
     wait_until(lost.is_set, message="on_lost after stop() from on_elected")
     wait_until(lambda: redis_client.exists(election.lease_key) == 0, message="release")
     assert elector.stats()["callback_errors"] == 0
+
+
+# -- a model of the protocol -------------------------------------------------
+
+
+def test_protocol_matches_a_model_under_random_operations(redis_client, unique_name):
+    """Stateful: three contenders (two share the instance id "a") and a lease that can vanish.
+
+    Losing the lease (DEL) stands in for an expiry or a failover seen by the
+    server before the holder.  The model says who holds the lease, which
+    token comes next, and what each call must answer.
+    """
+    from hypothesis import settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+    opened(redis_client, unique_name)
+    ids = ["a", "b", "a"]
+    contender = st.integers(0, len(ids) - 1)
+
+    class Protocol(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.elections = [LeaderElection(redis_client, unique_name, ttl_ms=60_000)
+                              for _ in ids]
+            self.lease_key = self.elections[0].lease_key
+            redis_client.delete(self.lease_key)
+            self.next_token = int(redis_client.get(self.elections[0].fence_key)) + 1
+            self.holder: int | None = None  # whose term the server's lease is
+            self.live = [False] * len(ids)  # whose local term has not ended
+
+        @rule(i=contender)
+        def acquire(self, i: int) -> None:
+            won_term = self.elections[i].acquire_leader(ids[i])
+            assert won_term == (self.holder is None)
+            if won_term:
+                assert self.elections[i].fencing_token == self.next_token
+                self.next_token += 1
+                self.holder = i
+                self.live[i] = True
+
+        @rule(i=contender)
+        def renew(self, i: int) -> None:
+            assert self.elections[i].renew_leader(ids[i]) == (self.holder == i and self.live[i])
+            self.live[i] = self.holder == i and self.live[i]
+
+        @rule(i=contender)
+        def release(self, i: int) -> None:
+            assert self.elections[i].release_leader(ids[i]) == (self.holder == i and self.live[i])
+            if self.holder == i:
+                self.holder = None
+            self.live[i] = False
+
+        @rule()
+        def lose_lease(self) -> None:
+            redis_client.delete(self.lease_key)
+            self.holder = None
+
+        @invariant()
+        def server_and_local_views_agree_with_the_model(self) -> None:
+            value = redis_client.get(self.lease_key)
+            if self.holder is None:
+                assert value is None
+            else:
+                election = self.elections[self.holder]
+                assert value == f"{election.fencing_token}:{ids[self.holder]}".encode()
+            assert [e.is_leader() for e in self.elections] == self.live
+
+    Protocol.TestCase.settings = settings(max_examples=200, stateful_step_count=20,
+                                          deadline=None, derandomize=True)
+    Protocol.TestCase().runTest()
