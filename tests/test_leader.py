@@ -736,3 +736,23 @@ def test_protocol_matches_a_model_under_random_operations(redis_client, unique_n
     Protocol.TestCase.settings = settings(max_examples=200, stateful_step_count=20,
                                           deadline=None, derandomize=True)
     Protocol.TestCase().runTest()
+
+
+def test_the_cron_example_runs_the_job_on_one_process(redis_client, redis_url, unique_name):
+    opened(redis_client, unique_name)
+    example = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
+                           "leader_cron.py")
+    env = {**os.environ, "BUTTRESS_REDIS_URL": redis_url}
+    processes = [
+        subprocess.Popen([sys.executable, example, "--instance", name, "--name", unique_name,
+                          "--ttl-ms", "600", "--every", "0.1", "--duration", "1.5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        for name in ("x", "y")]
+    outputs = [process.communicate(timeout=30)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    runs = [line for output in outputs for line in output.splitlines() if "ran the job" in line]
+    holders: dict[str, set[str]] = {}
+    for line in runs:  # "x: ran the job in term 1795...": one instance per term
+        holders.setdefault(line.rsplit(" ", 1)[1], set()).add(line.split(":")[0])
+    assert runs and all(len(instances) == 1 for instances in holders.values()), holders
+    assert "rejected" not in "".join(outputs)
