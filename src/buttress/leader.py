@@ -319,7 +319,7 @@ return 0
     def _store_error(self, operation: str, exc: Exception) -> StoreUnavailable:
         self._counts["store_errors"] += 1
         return StoreUnavailable(
-            f"election {self.name!r}: {operation} failed, Redis did not answer: {exc}")
+            f"election {self.name!r}: {operation} failed on Redis: {exc}")
 
     def _end_term(self, term: Term, reason: str | None) -> None:
         with self._lock:
