@@ -135,6 +135,8 @@ class AsyncLeaderElector(ElectorCore):
         function = (self.election.acquire_leader if operation == "acquire"
                     else self.election.renew_leader)
         task = asyncio.ensure_future(self._after(self._in_flight, function))
+        # A call abandoned at its deadline may fail later: mark its error seen.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._in_flight = task
         await self._wait(task, until)
         return task if task.done() else None
