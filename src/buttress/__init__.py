@@ -22,6 +22,14 @@ _LAZY: dict[str, str] = {
     "xxh64_many": "buttress._hash",
     "hash_key": "buttress._hash",
     "encode_key": "buttress._hash",
+    # leader election with fencing tokens
+    "LeaderElection": "buttress.leader",
+    "LeaderElector": "buttress.leader",
+    "FencedStore": "buttress.leader",
+    "FencingRejected": "buttress.leader",
+    "AsyncLeaderElection": "buttress.leader_async",
+    "AsyncLeaderElector": "buttress.leader_async",
+    "AsyncFencedStore": "buttress.leader_async",
 }
 
 __all__ = [
