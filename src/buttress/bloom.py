@@ -760,6 +760,8 @@ def _parse_header(view: memoryview) -> tuple[str, int, int, int, int]:
     if version != _FORMAT_VERSION:
         raise ValueError(f"unsupported Bloom filter format version {version} (this "
                          f"buttress reads version {_FORMAT_VERSION})")
+    if any(view[_CHECKSUM_OFFSET + 8:_HEADER_SIZE]):
+        raise ValueError("corrupted header: reserved bytes are not zero")
     layouts = {code: name for name, code in _LAYOUT_CODES.items()}
     if layout_code not in layouts:
         raise ValueError(f"corrupted header: unknown layout code {layout_code}")
