@@ -37,11 +37,12 @@ costs one lock round trip per call instead of an atomic operation per bit.
 """
 
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
 
 import numpy as np
 
-from buttress._hash cimport hash_object, xxh64_fixed_width, xxh64_u64
+from buttress._hash cimport hash_object, xxh64_bytes, xxh64_fixed_width, xxh64_u64
 
 from buttress._hash import as_key_array
 
@@ -321,10 +322,16 @@ cdef inline const uint64_t* window_hashes(const KeySource* src, Py_ssize_t start
 
 
 cdef inline uint64_t hash_one(object key) except? 0:
-    # Fast path for an int that fits int64 (its encoding is then its two's
-    # complement); everything else goes through the key rule in buttress._hash.
+    # Fast paths for the two commonest keys, str (its UTF-8 bytes) and an int
+    # that fits int64 (its two's complement); everything else goes through the
+    # key rule in buttress._hash.
     cdef int overflow = 0
     cdef long long value
+    cdef const char* utf8
+    cdef Py_ssize_t size
+    if type(key) is str:
+        utf8 = PyUnicode_AsUTF8AndSize(key, &size)
+        return xxh64_bytes(<const unsigned char*>utf8, <size_t>size, 0)
     if type(key) is int:
         value = PyLong_AsLongLongAndOverflow(key, &overflow)
         if overflow == 0:
@@ -476,8 +483,12 @@ cdef class BloomCore:
     def __contains__(self, key):
         cdef uint64_t h = hash_one(key)
         cdef uint8_t found = 0
-        self._check_bound()
-        self._probe(&h, 1, &found)
+        if self._data == NULL:
+            self._check_bound()
+        if self._layout == SPLIT_BLOCK:
+            sbbf_check(self._data, self._modulus, &h, 1, &found)
+        else:
+            classic_check(self._data, self._modulus, self._num_hashes, &h, 1, &found, 0)
         return found != 0
 
     def _insert_one(self, key):
