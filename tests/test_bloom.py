@@ -299,6 +299,10 @@ def test_save_and_open_memory_mapped(impl, layout, tmp_path):
         assert "new" in writable and "new" not in shared
     with pytest.raises(ValueError, match="closed"):
         _ = 1 in shared
+    for use in (shared.bitset, shared.to_bytes, shared.stats, lambda: shared.insert(1)):
+        with pytest.raises(ValueError, match="closed"):
+            use()
+    shared.close()  # idempotent
     with impl.open(path, mode="r+") as live:
         live.insert("new")
         assert "new" in live

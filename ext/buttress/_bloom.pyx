@@ -462,7 +462,7 @@ cdef class BloomCore:
             if src.count:
                 hashes_view = array
                 for i in range(src.count):
-                    hashes_view[i] = hash_object(items[i], 0)
+                    hashes_view[i] = hash_one(items[i])
                 src.ints = &hashes_view[0]
             return array
         src.count = array.shape[0]

@@ -84,6 +84,9 @@ _HEADER_SIZE = _HEADER.size  # 64: the bitset starts cache-line aligned in files
 _CHECKSUMMED_HEADER = 40
 _CHECKSUM_OFFSET = 40
 
+_F = TypeVar("_F", bound="BloomFilterBase")
+V = TypeVar("V")
+
 _READ_ONLY = (
     "this BloomFilter is read-only (opened with mode='r'); open it with mode='r+' or "
     "copy() it to modify it"
@@ -137,6 +140,7 @@ class BloomFilterBase:
     _num_hashes: int
     _modulus: int
     _path: str | None
+    _closed: bool
     _write_lock: threading.Lock
     _keys_inserted: int
 
@@ -164,8 +168,8 @@ class BloomFilterBase:
                     layout, num_bits, num_hashes)
 
     @classmethod
-    def for_capacity(cls, capacity: int, fp_rate: float = 0.01, *,
-                     layout: str = "classic") -> BloomFilterBase:
+    def for_capacity(cls: type[_F], capacity: int, fp_rate: float = 0.01, *,
+                     layout: str = "classic") -> _F:
         """A filter sized to hold ``capacity`` keys at false-positive rate ``fp_rate``.
 
         classic: ``m = -n ln p / ln(2)^2`` rounded up to a prime, ``k = m/n ln 2``.
@@ -197,6 +201,7 @@ class BloomFilterBase:
         self._modulus = (num_bits // _BLOCK_BITS if layout == "split_block"
                          else _largest_prime_at_most(num_bits))
         self._path = path
+        self._closed = False
         self._write_lock = threading.Lock()
         self._keys_inserted = 0
         self._bind(bits, _LAYOUT_CODES[layout], self._modulus, num_hashes)
@@ -318,8 +323,9 @@ class BloomFilterBase:
             self._bits[:] = 0
             self._keys_inserted = 0
 
-    def copy(self) -> BloomFilterBase:
+    def copy(self: _F) -> _F:
         """An independent, writable, in-memory copy."""
+        self._check_open()
         clone = type(self).__new__(type(self))
         clone._setup(np.array(self._bits, dtype=np.uint8, copy=True), self._layout,
                      self._num_bits, self._num_hashes)
@@ -329,23 +335,20 @@ class BloomFilterBase:
     def bitset(self) -> bytes:
         """The raw bit array.  For split_block this is exactly a Parquet bitset
         (little-endian 32-bit words, block after block)."""
+        self._check_open()
         return self._bits.tobytes()
 
-    def union(self, other: BloomFilterBase) -> BloomFilterBase:
+    def union(self: _F, other: BloomFilterBase) -> _F:
         """A new filter holding the keys of both (bitwise OR)."""
-        result = self.copy()
-        result |= other
-        return result
+        return self.copy()._combine_in_place(other, np.bitwise_or)
 
-    def intersection(self, other: BloomFilterBase) -> BloomFilterBase:
+    def intersection(self: _F, other: BloomFilterBase) -> _F:
         """A new filter that may hold the keys in both (bitwise AND).
 
         Its false-positive rate is at most that of either input, and may be
         higher than a filter built from the true intersection.
         """
-        result = self.copy()
-        result &= other
-        return result
+        return self.copy()._combine_in_place(other, np.bitwise_and)
 
     def __or__(self, other: object) -> BloomFilterBase:
         if not isinstance(other, BloomFilterBase):
@@ -357,13 +360,13 @@ class BloomFilterBase:
             return NotImplemented
         return self.intersection(other)
 
-    def __ior__(self, other: object) -> BloomFilterBase:
+    def __ior__(self: _F, other: object) -> _F:
         return self._combine_in_place(other, np.bitwise_or)
 
-    def __iand__(self, other: object) -> BloomFilterBase:
+    def __iand__(self: _F, other: object) -> _F:
         return self._combine_in_place(other, np.bitwise_and)
 
-    def _combine_in_place(self, other: object, op: np.ufunc) -> BloomFilterBase:
+    def _combine_in_place(self: _F, other: object, op: np.ufunc) -> _F:
         if not isinstance(other, BloomFilterBase):
             raise TypeError(f"can only combine a BloomFilter with another BloomFilter, "
                             f"got {type(other).__name__}")
@@ -393,7 +396,12 @@ class BloomFilterBase:
         return (f"{type(self).__name__}(num_bits={self._num_bits}, "
                 f"num_hashes={self._num_hashes}, layout={self._layout!r})")
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this BloomFilter is closed")
+
     def _require_writable(self) -> None:
+        self._check_open()
         if not self._bits.flags.writeable:
             raise ValueError(_READ_ONLY)
 
@@ -405,7 +413,7 @@ class BloomFilterBase:
         return self._header() + self._bits.tobytes()
 
     @classmethod
-    def from_bytes(cls, data: Any) -> BloomFilterBase:
+    def from_bytes(cls: type[_F], data: Any) -> _F:
         """Rebuild a filter from :meth:`to_bytes` output.
 
         Raises ``ValueError`` saying what is wrong for truncated, corrupted or
@@ -422,9 +430,8 @@ class BloomFilterBase:
         return bf
 
     @classmethod
-    def from_bitset(cls, data: Any, layout: str = "split_block", *,
-                    num_hashes: int | None = None, num_bits: int | None = None
-                    ) -> BloomFilterBase:
+    def from_bitset(cls: type[_F], data: Any, layout: str = "split_block", *,
+                    num_hashes: int | None = None, num_bits: int | None = None) -> _F:
         """A filter over a raw bit array, such as a Parquet split-block bitset.
 
         split_block: ``data`` is whole 32-byte blocks (Parquet's bitset, read
@@ -472,8 +479,8 @@ class BloomFilterBase:
         logger.debug("saved %r to %s", self, path)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: str = "r", *,
-             verify: bool = True) -> BloomFilterBase:
+    def open(cls: type[_F], path: str | os.PathLike[str], mode: str = "r", *,
+             verify: bool = True) -> _F:
         """Memory-map a file written by :meth:`save`, without copying the bits.
 
         ``mode="r"``: read-only; many processes can share one filter through the
@@ -518,18 +525,23 @@ class BloomFilterBase:
 
     def close(self) -> None:
         """Flush a writable mapped filter and drop the bits; later use raises ValueError."""
+        if self._closed:
+            return
         self.flush()
-        self._unbind()
-        self._bits = np.zeros(0, dtype=np.uint8)
-        self._bits.flags.writeable = False
+        with self._write_lock:
+            self._unbind()
+            self._closed = True
+            self._bits = np.zeros(0, dtype=np.uint8)  # lets the mapping go
+            self._bits.flags.writeable = False
 
-    def __enter__(self) -> BloomFilterBase:
+    def __enter__(self: _F) -> _F:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _header(self) -> bytes:
+        self._check_open()
         fields = [_MAGIC, _FORMAT_VERSION, _LAYOUT_CODES[self._layout], _HASH_XXH64,
                   self._num_hashes, _SEED, self._num_bits, int(self._bits.nbytes)]
         unsigned = _HEADER.pack(*fields, 0)
@@ -549,9 +561,6 @@ class BloomFilter(BloomFilterBase, _bloom.BloomCore):
 
 
 # ---------------------------------------------------------------------- guard
-
-V = TypeVar("V")
-
 
 class BloomGuard(Generic[V]):
     """Skip backend lookups for keys a Bloom filter rules out.
@@ -593,29 +602,29 @@ class BloomGuard(Generic[V]):
     def get(self, key: Any, default: Any = None) -> V | Any:
         """``lookup(key)``, or ``default`` without a backend call when the filter says no."""
         if key not in self.bloom:
-            with self._lock:
-                self._lookups += 1
-                self._avoided += 1
-            return default
+            return self._avoided_lookup(default)
+        return self._backend_lookup(key, default)
+
+    def get_many(self, keys: Iterable[Any], default: Any = None) -> list[V | Any]:
+        """:meth:`get` for many keys, with one batch filter check."""
+        keys = list(keys)
+        maybe = self.bloom.contains_many(keys).tolist()
+        return [self._backend_lookup(k, default) if m else self._avoided_lookup(default)
+                for k, m in zip(keys, maybe, strict=True)]
+
+    def _avoided_lookup(self, default: Any) -> Any:
+        with self._lock:
+            self._lookups += 1
+            self._avoided += 1
+        return default
+
+    def _backend_lookup(self, key: Any, default: Any) -> Any:
         value = self.lookup(key)
         with self._lock:
             self._lookups += 1
             if value is self.missing:
                 self._false_positives += 1
         return default if value is self.missing else value
-
-    def get_many(self, keys: Iterable[Any], default: Any = None) -> list[V | Any]:
-        """:meth:`get` for many keys, with one batch filter check."""
-        keys = list(keys)
-        maybe = self.bloom.contains_many(keys).tolist()
-        return [self.get(k, default) if m else self._avoid(default)
-                for k, m in zip(keys, maybe, strict=True)]
-
-    def _avoid(self, default: Any) -> Any:
-        with self._lock:
-            self._lookups += 1
-            self._avoided += 1
-        return default
 
     def stats(self) -> dict[str, Any]:
         """Counters: lookups, backend calls avoided, false-positive backend hits.

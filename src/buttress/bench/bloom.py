@@ -213,7 +213,9 @@ def _hundred_million(session: BenchSession) -> None:
     bf.insert_many(keys)
     insert_ns = (time.perf_counter() - started) / n * 1e9
     tracemalloc.start()
+    started = time.perf_counter()
     found = bf.contains_many(keys)
+    contains_ns = (time.perf_counter() - started) / n * 1e9
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert bool(found.all()), "a 100M filter lost a key"
@@ -225,7 +227,8 @@ def _hundred_million(session: BenchSession) -> None:
         f"bloom 100M: split_block bitset {bf.stats()['bytes'] / 2**20:.0f} MiB, input array "
         f"{keys.nbytes / 2**20:.0f} MiB; insert_many {insert_ns:.1f} ns/key; contains_many "
         f"allocated {peak / 2**20:.0f} MiB at peak (the bool result is {n / 2**20:.0f} MiB: "
-        f"no per-key objects); target <= 20 ns/key, see the table row"
+        f"no per-key objects); contains_many {contains_ns:.1f} ns/key in a first run (target "
+        f"<= 20 ns/key: {'MET' if contains_ns <= 20 else 'MISSED'}; the table has the median)"
     )
 
 
