@@ -415,6 +415,56 @@ def test_concurrent_inserts_never_lose_bits(layout):
     assert bf.stats()["keys_inserted"] == 200_000 + 4 * 50
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_filters_take_the_prefetching_path_with_the_same_bits(layout):
+    # Above 4 MiB the kernels prefetch ahead and classic lookups stop at the
+    # first clear bit: a different code path, the same answers.
+    rng = np.random.default_rng(5)
+    members = rng.integers(0, 2**64, size=20_000, dtype=np.uint64)
+    outsiders = rng.integers(0, 2**64, size=5_000, dtype=np.uint64)
+    num_hashes = 8 if layout == "split_block" else 4
+    native = NATIVE(48_000_000, num_hashes, layout=layout)
+    twin = TWIN(48_000_000, num_hashes, layout=layout)
+    native.insert_many(members)
+    twin.insert_many(members)
+    assert native.bitset() == twin.bitset()
+    assert native.contains_many(members).all()
+    saturated = NATIVE(48_000_000, num_hashes, layout=layout)
+    saturated.insert_many(np.arange(12_000_000, dtype=np.int64))  # many hits and misses
+    twin = TWIN.from_bytes(saturated.to_bytes())
+    assert (saturated.contains_many(outsiders).tolist()
+            == twin.contains_many(outsiders).tolist())
+
+
+PORTABLE = """
+import sys
+import numpy as np
+from buttress import _bloom
+from buttress.bloom import BloomFilter
+assert not _bloom.USES_AVX2
+out = []
+for layout in ("split_block", "classic"):
+    bf = BloomFilter.for_capacity(5000, layout=layout)
+    bf.insert_many(np.arange(4000, dtype=np.int64))
+    bf.insert("portable")
+    hits = bf.contains_many(np.arange(8000, dtype=np.int64))
+    out.append(bf.to_bytes().hex() + ":" + str(int(hits.sum())))
+sys.stdout.write(" ".join(out))
+"""
+
+
+def test_portable_kernels_give_the_same_bits_as_the_vector_ones():
+    env = dict(os.environ, BUTTRESS_BLOOM_PORTABLE="1")
+    out = subprocess.run([sys.executable, "-c", PORTABLE], capture_output=True, text=True,
+                         timeout=60, check=True, env=env).stdout.split()
+    for layout, result in zip(("split_block", "classic"), out, strict=True):
+        bf = NATIVE.for_capacity(5000, layout=layout)
+        bf.insert_many(np.arange(4000, dtype=np.int64))
+        bf.insert("portable")
+        hits = int(bf.contains_many(np.arange(8000, dtype=np.int64)).sum())
+        assert result == f"{bf.to_bytes().hex()}:{hits}"
+
+
 SUBPROCESS = """
 import sys
 import buttress

@@ -40,6 +40,8 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
 
+import os
+
 import numpy as np
 
 from buttress._hash cimport hash_object, xxh64_bytes, xxh64_fixed_width, xxh64_u64
@@ -67,10 +69,10 @@ cdef extern from *:
 
     static int buttress_bloom_avx2 = 0;
 
-    static void buttress_bloom_detect_cpu(void) {
+    static void buttress_bloom_detect_cpu(int allow_avx2) {
     #ifdef BUTTRESS_BLOOM_X86
         __builtin_cpu_init();
-        buttress_bloom_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+        buttress_bloom_avx2 = allow_avx2 && __builtin_cpu_supports("avx2") ? 1 : 0;
     #endif
     }
 
@@ -263,7 +265,7 @@ cdef extern from *:
         return total;
     }
     """
-    void detect_cpu "buttress_bloom_detect_cpu"() noexcept nogil
+    void detect_cpu "buttress_bloom_detect_cpu"(int allow_avx2) noexcept nogil
     int cpu_has_avx2 "buttress_bloom_avx2"
     void sbbf_insert "buttress_sbbf_insert"(
         uint8_t* bits, uint64_t num_blocks, const uint64_t* hashes, size_t n) noexcept nogil
@@ -283,7 +285,9 @@ cdef extern from *:
         int for_write) noexcept nogil
     uint64_t popcount "buttress_popcount"(const uint8_t* data, size_t length) noexcept nogil
 
-detect_cpu()
+# BUTTRESS_BLOOM_PORTABLE=1 forces the portable kernels (the tests use it to
+# check they give the same bits as the AVX2 ones).
+detect_cpu(os.environ.get("BUTTRESS_BLOOM_PORTABLE", "") in ("", "0"))
 
 LAYOUT_CLASSIC = 0
 LAYOUT_SPLIT_BLOCK = 1
