@@ -407,9 +407,11 @@ cdef class BloomCore:
     cdef void _prefetch(self, const uint64_t* hashes, size_t n, bint for_write) noexcept nogil:
         if self._layout == SPLIT_BLOCK:
             sbbf_prefetch(self._data, self._modulus, hashes, n, for_write)
-        elif for_write:
-            classic_prefetch(self._data, self._modulus, self._num_hashes, hashes, n, 1)
-        else:
+        elif not for_write:
+            # Classic inserts are not prefetched: their k stores per key are
+            # independent, so the CPU overlaps the misses by itself, and k * WINDOW
+            # prefetches only crowd out the lines in use (measured: 70 vs 126 ns
+            # per key at 30M keys).
             classic_prefetch(self._data, self._modulus,
                              min(self._num_hashes, CLASSIC_PREFETCH_LOOKUP), hashes, n, 0)
 
