@@ -20,7 +20,7 @@ cdef class BloomCore:
     cdef int _num_hashes
     cdef int _layout             # CLASSIC or SPLIT_BLOCK
     cdef bint _writable
-    cdef bint _large              # bigger than the L2 cache: prefetch, stop lookups early
+    cdef bint _large              # outgrows the caches: prefetch, stop classic lookups early
 
     cdef int _check_bound(self) except -1
     cdef int _check_writable(self) except -1

@@ -23,10 +23,12 @@ Each key is hashed once with XXH64 (seed 0, the key-encoding rule of
     never 0 and never shares a factor with ``m``, so the probes are distinct.
     Bit ``b`` is bit ``b & 7`` of byte ``b >> 3``.
 
-Batch loops run with the GIL released.  They hash a window of keys, prefetch
-the cache lines those keys will touch, and probe the previous window while the
-prefetches are in flight, so a filter much larger than the CPU caches costs
-about one overlapped memory access per key.
+Batch loops run with the GIL released.  Once the filter outgrows the L2
+cache they hash a window of keys, prefetch the cache lines those keys will
+touch (the block of a split-block key; the first probes of a classic lookup),
+and probe the previous window while the prefetches are in flight, so a
+split-block filter much larger than the caches costs about one overlapped
+memory access per key.
 
 Thread safety: probes only read, and bits only ever go from 0 to 1, so
 concurrent readers are safe (a reader racing an insert sees the key either
@@ -237,16 +239,14 @@ cdef extern from *:
         }
     }
 
-    /* Prefetch the first `depth` probes of each key (a lookup usually stops at
-       the first clear bit; an insert touches them all). */
+    /* Prefetch the first `depth` probes of each key to be looked up. */
     static void buttress_classic_prefetch(const uint8_t *bits, uint64_t modulus, int depth,
-                                          const uint64_t *hashes, size_t n, int for_write) {
+                                          const uint64_t *hashes, size_t n) {
         for (size_t i = 0; i < n; i++) {
             uint64_t x, y;
             buttress_classic_start(hashes[i], modulus, &x, &y);
             for (int j = 0; j < depth; j++) {
-                if (for_write) BUTTRESS_PREFETCH(bits + (x >> 3), 1);
-                else BUTTRESS_PREFETCH(bits + (x >> 3), 0);
+                BUTTRESS_PREFETCH(bits + (x >> 3), 0);
                 x += y;
                 if (x >= modulus) x -= modulus;
             }
@@ -281,8 +281,8 @@ cdef extern from *:
         const uint8_t* bits, uint64_t modulus, int k, const uint64_t* hashes, size_t n,
         uint8_t* out, int stop_early) noexcept nogil
     void classic_prefetch "buttress_classic_prefetch"(
-        const uint8_t* bits, uint64_t modulus, int depth, const uint64_t* hashes, size_t n,
-        int for_write) noexcept nogil
+        const uint8_t* bits, uint64_t modulus, int depth, const uint64_t* hashes,
+        size_t n) noexcept nogil
     uint64_t popcount "buttress_popcount"(const uint8_t* data, size_t length) noexcept nogil
 
 # BUTTRESS_BLOOM_PORTABLE=1 forces the portable kernels (the tests use it to
@@ -308,7 +308,8 @@ cdef enum:
     SOURCE_FIXED_WIDTH = 1   # numpy 'S' keys, hashed here
     SOURCE_HASHES = 2        # hashes computed beforehand (Python keys)
 
-# Filters smaller than this stay in the L2 cache: prefetching would only add work.
+# Filters smaller than this stay mostly in cache: prefetching would only add work,
+# and a classic lookup is faster reading all k bits than branching on each.
 cdef uint64_t PREFETCH_MIN_BYTES = 4 << 20
 
 
@@ -413,7 +414,7 @@ cdef class BloomCore:
             # prefetches only crowd out the lines in use (measured: 70 vs 126 ns
             # per key at 30M keys).
             classic_prefetch(self._data, self._modulus,
-                             min(self._num_hashes, CLASSIC_PREFETCH_LOOKUP), hashes, n, 0)
+                             min(self._num_hashes, CLASSIC_PREFETCH_LOOKUP), hashes, n)
 
     cdef void _run(self, const KeySource* src, uint8_t* out) noexcept nogil:
         """Hash window w+1 and prefetch its lines, then probe window w."""
