@@ -333,6 +333,31 @@ def test_open_rejects_bad_files(impl, tmp_path):
         impl.open(tmp_path / "missing.bloom")
 
 
+def test_close_during_a_batch_lookup_does_not_crash(tmp_path):
+    path = tmp_path / "big.bloom"
+    NATIVE.for_capacity(1_000_000, layout="split_block").save(path)
+    bf = NATIVE.open(path)
+    keys = np.arange(2_000_000, dtype=np.int64)
+    outcomes = []
+    started = threading.Event()
+
+    def reader():
+        started.set()
+        for _ in range(20):
+            try:
+                outcomes.append(int(bf.contains_many(keys).sum()))
+            except ValueError as exc:  # closed before the call began
+                outcomes.append(str(exc))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    started.wait(10)
+    bf.close()
+    thread.join(60)
+    assert not thread.is_alive() and len(outcomes) == 20
+    assert all(o == 0 or "closed" in str(o) for o in outcomes)
+
+
 def test_unflushed_writer_is_detected_then_flush_fixes_it(tmp_path):
     path = tmp_path / "f.bloom"
     NATIVE(4096, 3).save(path)

@@ -24,7 +24,9 @@ cdef class BloomCore:
 
     cdef int _check_bound(self) except -1
     cdef int _check_writable(self) except -1
-    cdef void _probe(self, const uint64_t* hashes, size_t n, uint8_t* out) noexcept nogil
-    cdef void _prefetch(self, const uint64_t* hashes, size_t n, bint for_write) noexcept nogil
-    cdef void _run(self, const KeySource* src, uint8_t* out) noexcept nogil
+    cdef void _probe(self, uint8_t* data, const uint64_t* hashes, size_t n,
+                     uint8_t* out) noexcept nogil
+    cdef void _prefetch(self, const uint8_t* data, const uint64_t* hashes, size_t n,
+                        bint for_write) noexcept nogil
+    cdef void _run(self, uint8_t* data, const KeySource* src, uint8_t* out) noexcept nogil
     cdef object _prepare(self, keys, KeySource* src)

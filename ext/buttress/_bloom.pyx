@@ -392,32 +392,38 @@ cdef class BloomCore:
                              "open it with mode='r+' to insert")
         return 0
 
-    cdef void _probe(self, const uint64_t* hashes, size_t n, uint8_t* out) noexcept nogil:
+    cdef void _probe(self, uint8_t* data, const uint64_t* hashes, size_t n,
+                     uint8_t* out) noexcept nogil:
         """Insert the keys of ``hashes`` (``out`` NULL) or look them up into ``out``."""
         if self._layout == SPLIT_BLOCK:
             if out == NULL:
-                sbbf_insert(self._data, self._modulus, hashes, n)
+                sbbf_insert(data, self._modulus, hashes, n)
             else:
-                sbbf_check(self._data, self._modulus, hashes, n, out)
+                sbbf_check(data, self._modulus, hashes, n, out)
         elif out == NULL:
-            classic_insert(self._data, self._modulus, self._num_hashes, hashes, n)
+            classic_insert(data, self._modulus, self._num_hashes, hashes, n)
         else:
-            classic_check(self._data, self._modulus, self._num_hashes, hashes, n, out,
+            classic_check(data, self._modulus, self._num_hashes, hashes, n, out,
                           self._large)
 
-    cdef void _prefetch(self, const uint64_t* hashes, size_t n, bint for_write) noexcept nogil:
+    cdef void _prefetch(self, const uint8_t* data, const uint64_t* hashes, size_t n,
+                        bint for_write) noexcept nogil:
         if self._layout == SPLIT_BLOCK:
-            sbbf_prefetch(self._data, self._modulus, hashes, n, for_write)
+            sbbf_prefetch(data, self._modulus, hashes, n, for_write)
         elif not for_write:
             # Classic inserts are not prefetched: their k stores per key are
             # independent, so the CPU overlaps the misses by itself, and k * WINDOW
             # prefetches only crowd out the lines in use (measured: 70 vs 126 ns
             # per key at 30M keys).
-            classic_prefetch(self._data, self._modulus,
+            classic_prefetch(data, self._modulus,
                              min(self._num_hashes, CLASSIC_PREFETCH_LOOKUP), hashes, n)
 
-    cdef void _run(self, const KeySource* src, uint8_t* out) noexcept nogil:
-        """Hash window w+1 and prefetch its lines, then probe window w."""
+    cdef void _run(self, uint8_t* data, const KeySource* src, uint8_t* out) noexcept nogil:
+        """Hash window w+1 and prefetch its lines, then probe window w.
+
+        ``data`` is the bit array captured with the GIL held, so a concurrent
+        close() (which clears ``self._data``) cannot pull it away mid-batch.
+        """
         cdef uint64_t buf_a[WINDOW]
         cdef uint64_t buf_b[WINDOW]
         cdef uint64_t* spare = &buf_b[0]
@@ -431,15 +437,15 @@ cdef class BloomCore:
         n = min(<Py_ssize_t>WINDOW, count)
         current = window_hashes(src, 0, n, buf_a)
         if prefetch:
-            self._prefetch(current, n, for_write)
+            self._prefetch(data, current, n, for_write)
         while True:
             next_start = start + n
             next_n = min(<Py_ssize_t>WINDOW, count - next_start)
             if next_n > 0:
                 following = window_hashes(src, next_start, next_n, spare)
                 if prefetch:
-                    self._prefetch(following, next_n, for_write)
-            self._probe(current, n, NULL if for_write else out + start)
+                    self._prefetch(data, following, next_n, for_write)
+            self._probe(data, current, n, NULL if for_write else out + start)
             if next_n <= 0:
                 return
             if spare == &buf_b[0]:
@@ -501,7 +507,7 @@ cdef class BloomCore:
     def _insert_one(self, key):
         cdef uint64_t h = hash_one(key)
         self._check_writable()
-        self._probe(&h, 1, NULL)
+        self._probe(self._data, &h, 1, NULL)
 
     def _insert_many(self, keys):
         """Insert every key; return how many there were."""
@@ -509,8 +515,9 @@ cdef class BloomCore:
         self._check_writable()
         owner = self._prepare(keys, &src)
         buffer = self._buffer  # keeps the bits alive while the GIL is released
+        cdef uint8_t* data = self._data
         with nogil:
-            self._run(&src, NULL)
+            self._run(data, &src, NULL)
         return src.count
 
     def _contains_many(self, keys):
@@ -524,8 +531,9 @@ cdef class BloomCore:
             return result
         out_view = result.view(np.uint8)
         buffer = self._buffer  # keeps the bits alive while the GIL is released
+        cdef uint8_t* data = self._data
         with nogil:
-            self._run(&src, &out_view[0])
+            self._run(data, &src, &out_view[0])
         return result
 
     def _count_ones(self):
