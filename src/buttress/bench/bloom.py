@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import os
 import sqlite3
+import statistics
 import tempfile
 import time
 import tracemalloc
@@ -213,13 +214,17 @@ def _hundred_million(session: BenchSession) -> None:
     bf.insert_many(keys)
     insert_ns = (time.perf_counter() - started) / n * 1e9
     tracemalloc.start()
-    started = time.perf_counter()
     found = bf.contains_many(keys)
-    contains_ns = (time.perf_counter() - started) / n * 1e9
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert bool(found.all()), "a 100M filter lost a key"
     del found
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        bf.contains_many(keys)
+        timings.append((time.perf_counter() - started) / n * 1e9)
+    contains_ns = statistics.median(timings)
     case = session.case("bloom", "split_block contains_many, 100M uint64 keys", unit="key",
                         repeats=3)
     case.add("buttress", lambda: bf.contains_many(keys), items=n)
@@ -227,8 +232,8 @@ def _hundred_million(session: BenchSession) -> None:
         f"bloom 100M: split_block bitset {bf.stats()['bytes'] / 2**20:.0f} MiB, input array "
         f"{keys.nbytes / 2**20:.0f} MiB; insert_many {insert_ns:.1f} ns/key; contains_many "
         f"allocated {peak / 2**20:.0f} MiB at peak (the bool result is {n / 2**20:.0f} MiB: "
-        f"no per-key objects); contains_many {contains_ns:.1f} ns/key in a first run (target "
-        f"<= 20 ns/key: {'MET' if contains_ns <= 20 else 'MISSED'}; the table has the median)"
+        f"no per-key objects); contains_many median of 3 warm runs {contains_ns:.1f} ns/key "
+        f"(target <= 20 ns/key: {'MET' if contains_ns <= 20 else 'MISSED'})"
     )
 
 
