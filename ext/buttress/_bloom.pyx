@@ -513,9 +513,11 @@ cdef class BloomCore:
         """Insert every key; return how many there were."""
         cdef KeySource src
         self._check_writable()
-        owner = self._prepare(keys, &src)
-        buffer = self._buffer  # keeps the bits alive while the GIL is released
+        # Capture the bits before _prepare runs Python code (another thread may
+        # close() the filter meanwhile); `buffer` keeps them alive without the GIL.
+        buffer = self._buffer
         cdef uint8_t* data = self._data
+        owner = self._prepare(keys, &src)
         with nogil:
             self._run(data, &src, NULL)
         return src.count
@@ -525,13 +527,13 @@ cdef class BloomCore:
         cdef KeySource src
         cdef uint8_t[::1] out_view
         self._check_bound()
+        buffer = self._buffer  # captured before Python code runs (see _insert_many)
+        cdef uint8_t* data = self._data
         owner = self._prepare(keys, &src)
         result = np.zeros(src.count, dtype=np.bool_)
         if src.count == 0:
             return result
         out_view = result.view(np.uint8)
-        buffer = self._buffer  # keeps the bits alive while the GIL is released
-        cdef uint8_t* data = self._data
         with nogil:
             self._run(data, &src, &out_view[0])
         return result
