@@ -22,6 +22,9 @@ _LAZY: dict[str, str] = {
     "xxh64_many": "buttress._hash",
     "hash_key": "buttress._hash",
     "encode_key": "buttress._hash",
+    # Bloom filter (native core) and the backend-lookup guard
+    "BloomFilter": "buttress.bloom",
+    "BloomGuard": "buttress.bloom",
     # leader election with fencing tokens
     "LeaderElection": "buttress.leader",
     "LeaderElector": "buttress.leader",

@@ -24,6 +24,7 @@ _LAZY: dict[str, str] = {
     "xxh64_many": "buttress.reference.hashing",
     "hash_key": "buttress.reference.hashing",
     "encode_key": "buttress.reference.hashing",
+    "BloomFilter": "buttress.reference.bloom",
 }
 
 __all__ = sorted(_LAZY)
