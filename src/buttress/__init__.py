@@ -22,6 +22,11 @@ _LAZY: dict[str, str] = {
     "xxh64_many": "buttress._hash",
     "hash_key": "buttress._hash",
     "encode_key": "buttress._hash",
+    # graceful HTTP shutdown (WSGI and ASGI)
+    "GracefulShutdown": "buttress.shutdown",
+    "ShutdownBudget": "buttress.shutdown",
+    "serve_wsgi": "buttress.shutdown",
+    "serve_asgi": "buttress.shutdown",
 }
 
 __all__ = [
