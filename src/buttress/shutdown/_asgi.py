@@ -57,6 +57,9 @@ def serve_asgi(
     # uvicorn's own deadline is only a backstop: the controller cuts at drain_timeout.
     uvicorn_options.setdefault("timeout_graceful_shutdown",
                                math.ceil(budget.drain_timeout + budget.cleanup) + 1)
+    # Outlive a load balancer's idle timeout, as the WSGI server does; the drain closes idle
+    # connections itself, so a long keep-alive never delays the exit.
+    uvicorn_options.setdefault("timeout_keep_alive", 15)
     server = ASGIServer(ASGIMiddleware(app, controller), host=host, port=port, **uvicorn_options)
     return controller.run(server, handle_signals=handle_signals)
 

@@ -133,7 +133,7 @@ class ShutdownBudget:
         """Split ``grace_period`` (the pod's ``terminationGracePeriodSeconds``).
 
         Parts given explicitly are kept; of the time left after ``pre_stop``
-        the defaults take a 10% margin (0.5 s to 5 s), 20% drain delay (at
+        the defaults take a 10% margin (0.5 s to 5 s, at most half), 20% drain delay (at
         most 5 s), 10% cleanup (at most 5 s), and the drain timeout gets the
         rest.  Parts that do not fit raise ValueError.
         """
@@ -143,15 +143,17 @@ class ShutdownBudget:
             raise ValueError(f"pre_stop={pre_stop!r} leaves nothing of "
                              f"grace_period={grace_period!r}")
         parts = {
-            "margin": min(max(0.1 * available, 0.5), 5.0) if margin is None else margin,
+            "margin": (min(max(0.1 * available, 0.5), 5.0, 0.5 * available)
+                       if margin is None else margin),
             "drain_delay": min(0.2 * available, 5.0) if drain_delay is None else drain_delay,
             "cleanup": min(0.1 * available, 5.0) if cleanup is None else cleanup,
         }
         fixed = {name: seconds(name, value) for name, value in parts.items()}
         if drain_timeout is None:
-            fixed["drain_timeout"] = available - sum(fixed.values())
+            rest = sum(fixed.values())
+            fixed["drain_timeout"] = available - rest
             if fixed["drain_timeout"] < 0:
-                raise ValueError(f"drain_delay + cleanup + margin = {sum(fixed.values()):g}s "
+                raise ValueError(f"drain_delay + cleanup + margin = {rest:g}s "
                                  f"exceed the {available:g}s left of grace_period={grace_period!r}")
         else:
             fixed["drain_timeout"] = seconds("drain_timeout", drain_timeout)

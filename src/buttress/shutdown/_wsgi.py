@@ -434,6 +434,7 @@ class _Response:
         self.headers: list[tuple[str, str]] = []
         self.headers_sent = False
         self.length: int | None = None  # Content-Length, if known
+        self.length_given = False  # the application sent the Content-Length header itself
         self.chunked = False
         self.no_body = handler.command == "HEAD"
 
@@ -474,10 +475,12 @@ class _Response:
         self.status = status
         self.headers = list(headers)
         self.length = None
+        self.length_given = False
         for name, value in self.headers:
             lowered = name.lower()
             if lowered == "content-length":
                 self.length = int(value)
+                self.length_given = True
             elif lowered == "connection" and value.lower() == "close":
                 self.handler.close_connection = True
         return self.write
@@ -494,9 +497,12 @@ class _Response:
         handler = self.handler
         assert self.status is not None
         code = int(self.status[:3])
-        if code < 200 or code in (204, 304):
+        bodiless = code < 200 or code in (204, 304)
+        if bodiless:
             self.no_body = True
         headers = self.headers
+        if self.length is not None and not self.length_given and not bodiless:
+            headers = [*headers, ("Content-Length", str(self.length))]
         if handler.conn.closing:  # the drain asked this connection to close after this reply
             handler.close_connection = True
         if self.length is None and not self.no_body:
