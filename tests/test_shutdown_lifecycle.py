@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
 
 from buttress.testing import free_port
+from conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ class Service:
 
     def __init__(self, flavor: str, work_ms: int, *extra: str) -> None:
         self.port = free_port()
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         self.process = subprocess.Popen(
             [sys.executable, str(EXAMPLE), "--port", str(self.port), "--work-ms", str(work_ms),
              "--server", flavor, *extra],

@@ -231,14 +231,20 @@ class WSGIServer:
         if self.serving():
             self._httpd.shutdown()  # the accept loop exits within its poll interval
         self._httpd.server_close()  # new connections are refused from here on
+        closed = self._close_idle_connections()
+        logger.info("stopped accepting; closed %d idle keep-alive connection(s)", closed)
+
+    def _close_idle_connections(self) -> int:
+        """Steps 2 and 3 of the race in the class docstring; busy connections close later."""
         with self._lock:
             idle = [c for c in self._connections if c.state == IDLE and not c.closing]
             for conn in self._connections:
                 conn.closing = True
             for conn in idle:
+                # Read side only: a request that already arrived can still be answered.
                 _shutdown(conn.sock, socket.SHUT_RD)
             self._counts["idle_closed"] += len(idle)
-        logger.info("stopped accepting; closed %d idle keep-alive connection(s)", len(idle))
+        return len(idle)
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
