@@ -253,12 +253,20 @@ class ASGIServer:
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must say TCP: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP,
+    # and without it uvicorn's separate header and body writes meet Nagle and delayed ACKs
+    # (40 ms per keep-alive request).  socket.create_server leaves proto at 0.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, backlog=backlog)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
     except OSError as exc:
+        sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise port_in_use(host, port, exc) from exc
         raise
+    return sock
 
 
 @functools.cache
