@@ -12,12 +12,14 @@ import http.client
 import json
 import math
 import os
+import re
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -398,3 +400,33 @@ def test_the_drain_deadline_cuts_what_is_left_and_the_exit_code_says_so():
 def test_public_names_are_importable_from_the_top_level():
     assert buttress.GracefulShutdown is GracefulShutdown
     assert buttress.ShutdownBudget is ShutdownBudget
+
+
+# -- the Kubernetes manifests agree with the budget ----------------------------------
+
+DEPLOYMENT = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "deployment.yaml"
+
+
+def _yaml_value(text: str, pattern: str) -> str:
+    found = re.findall(pattern, text, flags=re.MULTILINE)
+    assert len(found) == 1, f"{pattern!r} found {len(found)} times in {DEPLOYMENT.name}"
+    return str(found[0])
+
+
+def test_the_deployment_budget_adds_up_to_its_grace_period():
+    text = DEPLOYMENT.read_text()
+    grace = float(_yaml_value(text, r"^\s+terminationGracePeriodSeconds: (\d+)"))
+    pre_stop = float(_yaml_value(text, r"^\s+sleep:\n\s+seconds: (\d+)"))
+    env = {
+        name: _yaml_value(text, name + r"\n\s+value: \"(\d+)\"")
+        for name in ("BUTTRESS_GRACE_PERIOD", "BUTTRESS_PRE_STOP")
+    }
+    assert float(env["BUTTRESS_GRACE_PERIOD"]) == grace
+    assert float(env["BUTTRESS_PRE_STOP"]) == pre_stop
+    drain_delay = _yaml_value(text, r"\"--drain-delay\", \"([\d.]+)\"")
+    budget = ShutdownBudget.from_env(env, drain_delay=drain_delay)
+    assert budget.grace_period == pytest.approx(grace)
+    assert budget.pre_stop == pre_stop and budget.margin >= 1 and budget.drain_timeout >= 10
+    probes = ProbePaths()
+    assert _yaml_value(text, r"readinessProbe:\n(?:.*\n){0,2}\s+path: (\S+)") == probes.ready
+    assert _yaml_value(text, r"livenessProbe:\n(?:.*\n){0,2}\s+path: (\S+)") == probes.live

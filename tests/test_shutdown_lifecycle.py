@@ -112,6 +112,8 @@ def refuses_connections(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False  # queued just as the listener closed; the next attempt tells
 
 
 def closed_by_server(conn: http.client.HTTPConnection, timeout: float) -> bool:

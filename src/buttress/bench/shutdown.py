@@ -143,7 +143,7 @@ def _wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [BODY]
 
 
-async def _asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def _asgi_app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     await send({"type": "http.response.start", "status": 200,

@@ -228,8 +228,11 @@ class WSGIServer:
     def stop_accepting(self) -> None:
         with self._lock:
             self._stopping = True
+        # Linux stops listening at once on shutdown(); the accept loop then takes up to its
+        # poll interval to notice, and connections must not queue up meanwhile.
+        _shutdown(self._httpd.socket, socket.SHUT_RDWR)
         if self.serving():
-            self._httpd.shutdown()  # the accept loop exits within its poll interval
+            self._httpd.shutdown()
         self._httpd.server_close()  # new connections are refused from here on
         closed = self._close_idle_connections()
         logger.info("stopped accepting; closed %d idle keep-alive connection(s)", closed)
