@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import socket
 import subprocess
 import sys
@@ -87,7 +88,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "buttress.bench.shutdown", "serve", "--flavor", flavor,
              "--mode", "tracked" if tracked else "bare"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_child_env(),
         )
         self.port = int(_expect(self.process, "PORT"))
 
@@ -101,7 +102,7 @@ class LoadClient:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "buttress.bench.shutdown", "load"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_child_env(),
         )
         _expect(self.process, "READY")
 
@@ -113,6 +114,15 @@ class LoadClient:
 
     def close(self) -> None:
         _close_process(self.process)
+
+
+def _child_env() -> dict[str, str]:
+    """The environment, with this very buttress importable (installed or from a checkout)."""
+    import buttress
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 def _expect(process: subprocess.Popen[str], word: str) -> str:
