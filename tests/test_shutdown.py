@@ -296,6 +296,7 @@ def test_stop_accepting_refuses_new_connections_and_closes_idle_ones():
     with running() as (server, controller, codes):
         idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         assert request(idle, "GET", "/")[0] == 200
+        wait_until(lambda: server.stats()["idle"] == 1, 5, message="the connection to idle")
         controller.begin_drain("test")
         wait_until(lambda: codes, 10, message="the drain to finish")
         assert codes == [ExitCode.CLEAN]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
 import math
@@ -21,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
-from buttress.shutdown._lifecycle import GracefulShutdown, port_in_use
+from buttress.shutdown._lifecycle import GracefulShutdown, listen
 
 __all__ = ["ASGIMiddleware", "ASGIServer", "serve_asgi"]
 
@@ -148,13 +147,11 @@ class ASGIServer:
         startup_timeout: float = 60.0,
         **uvicorn_options: Any,
     ) -> None:
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int in 0..65535, got {port!r}")
         import uvicorn
 
         self.host = host
         self.startup_timeout = startup_timeout
-        self._sock = _listen(host, port, backlog)
+        self._sock = listen(host, port, backlog)
         self.port: int = self._sock.getsockname()[1]
         uvicorn_options.setdefault("log_config", None)  # logging belongs to the application
         uvicorn_options.setdefault("access_log", False)
@@ -249,24 +246,6 @@ class ASGIServer:
         for task in tasks:
             task.cancel()
         return len(tasks)
-
-
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must say TCP: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP,
-    # and without it uvicorn's separate header and body writes meet Nagle and delayed ACKs
-    # (40 ms per keep-alive request).  socket.create_server leaves proto at 0.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise port_in_use(host, port, exc) from exc
-        raise
-    return sock
 
 
 @functools.cache

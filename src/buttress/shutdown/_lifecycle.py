@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -62,6 +64,27 @@ def port_in_use(host: str, port: int, cause: OSError) -> PortInUseError:
                            "already in use (another process is listening there)")
     error.__cause__ = cause
     return error
+
+
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket for either flavor; PortInUseError names a taken port."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must say TCP: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP,
+    # and without it uvicorn's separate header and body writes meet Nagle and delayed ACKs
+    # (40 ms per keep-alive request).  socket.create_server leaves proto at 0.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise port_in_use(host, port, exc) from exc
+        raise
+    return sock
 
 
 def seconds(name: str, value: object) -> float:

@@ -9,10 +9,8 @@ drain.  No dependency beyond the standard library.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -21,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
-from buttress.shutdown._lifecycle import GracefulShutdown, port_in_use
+from buttress.shutdown._lifecycle import GracefulShutdown, listen
 
 __all__ = ["WSGIMiddleware", "WSGIServer", "serve_wsgi"]
 
@@ -97,13 +95,11 @@ class WSGIMiddleware:
         return [body]
 
 
-class _TrackedList(list[bytes]):
-    """A list body whose ``close()`` (called by the server when done) ends the request."""
+class _TrackedBody:
+    """A response body whose ``close()`` (the server calls it when done) ends the request."""
 
-    def __init__(self, body: Iterable[bytes], controller: GracefulShutdown) -> None:
-        super().__init__(body)
-        self._inner = body
-        self._controller: GracefulShutdown | None = controller
+    _inner: Iterable[bytes]
+    _controller: GracefulShutdown | None
 
     def close(self) -> None:
         controller, self._controller = self._controller, None
@@ -114,21 +110,18 @@ class _TrackedList(list[bytes]):
                 controller.request_finished()
 
 
-class _TrackedIterable:
+class _TrackedList(_TrackedBody, list[bytes]):
     def __init__(self, body: Iterable[bytes], controller: GracefulShutdown) -> None:
-        self._inner = body
-        self._controller: GracefulShutdown | None = controller
+        list.__init__(self, body)
+        self._inner, self._controller = body, controller
+
+
+class _TrackedIterable(_TrackedBody):
+    def __init__(self, body: Iterable[bytes], controller: GracefulShutdown) -> None:
+        self._inner, self._controller = body, controller
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._inner)
-
-    def close(self) -> None:
-        controller, self._controller = self._controller, None
-        if controller is not None:
-            try:
-                _close(self._inner)
-            finally:
-                controller.request_finished()
 
 
 def _close(body: object) -> None:
@@ -145,13 +138,12 @@ IDLE, ACTIVE = "idle", "active"
 class _Connection:
     """One client connection: waiting for a request (idle) or reading/answering one."""
 
-    __slots__ = ("closing", "requests", "sock", "state")
+    __slots__ = ("closing", "sock", "state")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.state = ACTIVE
         self.closing = False  # set by the drain: answer what has arrived, then close
-        self.requests = 0
 
 
 class WSGIServer:
@@ -188,8 +180,6 @@ class WSGIServer:
         backlog: int = 1024,
         idle_timeout: float = 15.0,
     ) -> None:
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int in 0..65535, got {port!r}")
         self.app = app
         self.host = host
         self.idle_timeout = idle_timeout
@@ -199,20 +189,15 @@ class WSGIServer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._counts = {"connections_total": 0, "idle_closed": 0, "aborted": 0}
+        sock = listen(host, port, backlog)
         handler = type("Handler", (_Handler,), {"timeout": idle_timeout})
-        httpd = _HTTPServer((host, port), handler, bind_and_activate=False)
-        httpd.request_queue_size = backlog
+        httpd = _HTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+        httpd.socket.close()
+        httpd.socket = sock  # the same listener, and the same port-in-use error, as ASGI
+        httpd.server_name, httpd.server_port = host, sock.getsockname()[1]
         httpd.wsgi = self
-        try:
-            httpd.server_bind()
-            httpd.server_activate()
-        except OSError as exc:
-            httpd.server_close()
-            if exc.errno == errno.EADDRINUSE:
-                raise port_in_use(host, port, exc) from exc
-            raise
         self._httpd = httpd
-        self.port: int = httpd.server_address[1]
+        self.port: int = httpd.server_port
 
     # -- driven by the controller -----------------------------------------------------
 
@@ -304,15 +289,14 @@ class WSGIServer:
         with self._lock:
             if conn.closing:
                 # Accepted as the drain began, or asked to close while busy: answer only
-                # a request that has already arrived.
-                return conn.requests == 0 and _readable_now(conn.sock)
+                # a request that has already arrived, then close.
+                return _readable_now(conn.sock)
             conn.state = IDLE
             return True
 
     def _active(self, conn: _Connection) -> None:
         with self._lock:
             conn.state = ACTIVE
-            conn.requests += 1
 
 
 def _readable_now(sock: socket.socket) -> bool:
@@ -333,12 +317,6 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a cut request's thread must not hold up the exit
     block_on_close = False
     wsgi: WSGIServer
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind would look up the host's FQDN: a DNS query at startup.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.exception("error on connection from %s", client_address)
