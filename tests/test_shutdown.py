@@ -431,3 +431,13 @@ def test_the_deployment_budget_adds_up_to_its_grace_period():
     probes = ProbePaths()
     assert _yaml_value(text, r"readinessProbe:\n(?:.*\n){0,2}\s+path: (\S+)") == probes.ready
     assert _yaml_value(text, r"livenessProbe:\n(?:.*\n){0,2}\s+path: (\S+)") == probes.live
+
+
+def test_a_drain_before_startup_completes_skips_the_delay():
+    controller = GracefulShutdown(ShutdownBudget(drain_delay=30, drain_timeout=5))
+    server = WSGIServer(WSGIMiddleware(hello_app, controller), host="127.0.0.1", port=0)
+    controller.begin_drain("stopped while starting")
+    started = time.monotonic()
+    assert controller.run(server, handle_signals=False) == ExitCode.CLEAN
+    assert time.monotonic() - started < 10
+    assert controller.state is State.STOPPED

@@ -130,7 +130,7 @@ def closed_by_server(conn: http.client.HTTPConnection, timeout: float) -> bool:
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_sigterm_drains_every_accepted_request_and_exits_zero(flavor):
-    work, delay = 2.0, 2.0
+    work, delay = 2.0, 3.0
     with service(flavor, int(work * 1000), "--drain-delay", str(delay),
                  "--drain-timeout", "15") as svc, ThreadPoolExecutor(60) as pool:
         idle = []

@@ -275,6 +275,7 @@ class _HookResult:
 class _Record:
     """What happened, for stats() and the drain-status endpoint."""
 
+    was_ready: bool = False
     requests_total: int = 0
     requests_aborted: int = 0
     drain_reason: str = ""
@@ -356,6 +357,7 @@ class GracefulShutdown:
         with self._lock:
             if self._state is State.STARTING:
                 self._state = State.READY
+                self._record.was_ready = True
                 logger.info("ready")
 
     def begin_drain(self, reason: str = "requested") -> bool:
@@ -518,7 +520,8 @@ class GracefulShutdown:
     def _drain(self, server: Server) -> int:
         budget = self.budget
         failed = not server.serving()
-        if budget.drain_delay and not failed:
+        # A service that never became ready was never routed to: nothing to wait out.
+        if budget.drain_delay and not failed and self._record.was_ready:
             logger.info("serving for %.3gs more while endpoints propagate", budget.drain_delay)
             threading.Event().wait(budget.drain_delay)
         server.stop_accepting()
