@@ -292,7 +292,7 @@ class GracefulShutdown:
     One controller serves every flavor.  Flavors adapt it twice: a middleware
     (``WSGIMiddleware``, ``ASGIMiddleware``) reports requests through
     :meth:`request_started`/:meth:`request_finished`, answers the probes from
-    :meth:`probe` and adds ``Connection: close`` while :attr:`draining`; a
+    :meth:`probe` and adds ``Connection: close`` while ``draining``; a
     server (``WSGIServer``, ``ASGIServer``) does what :meth:`run` tells it.
 
     :meth:`run` is the whole sequence after SIGTERM (or SIGINT):
@@ -333,7 +333,8 @@ class GracefulShutdown:
         self._state = State.STARTING
         self._in_flight = 0
         self._record = _Record()
-        self._drain_requested = threading.Event()
+        # A plain attribute, not a property: every response reads it.
+        self.draining = False  # True from the moment a drain begins
         self._hooks: list[_Hook] = []
         self._previous_handlers: dict[int, Any] = {}
 
@@ -342,11 +343,6 @@ class GracefulShutdown:
     @property
     def state(self) -> State:
         return self._state
-
-    @property
-    def draining(self) -> bool:
-        """True from the moment a drain begins: responses carry ``Connection: close``."""
-        return self._state is State.DRAINING or self._state is State.STOPPED
 
     @property
     def in_flight(self) -> int:
@@ -366,16 +362,12 @@ class GracefulShutdown:
             if self.draining:
                 return False
             self._state = State.DRAINING
+            self.draining = True
             self._record.drain_reason = reason
             self._record.drain_started = time.monotonic()
         logger.info("draining (%s): readiness is now false, %d request(s) in flight",
                     reason, self._in_flight)
-        self._drain_requested.set()
         return True
-
-    def wait_for_drain(self, timeout: float | None = None) -> bool:
-        """Block until a drain begins; False if ``timeout`` passed first."""
-        return self._drain_requested.wait(timeout)
 
     # -- requests (called by the middleware, on any thread) ----------------------------
 
@@ -485,6 +477,8 @@ class GracefulShutdown:
             self.restore_signal_handlers()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs on the main thread between two bytecodes, wherever it was: it takes only the
+        # controller's reentrant lock, never an Event or Condition the main thread may hold.
         name = signal.Signals(signum).name
         if self.begin_drain(reason=name):
             return
@@ -509,8 +503,13 @@ class GracefulShutdown:
         try:
             server.start()
             self.mark_ready()
-            while not self._drain_requested.wait(0.25):
-                if not server.serving():
+            # Poll with sleep, not Event.wait: a signal handler that sets an Event can deadlock
+            # on the Event's lock if it interrupts the main thread inside Event.wait.
+            ticks = 0
+            while not self.draining:
+                time.sleep(0.05)
+                ticks += 1
+                if ticks % 5 == 0 and not server.serving():
                     self.begin_drain(reason="server stopped unexpectedly")
             return self._drain(server)
         finally:

@@ -95,33 +95,45 @@ class WSGIMiddleware:
         return [body]
 
 
-class _TrackedBody:
-    """A response body whose ``close()`` (the server calls it when done) ends the request."""
+class _TrackedList(list[bytes]):
+    """A list body (still sized by the server) whose ``close()`` ends the request."""
 
-    _inner: Iterable[bytes]
-    _controller: GracefulShutdown | None
+    __slots__ = ("_controller", "_inner")
+
+    def __init__(self, body: Iterable[bytes], controller: GracefulShutdown) -> None:
+        list.__init__(self, body)
+        self._inner: Iterable[bytes] = body
+        self._controller: GracefulShutdown | None = controller
 
     def close(self) -> None:
         controller, self._controller = self._controller, None
-        if controller is not None:
-            try:
-                _close(self._inner)
-            finally:
-                controller.request_finished()
+        _end_request(self._inner, controller)
 
 
-class _TrackedList(_TrackedBody, list[bytes]):
+class _TrackedIterable:
+    """Any other body: iterated as is; ``close()`` ends the request."""
+
+    __slots__ = ("_controller", "_inner")
+
     def __init__(self, body: Iterable[bytes], controller: GracefulShutdown) -> None:
-        list.__init__(self, body)
-        self._inner, self._controller = body, controller
-
-
-class _TrackedIterable(_TrackedBody):
-    def __init__(self, body: Iterable[bytes], controller: GracefulShutdown) -> None:
-        self._inner, self._controller = body, controller
+        self._inner = body
+        self._controller: GracefulShutdown | None = controller
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._inner)
+
+    def close(self) -> None:
+        controller, self._controller = self._controller, None
+        _end_request(self._inner, controller)
+
+
+def _end_request(body: Iterable[bytes], controller: GracefulShutdown | None) -> None:
+    """Close the application's body, then count the request done (once: ``None`` after)."""
+    if controller is not None:
+        try:
+            _close(body)
+        finally:
+            controller.request_finished()
 
 
 def _close(body: object) -> None:
