@@ -441,3 +441,5 @@ def test_a_drain_before_startup_completes_skips_the_delay():
     assert controller.run(server, handle_signals=False) == ExitCode.CLEAN
     assert time.monotonic() - started < 10
     assert controller.state is State.STOPPED
+    with pytest.raises(RuntimeError, match="once"):
+        controller.run(server, handle_signals=False)

@@ -82,8 +82,14 @@ class Service:
         self.log.close()
 
 
+def needs(flavor: str) -> None:
+    if flavor == "asgi":
+        pytest.importorskip("uvicorn")  # the `http` extra
+
+
 @contextmanager
 def service(flavor: str, work_ms: int, *extra: str) -> Iterator[Service]:
+    needs(flavor)
     running = Service(flavor, work_ms, *extra)
     try:
         running.wait_ready()
@@ -215,6 +221,7 @@ def test_a_second_sigint_forces_an_immediate_exit(flavor):
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_a_port_in_use_is_a_clear_error_naming_the_port(flavor):
+    needs(flavor)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         done = subprocess.run(

@@ -498,6 +498,9 @@ class GracefulShutdown:
         With ``handle_signals`` (the default) this must run on the main thread;
         otherwise something else calls :meth:`begin_drain`.
         """
+        if self._state is State.STOPPED or self._record.was_ready:
+            raise RuntimeError("GracefulShutdown.run() drives one service once; "
+                               f"this one is already {self._state.value}")
         if handle_signals:
             self.install_signal_handlers()
         try:
