@@ -124,7 +124,8 @@ def refuses_connections(port: int) -> bool:
 
 def closed_by_server(conn: http.client.HTTPConnection, timeout: float) -> bool:
     """True once the server closed this idle keep-alive connection (EOF or reset)."""
-    assert conn.sock is not None
+    if conn.sock is None:
+        return True  # http.client already saw the server's Connection: close
     conn.sock.settimeout(timeout)
     try:
         return conn.sock.recv(1) == b""
@@ -155,6 +156,12 @@ def test_sigterm_drains_every_accepted_request_and_exits_zero(flavor):
         status = svc.drain_status()
         assert status["state"] == "draining"
         assert get(svc.port, "/livez")[0] == 200
+        # Idle keep-alive connections stay open through the delay; one that is reused is
+        # answered and told to close.
+        assert not any(closed_by_server(conn, 0.05) for conn in idle)
+        reused = idle.pop()
+        status_code, headers, _ = get(svc.port, "/livez", connection=reused)
+        assert status_code == 200 and headers.get("connection") == "close"
         during_delay: Future[Any] = pool.submit(get, svc.port, "/work", 30.0)
         wait_until(lambda: svc.drain_status()["in_flight"] >= 51, delay,
                    message="a new /work accepted during the drain delay")
