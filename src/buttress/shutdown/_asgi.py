@@ -10,6 +10,7 @@ accepting, and cuts what is left at the drain deadline.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -193,7 +194,10 @@ class ASGIServer:
     def abort(self) -> int:
         if not self.serving():
             return 0
-        cut: int = self._call_in_loop(self._cancel_requests)
+        cut: int | None = self._call_in_loop(self._cancel_requests)
+        if cut is None:
+            self._server.force_exit = True
+            return len(self._server.server_state.tasks)
         return cut
 
     def close(self, timeout: float) -> None:
@@ -223,11 +227,22 @@ class ASGIServer:
             logger.error("uvicorn stopped: %r", exc)
 
     def _call_in_loop(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on uvicorn's event loop; None if the loop does not answer."""
+
         async def call() -> Any:
             return function()
 
-        loop = self._server.loop
-        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=10)
+        future = asyncio.run_coroutine_threadsafe(call(), self._server.loop)
+        try:
+            return future.result(timeout=10)
+        except concurrent.futures.TimeoutError:
+            # The loop is blocked (a handler doing blocking work?): let uvicorn's own
+            # shutdown path act whenever it runs again.
+            future.cancel()
+            logger.error("uvicorn's event loop did not answer within 10s; leaving %s to it",
+                         getattr(function, "__name__", function))
+            self._server.should_exit = True
+            return None
 
     def _stop_accepting(self) -> None:
         server = self._server
