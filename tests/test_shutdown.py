@@ -443,3 +443,50 @@ def test_a_drain_before_startup_completes_skips_the_delay():
     assert controller.state is State.STOPPED
     with pytest.raises(RuntimeError, match="once"):
         controller.run(server, handle_signals=False)
+
+
+# -- the ASGI flavor in-process ---------------------------------------------------------
+
+
+async def echo_path_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = scope["path"].encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_asgi_middleware_and_driver_in_process():
+    pytest.importorskip("uvicorn")
+    from buttress.shutdown import ASGIMiddleware, ASGIServer
+
+    controller = GracefulShutdown(ShutdownBudget(drain_delay=0, drain_timeout=5))
+    server = ASGIServer(ASGIMiddleware(echo_path_app, controller), host="127.0.0.1", port=0)
+    codes: list[int] = []
+    thread = threading.Thread(
+        target=lambda: codes.append(controller.run(server, handle_signals=False)), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: controller.state is State.READY, 20, message="uvicorn ready")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        assert request(conn, "GET", "/hello")[::2] == (200, b"/hello")
+        assert request(conn, "GET", "/readyz")[0] == 200
+        report = json.loads(request(conn, "GET", "/drainz")[2])
+        assert report == {"state": "ready", "in_flight": 0, "draining_for": None,
+                          "requests_aborted": 0}
+        assert controller.stats()["requests_total"] == 1  # probes are not counted
+        with socket.create_server(("127.0.0.1", 0)) as taken, pytest.raises(
+                PortInUseError, match=f"port {taken.getsockname()[1]} is already in use"):
+            ASGIServer(echo_path_app, host="127.0.0.1", port=taken.getsockname()[1])
+        controller.begin_drain("test")
+        wait_until(lambda: codes, 15, message="the drain to finish")
+        assert codes == [ExitCode.CLEAN]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2)
+    finally:
+        controller.begin_drain("test over")
+        thread.join(15)
