@@ -38,13 +38,14 @@ MARGIN = 5.0  # seconds of slack on a loaded 2-core machine
 class Service:
     """``slow_service.py`` as a child process, with its log kept for failure messages."""
 
-    def __init__(self, flavor: str, work_ms: int, *extra: str) -> None:
+    def __init__(self, flavor: str, work_ms: int, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         self.process = subprocess.Popen(
             [sys.executable, str(EXAMPLE), "--port", str(self.port), "--work-ms", str(work_ms),
              "--server", flavor, *extra],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
 
     def output(self) -> str:
@@ -88,9 +89,10 @@ def needs(flavor: str) -> None:
 
 
 @contextmanager
-def service(flavor: str, work_ms: int, *extra: str) -> Iterator[Service]:
+def service(flavor: str, work_ms: int, *extra: str,
+            env: dict[str, str] | None = None) -> Iterator[Service]:
     needs(flavor)
-    running = Service(flavor, work_ms, *extra)
+    running = Service(flavor, work_ms, *extra, env=env)
     try:
         running.wait_ready()
         yield running
@@ -262,3 +264,17 @@ def test_the_grace_period_comes_from_the_environment():
     )
     assert done.returncode == 2
     assert "BUTTRESS_GRACE_PERIOD='2'" in done.stderr
+
+
+def test_a_budget_from_the_grace_period_drives_a_real_drain():
+    # BUTTRESS_GRACE_PERIOD=6: margin 0.6, drain delay 1.2, cleanup 0.6, drain timeout 3.6.
+    with service("wsgi", 500, env={"BUTTRESS_GRACE_PERIOD": "6"}) as svc, \
+            ThreadPoolExecutor(1) as pool:
+        work = pool.submit(get, svc.port, "/work", 30.0)
+        wait_until(lambda: svc.drain_status()["in_flight"] == 1, 20, message="in flight")
+        sigterm = svc.signal(signal.SIGTERM)
+        wait_until(lambda: refuses_connections(svc.port), 6, message="listener closed")
+        assert time.monotonic() - sigterm >= 1.2 * 0.9  # the delay came from the split
+        assert work.result(timeout=10)[0] == 200
+        assert svc.wait(6) == 0, svc.output()
+        assert time.monotonic() - sigterm < 6  # inside the grace period

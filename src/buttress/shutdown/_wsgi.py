@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import sys
 import threading
@@ -178,8 +179,8 @@ class WSGIServer:
        ``peek`` returns them instead, the thread marks itself active and answers
        that request with ``Connection: close`` on the still-open write side.
 
-    So no request that reached the server is dropped; one still on the wire
-    when the socket closes is refused, which is what HTTP keep-alive clients
+    So no request whose bytes reached the server's socket first is dropped; one
+    still on the wire when the socket closes is refused, which is what HTTP keep-alive clients
     retry (and, by then, the drain delay has sent everyone ``Connection: close``).
     """
 
@@ -312,8 +313,6 @@ class WSGIServer:
 
 
 def _readable_now(sock: socket.socket) -> bool:
-    import select
-
     try:
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
