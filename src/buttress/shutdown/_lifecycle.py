@@ -330,6 +330,9 @@ class GracefulShutdown:
         self.force_signals = tuple(force_signals)
         # Reentrant: a signal handler runs on the main thread, maybe while it holds the lock.
         self._lock = threading.RLock()
+        # Request counting has its own plain lock (cheaper, taken on every request); the
+        # signal handler never takes it, so it cannot deadlock the main thread.
+        self._count_lock = threading.Lock()
         self._state = State.STARTING
         self._in_flight = 0
         self._record = _Record()
@@ -372,12 +375,12 @@ class GracefulShutdown:
     # -- requests (called by the middleware, on any thread) ----------------------------
 
     def request_started(self) -> None:
-        with self._lock:
+        with self._count_lock:
             self._in_flight += 1
             self._record.requests_total += 1
 
     def request_finished(self, *, aborted: bool = False) -> None:
-        with self._lock:
+        with self._count_lock:
             self._in_flight -= 1
             if aborted:
                 self._record.requests_aborted += 1
