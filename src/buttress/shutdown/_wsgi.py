@@ -54,7 +54,10 @@ class WSGIMiddleware:
 
     While the service drains, every response gets ``Connection: close`` so
     keep-alive clients reconnect (to another replica) for their next request.
-    A request counts as in flight until the server closes its response.
+    A request is in flight while the application works on it: until it returns
+    a list (the whole response), or until the server closes a streamed body.
+    (The drain itself waits for connections, so a response still being written
+    is never cut short by this count reaching zero.)
     """
 
     def __init__(self, app: WSGIApp, controller: GracefulShutdown) -> None:
@@ -80,8 +83,9 @@ class WSGIMiddleware:
         except BaseException:
             controller.request_finished()
             raise
-        if isinstance(body, list | tuple):
-            return _TrackedList(body, controller)  # still a list: the server sizes it
+        if type(body) is list or type(body) is tuple:  # no close(): the response is ready
+            controller.request_finished()
+            return body
         return _TrackedIterable(body, controller)
 
     def _probe(self, path: str, start_response: Callable[..., Any]) -> list[bytes]:
@@ -96,23 +100,8 @@ class WSGIMiddleware:
         return [body]
 
 
-class _TrackedList(list[bytes]):
-    """A list body (still sized by the server) whose ``close()`` ends the request."""
-
-    __slots__ = ("_controller", "_inner")
-
-    def __init__(self, body: Iterable[bytes], controller: GracefulShutdown) -> None:
-        list.__init__(self, body)
-        self._inner: Iterable[bytes] = body
-        self._controller: GracefulShutdown | None = controller
-
-    def close(self) -> None:
-        controller, self._controller = self._controller, None
-        _end_request(self._inner, controller)
-
-
 class _TrackedIterable:
-    """Any other body: iterated as is; ``close()`` ends the request."""
+    """A streamed body: iterated as is; ``close()`` (the server calls it) ends the request."""
 
     __slots__ = ("_controller", "_inner")
 
@@ -125,16 +114,11 @@ class _TrackedIterable:
 
     def close(self) -> None:
         controller, self._controller = self._controller, None
-        _end_request(self._inner, controller)
-
-
-def _end_request(body: Iterable[bytes], controller: GracefulShutdown | None) -> None:
-    """Close the application's body, then count the request done (once: ``None`` after)."""
-    if controller is not None:
-        try:
-            _close(body)
-        finally:
-            controller.request_finished()
+        if controller is not None:  # once, however often the server calls it
+            try:
+                _close(self._inner)
+            finally:
+                controller.request_finished()
 
 
 def _close(body: object) -> None:
