@@ -33,6 +33,11 @@ _LAZY: dict[str, str] = {
     "AsyncLeaderElection": "buttress.leader_async",
     "AsyncLeaderElector": "buttress.leader_async",
     "AsyncFencedStore": "buttress.leader_async",
+    # graceful HTTP shutdown (WSGI and ASGI)
+    "GracefulShutdown": "buttress.shutdown",
+    "ShutdownBudget": "buttress.shutdown",
+    "serve_wsgi": "buttress.shutdown",
+    "serve_asgi": "buttress.shutdown",
 }
 
 __all__ = [
