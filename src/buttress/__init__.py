@@ -33,6 +33,12 @@ _LAZY: dict[str, str] = {
     "AsyncLeaderElection": "buttress.leader_async",
     "AsyncLeaderElector": "buttress.leader_async",
     "AsyncFencedStore": "buttress.leader_async",
+    # consumer-side message dedupe
+    "Deduplicator": "buttress.dedupe",
+    "DedupeResult": "buttress.dedupe",
+    "DedupeStatus": "buttress.dedupe",
+    "SQLiteStore": "buttress.dedupe",
+    "RedisStore": "buttress.dedupe",
 }
 
 __all__ = [

@@ -1,0 +1,230 @@
+"""RedisStore: claim records as Redis strings, transitions in Lua, cleanup by native TTL.
+
+For consumers on many machines.  Each message id is one string key holding
+``state|attempt|lease_until_ms|fingerprint|token`` (``state`` is ``c`` for
+claimed, ``d`` for done) with a PX expiry, so Redis itself deletes old records
+and there is nothing to sweep.  Every transition is a Lua script (atomic on the
+server; lease times come from the server clock, so consumers' clocks do not
+matter) registered once and called by EVALSHA; redis-py reloads a script when
+the server answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+
+Keys are ``{namespace}:<msg_id>``: the braces are a hash tag, so every key a
+script touches lives in one Redis Cluster slot.  With ``partitions=N`` the tag
+becomes ``{namespace:p}`` (``p`` from the id's XXH64) to spread a namespace over
+N slots; a batch then costs one script call per partition it touches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from buttress._hash import xxh64
+from buttress.dedupe.store import ClaimRecord
+from buttress.errors import StoreUnavailable
+
+__all__ = ["RedisStore"]
+
+logger = logging.getLogger("buttress.dedupe")
+
+
+class RedisStore:
+    """Claim records in Redis (any redis-py ``Redis`` client, bytes or decoded responses).
+
+    ``namespace`` prefixes every key; ``partitions`` (default 1) spreads keys
+    over that many hash tags for Redis Cluster.  Connection failures raise
+    :class:`~buttress.StoreUnavailable`.
+    """
+
+    # KEYS[i]: record key of message i (one hash tag, so one slot).
+    # ARGV[1]: owner token of this claim call; ARGV[2]: lease in ms; ARGV[3]: record TTL in ms;
+    # ARGV[3 + i]: payload fingerprint of message i (decimal uint64).
+    # Returns one integer per key: n > 0 claimed by this call as attempt n (n > 1: taken over
+    # after attempt n - 1's lease lapsed); 0 duplicate (done); -1 in progress (another owner's
+    # lease is live); -2 conflict (the record holds another fingerprint).  SET NX decides every
+    # race: of two consumers claiming the same id, exactly one SET NX succeeds.
+    CLAIM_SCRIPT = """
+local now_parts = redis.call('TIME')
+local now = now_parts[1] * 1000 + math.floor(now_parts[2] / 1000)
+local token, ttl = ARGV[1], ARGV[3]
+local lease_until = string.format('%d', now + tonumber(ARGV[2]))
+local codes = {}
+for i, key in ipairs(KEYS) do
+  local fingerprint = ARGV[3 + i]
+  local fresh = 'c|1|' .. lease_until .. '|' .. fingerprint .. '|' .. token
+  if redis.call('SET', key, fresh, 'NX', 'PX', ttl) then
+    codes[i] = 1
+  else
+    local state, attempt, until_ms, held = string.match(
+      redis.call('GET', key), '^(%a)|(%d+)|(%d+)|(%d+)|')
+    if held ~= fingerprint then
+      codes[i] = -2
+    elseif state == 'd' then
+      codes[i] = 0
+    elseif tonumber(until_ms) > now then
+      codes[i] = -1
+    else
+      local next_attempt = tonumber(attempt) + 1
+      redis.call('SET', key, 'c|' .. next_attempt .. '|' .. lease_until .. '|' .. fingerprint
+        .. '|' .. token, 'PX', ttl)
+      codes[i] = next_attempt
+    end
+  end
+end
+return codes
+"""
+
+    # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[2]: retention TTL in ms;
+    # ARGV[2 + i]: the attempt this owner claimed message i as.
+    # Marks each record done (kept ARGV[2] ms) only if it is still claimed by this token at this
+    # attempt: an owner whose lease lapsed and was taken over is fenced off.  Returns 1 per key
+    # marked, 0 per key fenced.
+    COMPLETE_SCRIPT = """
+local done = {}
+for i, key in ipairs(KEYS) do
+  done[i] = 0
+  local record = redis.call('GET', key)
+  if record then
+    local state, attempt, fingerprint, token = string.match(
+      record, '^(%a)|(%d+)|%d+|(%d+)|(.*)$')
+    if state == 'c' and attempt == ARGV[2 + i] and token == ARGV[1] then
+      redis.call('SET', key, 'd|' .. attempt .. '|0|' .. fingerprint .. '|' .. token,
+        'PX', ARGV[2])
+      done[i] = 1
+    end
+  end
+end
+return done
+"""
+
+    # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[1 + i]: attempt of message i.
+    # Ends the lease (lease_until = 0, TTL kept) only if still claimed by this token at this
+    # attempt, so the next delivery takes the message over at once as attempt + 1.  Returns 1
+    # per key released, 0 per key fenced.
+    RELEASE_SCRIPT = """
+local released = {}
+for i, key in ipairs(KEYS) do
+  released[i] = 0
+  local record = redis.call('GET', key)
+  if record then
+    local state, attempt, fingerprint, token = string.match(
+      record, '^(%a)|(%d+)|%d+|(%d+)|(.*)$')
+    if state == 'c' and attempt == ARGV[1 + i] and token == ARGV[1] then
+      redis.call('SET', key, 'c|' .. attempt .. '|0|' .. fingerprint .. '|' .. token, 'KEEPTTL')
+      released[i] = 1
+    end
+  end
+end
+return released
+"""
+
+    def __init__(self, client: Any, *, namespace: str = "buttress:dedupe",
+                 partitions: int = 1) -> None:
+        import redis
+
+        if not callable(getattr(client, "register_script", None)):
+            raise TypeError(f"client must be a redis-py client, got {type(client).__name__}")
+        if not isinstance(namespace, str) or not namespace or "{" in namespace \
+                or "}" in namespace:
+            raise ValueError(f"namespace must be a non-empty str without braces, got {namespace!r}")
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise ValueError(f"partitions must be an int >= 1, got {partitions!r}")
+        self.client = client
+        self.namespace = namespace
+        self.partitions = partitions
+        self._unavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                             redis.exceptions.ReadOnlyError)
+        self._claim = client.register_script(self.CLAIM_SCRIPT)
+        self._complete = client.register_script(self.COMPLETE_SCRIPT)
+        self._release = client.register_script(self.RELEASE_SCRIPT)
+        self._script_calls = 0
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
+        """A store on a new redis-py client for ``url`` (``redis://host:port/db``)."""
+        import redis
+
+        return cls(redis.Redis.from_url(url), **kwargs)
+
+    def key(self, msg_id: str) -> str:
+        """The Redis key of ``msg_id``'s record."""
+        if self.partitions == 1:
+            return f"{{{self.namespace}}}:{msg_id}"
+        return f"{{{self.namespace}:{xxh64(msg_id) % self.partitions}}}:{msg_id}"
+
+    # -- the store interface ------------------------------------------------------------
+
+    def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
+              lease_ms: int, ttl_ms: int) -> list[int]:
+        head = [token, lease_ms, ttl_ms]
+        return self._per_partition(self._claim, msg_ids, head, fingerprints)
+
+    def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
+                 ttl_ms: int) -> list[bool]:
+        done = self._per_partition(self._complete, msg_ids, [token, ttl_ms], attempts)
+        return [flag == 1 for flag in done]
+
+    def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
+                token: str) -> list[bool]:
+        released = self._per_partition(self._release, msg_ids, [token], attempts)
+        return [flag == 1 for flag in released]
+
+    def lookup(self, msg_id: str) -> ClaimRecord | None:
+        try:
+            raw = self.client.get(self.key(msg_id))
+        except self._unavailable as exc:
+            raise self._unreachable(exc) from exc
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        state, attempt, lease_until, fingerprint, token = text.split("|", 4)
+        return ClaimRecord(msg_id, "done" if state == "d" else "claimed", int(attempt),
+                           int(fingerprint), token, int(lease_until))
+
+    def sweep(self, *, budget: float = 0.05) -> int:
+        """Nothing to do: Redis expires records itself (PX on every write)."""
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"store": "redis", "namespace": self.namespace, "partitions": self.partitions,
+                "script_calls": self._script_calls}
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _per_partition(self, script: Any, msg_ids: Sequence[str], head: list[Any],
+                       per_key: Sequence[Any]) -> list[int]:
+        """Run ``script`` once per hash tag (once in all, with one partition)."""
+        if self.partitions == 1:
+            keys = [f"{{{self.namespace}}}:{msg_id}" for msg_id in msg_ids]
+            return self._run(script, keys, [*head, *per_key])
+        groups: dict[str, list[int]] = {}
+        keys = [self.key(msg_id) for msg_id in msg_ids]
+        for index, key in enumerate(keys):
+            groups.setdefault(key[: key.index("}")], []).append(index)
+        out = [0] * len(msg_ids)
+        for indexes in groups.values():
+            answers = self._run(script, [keys[i] for i in indexes],
+                                [*head, *(per_key[i] for i in indexes)])
+            for index, answer in zip(indexes, answers, strict=True):
+                out[index] = answer
+        return out
+
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[int]:
+        self._script_calls += 1
+        try:
+            return script(keys=keys, args=args)  # type: ignore[no-any-return]
+        except self._unavailable as exc:
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: Exception) -> StoreUnavailable:
+        where = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
+        address = f"{where.get('host', '?')}:{where.get('port', '?')}" if where else "?"
+        return StoreUnavailable(f"Redis at {address} is unavailable ({type(exc).__name__}: "
+                                f"{exc}); no dedupe record was read or written")
+
+    def __repr__(self) -> str:
+        return f"RedisStore(namespace={self.namespace!r}, partitions={self.partitions})"
