@@ -54,12 +54,19 @@ import logging
 import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from buttress._hash import xxh64
-from buttress.dedupe.store import CLAIM_CONFLICT, CLAIM_IN_PROGRESS, ClaimRecord, DedupeStore
+from buttress.dedupe.store import (
+    CLAIM_CONFLICT,
+    CLAIM_DUPLICATE,
+    CLAIM_IN_PROGRESS,
+    ClaimRecord,
+    DedupeStore,
+)
 
 __all__ = ["MAX_ID_BYTES", "DedupeResult", "DedupeStatus", "Deduplicator", "fingerprint"]
 
@@ -67,11 +74,43 @@ logger = logging.getLogger("buttress.dedupe")
 
 MAX_ID_BYTES = 512  # longer ids are refused: they bloat every key and index entry
 MODES = ("at_most_once", "effectively_once")
+_SHORT_ID = MAX_ID_BYTES // 4  # a str this short is within MAX_ID_BYTES in any encoding
 
 # Canonical JSON: sorted keys, no whitespace, UTF-8 text as is, no NaN/Infinity.
-# One encoder built once: json.dumps with options builds a new one per call.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                               allow_nan=False)
+
+
+def _make_canonical_encode() -> Callable[[Any], str]:
+    """The fastest correct canonical encoder this Python offers.
+
+    ``JSONEncoder.encode`` builds a C encoder per call; building it once halves
+    the cost, which matters at one fingerprint per message.  The C encoder is an
+    implementation detail of ``json``, so it is used only if present and if it
+    agrees with ``JSONEncoder`` on a probe.  Without circular-reference markers
+    a cyclic payload ends in RecursionError, which ``fingerprint`` reports.
+    """
+    from json import encoder as json_encoder
+
+    make = getattr(json_encoder, "c_make_encoder", None)
+    quote = getattr(json_encoder, "c_encode_basestring", None)
+    if make is None or quote is None:
+        return _CANONICAL.encode
+    try:
+        iterencode = make(None, _CANONICAL.default, quote, None, ":", ",", True, False, False)
+        probe = {"b": [1, 2.5, None, True], "a": {"é": "x"}, "c": "\u2603"}
+        if "".join(iterencode(probe, 0)) != _CANONICAL.encode(probe):
+            return _CANONICAL.encode
+    except (TypeError, ValueError):
+        return _CANONICAL.encode
+
+    def encode(payload: Any) -> str:
+        return "".join(iterencode(payload, 0))
+
+    return encode
+
+
+_canonical_json = _make_canonical_encode()
 
 
 class DedupeStatus(enum.Enum):
@@ -115,10 +154,23 @@ class DedupeResult:
 def fingerprint(payload: Any) -> int:
     """XXH64 (uint64) of ``payload``'s canonical JSON; TypeError if it has none."""
     try:
-        return xxh64(_CANONICAL.encode(payload))
-    except (TypeError, ValueError) as exc:  # ValueError: NaN, circular, lone surrogate
+        return xxh64(_canonical_json(payload))
+    except (TypeError, ValueError, RecursionError) as exc:  # NaN, cycles, lone surrogates
         raise TypeError(f"payload cannot be serialised to canonical JSON for its "
                         f"fingerprint: {exc}") from exc
+
+
+def _fingerprints(payloads: list[Any]) -> list[int]:
+    """``fingerprint`` of each payload (one try for the whole list: this is the hot path)."""
+    try:
+        return [xxh64(_canonical_json(payload)) for payload in payloads]
+    except (TypeError, ValueError, RecursionError):
+        for position, payload in enumerate(payloads):
+            try:
+                fingerprint(payload)
+            except TypeError as exc:
+                raise TypeError(f"messages[{position}]: {exc}") from exc
+        raise
 
 
 class Deduplicator:
@@ -184,7 +236,22 @@ class Deduplicator:
     def process_message(self, msg_id: str, payload: Any) -> DedupeResult:
         """Claim ``msg_id`` and run the handler if the claim is ours; say what happened."""
         _check_id(msg_id)
-        return self._process([msg_id], [payload], [fingerprint(payload)])[0]
+        fingerprints = [fingerprint(payload)]
+        token = os.urandom(8).hex()  # one owner per claim call; takeovers replace it
+        code = self.store.claim([msg_id], fingerprints, token=token, lease_ms=self._lease_ms,
+                                ttl_ms=self._ttl_ms)[0]
+        if code > 0:
+            results, _ = self._run_handlers([msg_id], [payload], [code])
+        else:
+            results = [self._not_run(msg_id, code)]
+        store_calls = 1 + (self._finish(results, token) if self._effectively_once else 0)
+        result = results[0]
+        with self._counts_lock:
+            self._counts[result.status.value] += 1
+            self._counts["store_calls"] += store_calls
+            if code > 1:
+                self._counts["takeovers"] += 1
+        return result
 
     def process_batch(self, messages: Iterable[tuple[str, Any]]) -> list[DedupeResult]:
         """Claim many ``(msg_id, payload)`` messages in one store call, then run the handler.
@@ -195,16 +262,18 @@ class Deduplicator:
         whole batch are one more store call after the handlers, so a crash
         mid-batch leaves the batch's handled messages to be retried after the lease.
         """
-        ids: list[str] = []
-        payloads: list[Any] = []
-        for position, message in enumerate(messages):
-            if not isinstance(message, tuple) or len(message) != 2:
-                raise TypeError(f"messages[{position}] must be a (msg_id, payload) tuple, "
-                                f"got {message!r:.80}")
-            _check_id(message[0])
-            ids.append(message[0])
-            payloads.append(message[1])
-        fingerprints = [fingerprint(payload) for payload in payloads]
+        pairs = messages if isinstance(messages, list) else list(messages)
+        try:
+            ids: list[str] = [msg_id for msg_id, _ in pairs]
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"messages must be an iterable of (msg_id, payload) pairs: {exc}") \
+                from exc
+        payloads = [payload for _, payload in pairs]
+        for msg_id in ids:
+            if type(msg_id) is not str or not msg_id or len(msg_id) > _SHORT_ID \
+                    or not msg_id.isascii():
+                _check_id(msg_id)  # the slow, explaining check; most ids skip it
+        fingerprints = _fingerprints(payloads)
         if not ids:
             return []
         if len(set(ids)) == len(ids):
@@ -216,14 +285,14 @@ class Deduplicator:
         results = self._process([ids[i] for i in unique], [payloads[i] for i in unique],
                                 [fingerprints[i] for i in unique])
         by_position = dict(zip(unique, results, strict=True))
-        repeats = []
+        repeats = Counter[str]()
         for position, msg_id in enumerate(ids):
             if position not in by_position:
                 same = fingerprints[position] == fingerprints[first[msg_id]]
                 status = DedupeStatus.DUPLICATE if same else DedupeStatus.CONFLICT
                 by_position[position] = DedupeResult(msg_id, status)
-                repeats.append(status)
-        self._count(repeats)
+                repeats[status.value] += 1
+        self._bump(**repeats)
         return [by_position[position] for position in range(len(ids))]
 
     def lookup(self, msg_id: str) -> ClaimRecord | None:
@@ -247,32 +316,61 @@ class Deduplicator:
         token = os.urandom(8).hex()  # one owner per claim call; takeovers replace it
         codes = self.store.claim(ids, fingerprints, token=token, lease_ms=self._lease_ms,
                                  ttl_ms=self._ttl_ms)
-        results: list[DedupeResult] = []
-        for msg_id, payload, code in zip(ids, payloads, codes, strict=True):
-            if code > 0:
-                try:
-                    value = self.handler(msg_id, payload)
-                except Exception as exc:
-                    logger.warning("handler failed on message %r (attempt %d): %r",
-                                   msg_id, code, exc)
-                    results.append(DedupeResult(msg_id, DedupeStatus.FAILED, error=exc,
-                                                attempt=code))
+        tally = Counter(codes)
+        if len(tally) == 1 and 1 in tally:
+            # The common case, every id new: no status to decide per message.
+            results, failed = self._run_handlers(ids, payloads, codes)
+        else:
+            results, failed = [], 0
+            for msg_id, payload, code in zip(ids, payloads, codes, strict=True):
+                if code > 0:
+                    ran, failures = self._run_handlers([msg_id], [payload], [code])
+                    results.extend(ran)
+                    failed += failures
                 else:
-                    results.append(DedupeResult(msg_id, DedupeStatus.PROCESSED, value,
-                                                attempt=code))
-            elif code == CLAIM_IN_PROGRESS and self._effectively_once:
-                results.append(DedupeResult(msg_id, DedupeStatus.IN_PROGRESS))
-            elif code == CLAIM_CONFLICT:
-                logger.warning("message %r seen again with a different payload", msg_id)
-                results.append(DedupeResult(msg_id, DedupeStatus.CONFLICT))
-            else:  # done; in at_most_once any live claim is final, so a duplicate too
-                results.append(DedupeResult(msg_id, DedupeStatus.DUPLICATE))
+                    results.append(self._not_run(msg_id, code))
         store_calls = 1
         if self._effectively_once:
             store_calls += self._finish(results, token)
-        self._count([result.status for result in results], store_calls=store_calls,
-                    takeovers=sum(1 for code in codes if code > 1))
+        claimed = sum(n for code, n in tally.items() if code > 0)
+        in_progress = tally[CLAIM_IN_PROGRESS]
+        self._bump(processed=claimed - failed, failed=failed,
+                   duplicate=tally[CLAIM_DUPLICATE] + (0 if self._effectively_once
+                                                       else in_progress),
+                   in_progress=in_progress if self._effectively_once else 0,
+                   conflict=tally[CLAIM_CONFLICT], takeovers=claimed - tally[1],
+                   store_calls=store_calls)
         return results
+
+    def _run_handlers(self, ids: list[str], payloads: list[Any],
+                      attempts: list[int]) -> tuple[list[DedupeResult], int]:
+        """Call the handler on each claimed message; an exception becomes a FAILED result.
+
+        Returns the results and how many failed.
+        """
+        handler, result, processed = self.handler, DedupeResult, DedupeStatus.PROCESSED
+        results: list[DedupeResult] = []
+        failed = 0
+        append = results.append
+        for msg_id, payload, attempt in zip(ids, payloads, attempts, strict=True):
+            try:
+                append(result(msg_id, processed, handler(msg_id, payload), None, attempt))
+            except Exception as exc:
+                logger.warning("handler failed on message %r (attempt %d): %r",
+                               msg_id, attempt, exc)
+                append(result(msg_id, DedupeStatus.FAILED, None, exc, attempt))
+                failed += 1
+        return results, failed
+
+    def _not_run(self, msg_id: str, code: int) -> DedupeResult:
+        """The result for a message this call did not claim, from the store's claim code."""
+        if code == CLAIM_CONFLICT:
+            logger.warning("message %r seen again with a different payload", msg_id)
+            return DedupeResult(msg_id, DedupeStatus.CONFLICT)
+        if code == CLAIM_IN_PROGRESS and self._effectively_once:
+            return DedupeResult(msg_id, DedupeStatus.IN_PROGRESS)
+        # Done; or, in at_most_once, any live claim: there a claim is final.
+        return DedupeResult(msg_id, DedupeStatus.DUPLICATE)
 
     def _finish(self, results: list[DedupeResult], token: str) -> int:
         """Mark handled messages done and release failed ones; return the store calls made."""
@@ -300,13 +398,10 @@ class Deduplicator:
                                token=token)
         return calls
 
-    def _count(self, statuses: list[DedupeStatus], *, store_calls: int = 0,
-               takeovers: int = 0) -> None:
+    def _bump(self, **increments: int) -> None:
         with self._counts_lock:
-            for status in statuses:
-                self._counts[status.value] += 1
-            self._counts["store_calls"] += store_calls
-            self._counts["takeovers"] += takeovers
+            for name, increment in increments.items():
+                self._counts[name] += increment
 
     def __repr__(self) -> str:
         return f"Deduplicator(mode={self.mode!r}, ttl={self.ttl}, store={self.store!r})"
@@ -318,7 +413,7 @@ def _check_id(msg_id: object) -> None:
     if not msg_id:
         raise ValueError("msg_id must not be empty")
     # A str of n characters is at most 4n bytes of UTF-8: skip the encode for short ids.
-    if len(msg_id) * 4 > MAX_ID_BYTES or not msg_id.isascii():
+    if len(msg_id) > _SHORT_ID or not msg_id.isascii():
         try:
             size = len(msg_id.encode("utf-8"))
         except UnicodeEncodeError as exc:

@@ -1,7 +1,8 @@
 """RedisStore: claim records as Redis strings, transitions in Lua, cleanup by native TTL.
 
 For consumers on many machines.  Each message id is one string key holding
-``state|attempt|lease_until_ms|fingerprint|token`` (``state`` is ``c`` for
+``state|attempt|lease_until_ms|fingerprint|token``
+(fingerprint in 16 hex digits) (``state`` is ``c`` for
 claimed, ``d`` for done) with a PX expiry, so Redis itself deletes old records
 and there is nothing to sweep.  Every transition is a Lua script (atomic on the
 server; lease times come from the server clock, so consumers' clocks do not
@@ -17,8 +18,8 @@ N slots; a batch then costs one script call per partition it touches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from buttress._hash import xxh64
 from buttress.dedupe.store import ClaimRecord
@@ -27,6 +28,8 @@ from buttress.errors import StoreUnavailable
 __all__ = ["RedisStore"]
 
 logger = logging.getLogger("buttress.dedupe")
+
+T = TypeVar("T")
 
 
 class RedisStore:
@@ -39,25 +42,26 @@ class RedisStore:
 
     # KEYS[i]: record key of message i (one hash tag, so one slot).
     # ARGV[1]: owner token of this claim call; ARGV[2]: lease in ms; ARGV[3]: record TTL in ms;
-    # ARGV[3 + i]: payload fingerprint of message i (decimal uint64).
-    # Returns one integer per key: n > 0 claimed by this call as attempt n (n > 1: taken over
-    # after attempt n - 1's lease lapsed); 0 duplicate (done); -1 in progress (another owner's
-    # lease is live); -2 conflict (the record holds another fingerprint).  SET NX decides every
-    # race: of two consumers claiming the same id, exactly one SET NX succeeds.
+    # ARGV[4]: the payload fingerprints, 16 hex digits per key, concatenated in KEYS order (one
+    # argument, not one per key: packing arguments is most of a batch's client-side cost).
+    # Returns one code per key, comma-separated: n > 0 claimed by this call as attempt n (n > 1:
+    # taken over after attempt n - 1's lease lapsed); 0 duplicate (done); -1 in progress
+    # (another owner's lease is live); -2 conflict (the record holds another fingerprint).
+    # SET NX decides every race: of two consumers claiming one id, exactly one SET NX succeeds.
     CLAIM_SCRIPT = """
 local now_parts = redis.call('TIME')
 local now = now_parts[1] * 1000 + math.floor(now_parts[2] / 1000)
-local token, ttl = ARGV[1], ARGV[3]
+local token, ttl, fingerprints = ARGV[1], ARGV[3], ARGV[4]
 local lease_until = string.format('%d', now + tonumber(ARGV[2]))
+local fresh_head, fresh_tail = 'c|1|' .. lease_until .. '|', '|' .. token
 local codes = {}
 for i, key in ipairs(KEYS) do
-  local fingerprint = ARGV[3 + i]
-  local fresh = 'c|1|' .. lease_until .. '|' .. fingerprint .. '|' .. token
-  if redis.call('SET', key, fresh, 'NX', 'PX', ttl) then
+  local fingerprint = string.sub(fingerprints, 16 * i - 15, 16 * i)
+  if redis.call('SET', key, fresh_head .. fingerprint .. fresh_tail, 'NX', 'PX', ttl) then
     codes[i] = 1
   else
     local state, attempt, until_ms, held = string.match(
-      redis.call('GET', key), '^(%a)|(%d+)|(%d+)|(%d+)|')
+      redis.call('GET', key), '^(%a)|(%d+)|(%d+)|(%x+)|')
     if held ~= fingerprint then
       codes[i] = -2
     elseif state == 'd' then
@@ -72,51 +76,55 @@ for i, key in ipairs(KEYS) do
     end
   end
 end
-return codes
+return table.concat(codes, ',')
 """
 
     # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[2]: retention TTL in ms;
-    # ARGV[2 + i]: the attempt this owner claimed message i as.
+    # ARGV[3]: the attempt each key was claimed as, comma-separated in KEYS order.
     # Marks each record done (kept ARGV[2] ms) only if it is still claimed by this token at this
-    # attempt: an owner whose lease lapsed and was taken over is fenced off.  Returns 1 per key
-    # marked, 0 per key fenced.
+    # attempt: an owner whose lease lapsed and was taken over is fenced off.  Returns a string
+    # with one character per key: 1 marked, 0 fenced.
     COMPLETE_SCRIPT = """
-local done = {}
-for i, key in ipairs(KEYS) do
-  done[i] = 0
-  local record = redis.call('GET', key)
+local done, i = {}, 0
+for claimed_attempt in string.gmatch(ARGV[3], '%d+') do
+  i = i + 1
+  done[i] = '0'
+  local record = redis.call('GET', KEYS[i])
   if record then
     local state, attempt, fingerprint, token = string.match(
-      record, '^(%a)|(%d+)|%d+|(%d+)|(.*)$')
-    if state == 'c' and attempt == ARGV[2 + i] and token == ARGV[1] then
-      redis.call('SET', key, 'd|' .. attempt .. '|0|' .. fingerprint .. '|' .. token,
+      record, '^(%a)|(%d+)|%d+|(%x+)|(.*)$')
+    if state == 'c' and attempt == claimed_attempt and token == ARGV[1] then
+      redis.call('SET', KEYS[i], 'd|' .. attempt .. '|0|' .. fingerprint .. '|' .. token,
         'PX', ARGV[2])
-      done[i] = 1
+      done[i] = '1'
     end
   end
 end
-return done
+return table.concat(done)
 """
 
-    # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[1 + i]: attempt of message i.
+    # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[2]: the attempt each key was
+    # claimed as, comma-separated in KEYS order.
     # Ends the lease (lease_until = 0, TTL kept) only if still claimed by this token at this
-    # attempt, so the next delivery takes the message over at once as attempt + 1.  Returns 1
-    # per key released, 0 per key fenced.
+    # attempt, so the next delivery takes the message over at once as attempt + 1.  Returns a
+    # string with one character per key: 1 released, 0 fenced.
     RELEASE_SCRIPT = """
-local released = {}
-for i, key in ipairs(KEYS) do
-  released[i] = 0
-  local record = redis.call('GET', key)
+local released, i = {}, 0
+for claimed_attempt in string.gmatch(ARGV[2], '%d+') do
+  i = i + 1
+  released[i] = '0'
+  local record = redis.call('GET', KEYS[i])
   if record then
     local state, attempt, fingerprint, token = string.match(
-      record, '^(%a)|(%d+)|%d+|(%d+)|(.*)$')
-    if state == 'c' and attempt == ARGV[1 + i] and token == ARGV[1] then
-      redis.call('SET', key, 'c|' .. attempt .. '|0|' .. fingerprint .. '|' .. token, 'KEEPTTL')
-      released[i] = 1
+      record, '^(%a)|(%d+)|%d+|(%x+)|(.*)$')
+    if state == 'c' and attempt == claimed_attempt and token == ARGV[1] then
+      redis.call('SET', KEYS[i], 'c|' .. attempt .. '|0|' .. fingerprint .. '|' .. token,
+        'KEEPTTL')
+      released[i] = '1'
     end
   end
 end
-return released
+return table.concat(released)
 """
 
     def __init__(self, client: Any, *, namespace: str = "buttress:dedupe",
@@ -139,6 +147,7 @@ return released
         self._complete = client.register_script(self.COMPLETE_SCRIPT)
         self._release = client.register_script(self.RELEASE_SCRIPT)
         self._script_calls = 0
+        self._prefix = f"{{{namespace}}}:"
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
@@ -150,25 +159,45 @@ return released
     def key(self, msg_id: str) -> str:
         """The Redis key of ``msg_id``'s record."""
         if self.partitions == 1:
-            return f"{{{self.namespace}}}:{msg_id}"
+            return self._prefix + msg_id
         return f"{{{self.namespace}:{xxh64(msg_id) % self.partitions}}}:{msg_id}"
 
     # -- the store interface ------------------------------------------------------------
 
     def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
               lease_ms: int, ttl_ms: int) -> list[int]:
-        head = [token, lease_ms, ttl_ms]
-        return self._per_partition(self._claim, msg_ids, head, fingerprints)
+        if self.partitions == 1:  # the usual case, kept lean: it is every message's cost
+            prefix = self._prefix
+            packed = "".join([f"{fp:016x}" for fp in fingerprints])
+            reply = self._run(self._claim, [prefix + msg_id for msg_id in msg_ids],
+                              [token, lease_ms, ttl_ms, packed])
+            return [int(code) for code in reply.split(b",")]
+
+        def claim_group(keys: list[str], indexes: Sequence[int] | None) -> list[int]:
+            chosen = [fingerprints[i] for i in indexes or ()]
+            packed = "".join([f"{fp:016x}" for fp in chosen])
+            reply = self._run(self._claim, keys, [token, lease_ms, ttl_ms, packed])
+            return [int(code) for code in reply.split(b",")]
+
+        return self._per_partition(msg_ids, claim_group)
 
     def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
                  ttl_ms: int) -> list[bool]:
-        done = self._per_partition(self._complete, msg_ids, [token, ttl_ms], attempts)
-        return [flag == 1 for flag in done]
+        def complete_group(keys: list[str], indexes: Sequence[int] | None) -> list[bool]:
+            chosen = attempts if indexes is None else [attempts[i] for i in indexes]
+            reply = self._run(self._complete, keys, [token, ttl_ms, ",".join(map(str, chosen))])
+            return [flag == 0x31 for flag in reply]  # b"1"
+
+        return self._per_partition(msg_ids, complete_group)
 
     def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
                 token: str) -> list[bool]:
-        released = self._per_partition(self._release, msg_ids, [token], attempts)
-        return [flag == 1 for flag in released]
+        def release_group(keys: list[str], indexes: Sequence[int] | None) -> list[bool]:
+            chosen = attempts if indexes is None else [attempts[i] for i in indexes]
+            reply = self._run(self._release, keys, [token, ",".join(map(str, chosen))])
+            return [flag == 0x31 for flag in reply]
+
+        return self._per_partition(msg_ids, release_group)
 
     def lookup(self, msg_id: str) -> ClaimRecord | None:
         try:
@@ -180,7 +209,7 @@ return released
         text = raw.decode() if isinstance(raw, bytes) else raw
         state, attempt, lease_until, fingerprint, token = text.split("|", 4)
         return ClaimRecord(msg_id, "done" if state == "d" else "claimed", int(attempt),
-                           int(fingerprint), token, int(lease_until))
+                           int(fingerprint, 16), token, int(lease_until))
 
     def sweep(self, *, budget: float = 0.05) -> int:
         """Nothing to do: Redis expires records itself (PX on every write)."""
@@ -195,30 +224,31 @@ return released
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _per_partition(self, script: Any, msg_ids: Sequence[str], head: list[Any],
-                       per_key: Sequence[Any]) -> list[int]:
-        """Run ``script`` once per hash tag (once in all, with one partition)."""
+    def _per_partition(self, msg_ids: Sequence[str],
+                       run_group: Callable[[list[str], Sequence[int] | None], list[T]]) -> list[T]:
+        """Call ``run_group(keys, indexes)`` once per hash tag (once in all, with one partition)."""
         if self.partitions == 1:
-            keys = [f"{{{self.namespace}}}:{msg_id}" for msg_id in msg_ids]
-            return self._run(script, keys, [*head, *per_key])
+            prefix = self._prefix
+            return run_group([prefix + msg_id for msg_id in msg_ids], None)
         groups: dict[str, list[int]] = {}
         keys = [self.key(msg_id) for msg_id in msg_ids]
         for index, key in enumerate(keys):
             groups.setdefault(key[: key.index("}")], []).append(index)
-        out = [0] * len(msg_ids)
+        out: list[Any] = [None] * len(msg_ids)
         for indexes in groups.values():
-            answers = self._run(script, [keys[i] for i in indexes],
-                                [*head, *(per_key[i] for i in indexes)])
+            answers = run_group([keys[i] for i in indexes], indexes)
             for index, answer in zip(indexes, answers, strict=True):
                 out[index] = answer
         return out
 
-    def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[int]:
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> bytes:
+        """One EVALSHA (redis-py loads the script on NOSCRIPT); the reply as bytes."""
         self._script_calls += 1
         try:
-            return script(keys=keys, args=args)  # type: ignore[no-any-return]
+            reply = script(keys=keys, args=args)
         except self._unavailable as exc:
             raise self._unreachable(exc) from exc
+        return reply.encode() if isinstance(reply, str) else reply
 
     def _unreachable(self, exc: Exception) -> StoreUnavailable:
         where = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
