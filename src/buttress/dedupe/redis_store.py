@@ -253,8 +253,8 @@ return table.concat(released)
     def _unreachable(self, exc: Exception) -> StoreUnavailable:
         where = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
         address = f"{where.get('host', '?')}:{where.get('port', '?')}" if where else "?"
-        return StoreUnavailable(f"Redis at {address} is unavailable ({type(exc).__name__}: "
-                                f"{exc}); no dedupe record was read or written")
+        return StoreUnavailable(f"Redis at {address} is unavailable for dedupe records "
+                                f"({type(exc).__name__}: {exc})")
 
     def __repr__(self) -> str:
         return f"RedisStore(namespace={self.namespace!r}, partitions={self.partitions})"
