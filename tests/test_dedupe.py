@@ -12,13 +12,13 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import wait_until
 
 from buttress import DedupeResult, DedupeStatus, Deduplicator, RedisStore, SQLiteStore
 from buttress.dedupe import ClaimRecord, DedupeStore, fingerprint
 from buttress.dedupe.store import CLAIM_CONFLICT, CLAIM_DUPLICATE, CLAIM_IN_PROGRESS
 from buttress.errors import StoreUnavailable
 from buttress.testing import free_port
+from conftest import wait_until
 
 MODES = ["at_most_once", "effectively_once"]
 
@@ -364,7 +364,7 @@ def test_an_unreachable_store_raises_store_unavailable_and_runs_nothing(unreacha
     handler = Recorder()
     for mode in MODES:
         dedupe = Deduplicator(handler, unreachable_store, mode=mode)
-        with pytest.raises(StoreUnavailable, match="Redis at 127.0.0.1"):
+        with pytest.raises(StoreUnavailable, match=r"Redis at 127\.0\.0\.1"):
             dedupe.process_message("m", {})
         with pytest.raises(StoreUnavailable):
             dedupe.process_batch([("m", {}), ("n", {})])
