@@ -18,7 +18,7 @@ N slots; a batch then costs one script call per partition it touches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from buttress._hash import xxh64
@@ -30,6 +30,21 @@ __all__ = ["RedisStore"]
 logger = logging.getLogger("buttress.dedupe")
 
 T = TypeVar("T")
+
+
+_ONE = ord("1")  # a "marked" flag in the complete/release replies
+
+
+def _merge(answers: list[tuple[list[int] | None, list[T]]], size: int) -> list[T]:
+    """Put per-group answers back in input order (one group of positions None: as is)."""
+    if len(answers) == 1 and answers[0][0] is None:
+        return answers[0][1]
+    out: list[Any] = [None] * size
+    for positions, values in answers:
+        assert positions is not None
+        for position, value in zip(positions, values, strict=True):
+            out[position] = value
+    return out
 
 
 class RedisStore:
@@ -147,7 +162,7 @@ return table.concat(released)
         self._complete = client.register_script(self.COMPLETE_SCRIPT)
         self._release = client.register_script(self.RELEASE_SCRIPT)
         self._script_calls = 0
-        self._prefix = f"{{{namespace}}}:"
+        self._prefix = f"{{{namespace}}}:".encode()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
@@ -159,45 +174,41 @@ return table.concat(released)
     def key(self, msg_id: str) -> str:
         """The Redis key of ``msg_id``'s record."""
         if self.partitions == 1:
-            return self._prefix + msg_id
-        return f"{{{self.namespace}:{xxh64(msg_id) % self.partitions}}}:{msg_id}"
+            return f"{{{self.namespace}}}:{msg_id}"
+        return f"{{{self.namespace}:{self._partition(msg_id)}}}:{msg_id}"
+
+    def _partition(self, msg_id: str) -> int:
+        return xxh64(msg_id) % self.partitions
 
     # -- the store interface ------------------------------------------------------------
 
     def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
               lease_ms: int, ttl_ms: int) -> list[int]:
-        if self.partitions == 1:  # the usual case, kept lean: it is every message's cost
-            prefix = self._prefix
-            packed = "".join([f"{fp:016x}" for fp in fingerprints])
-            reply = self._run(self._claim, [prefix + msg_id for msg_id in msg_ids],
-                              [token, lease_ms, ttl_ms, packed])
-            return [int(code) for code in reply.split(b",")]
-
-        def claim_group(keys: list[str], indexes: Sequence[int] | None) -> list[int]:
-            chosen = [fingerprints[i] for i in indexes or ()]
+        answers = []
+        for keys, positions in self._groups(msg_ids):
+            chosen = fingerprints if positions is None else [fingerprints[i] for i in positions]
             packed = "".join([f"{fp:016x}" for fp in chosen])
             reply = self._run(self._claim, keys, [token, lease_ms, ttl_ms, packed])
-            return [int(code) for code in reply.split(b",")]
-
-        return self._per_partition(msg_ids, claim_group)
+            answers.append((positions, [int(code) for code in reply.split(b",")]))
+        return _merge(answers, len(msg_ids))
 
     def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
                  ttl_ms: int) -> list[bool]:
-        def complete_group(keys: list[str], indexes: Sequence[int] | None) -> list[bool]:
-            chosen = attempts if indexes is None else [attempts[i] for i in indexes]
+        answers = []
+        for keys, positions in self._groups(msg_ids):
+            chosen = attempts if positions is None else [attempts[i] for i in positions]
             reply = self._run(self._complete, keys, [token, ttl_ms, ",".join(map(str, chosen))])
-            return [flag == 0x31 for flag in reply]  # b"1"
-
-        return self._per_partition(msg_ids, complete_group)
+            answers.append((positions, [flag == _ONE for flag in reply]))
+        return _merge(answers, len(msg_ids))
 
     def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
                 token: str) -> list[bool]:
-        def release_group(keys: list[str], indexes: Sequence[int] | None) -> list[bool]:
-            chosen = attempts if indexes is None else [attempts[i] for i in indexes]
+        answers = []
+        for keys, positions in self._groups(msg_ids):
+            chosen = attempts if positions is None else [attempts[i] for i in positions]
             reply = self._run(self._release, keys, [token, ",".join(map(str, chosen))])
-            return [flag == 0x31 for flag in reply]
-
-        return self._per_partition(msg_ids, release_group)
+            answers.append((positions, [flag == _ONE for flag in reply]))
+        return _merge(answers, len(msg_ids))
 
     def lookup(self, msg_id: str) -> ClaimRecord | None:
         try:
@@ -224,24 +235,24 @@ return table.concat(released)
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _per_partition(self, msg_ids: Sequence[str],
-                       run_group: Callable[[list[str], Sequence[int] | None], list[T]]) -> list[T]:
-        """Call ``run_group(keys, indexes)`` once per hash tag (once in all, with one partition)."""
+    def _groups(self, msg_ids: Sequence[str]) -> list[tuple[list[bytes], list[int] | None]]:
+        """The record keys per hash tag, with their positions in ``msg_ids``.
+
+        With one partition (the usual case) that is one group, positions None.
+        Keys go to redis-py as bytes: it sends bytes as they are, and encoding
+        here is cheaper than its per-argument type checks.
+        """
         if self.partitions == 1:
             prefix = self._prefix
-            return run_group([prefix + msg_id for msg_id in msg_ids], None)
-        groups: dict[str, list[int]] = {}
-        keys = [self.key(msg_id) for msg_id in msg_ids]
-        for index, key in enumerate(keys):
-            groups.setdefault(key[: key.index("}")], []).append(index)
-        out: list[Any] = [None] * len(msg_ids)
-        for indexes in groups.values():
-            answers = run_group([keys[i] for i in indexes], indexes)
-            for index, answer in zip(indexes, answers, strict=True):
-                out[index] = answer
-        return out
+            return [([prefix + msg_id.encode() for msg_id in msg_ids], None)]
+        groups: dict[int, tuple[list[bytes], list[int]]] = {}
+        for position, msg_id in enumerate(msg_ids):
+            keys, positions = groups.setdefault(self._partition(msg_id), ([], []))
+            keys.append(self.key(msg_id).encode())
+            positions.append(position)
+        return list(groups.values())
 
-    def _run(self, script: Any, keys: list[str], args: list[Any]) -> bytes:
+    def _run(self, script: Any, keys: list[bytes], args: list[Any]) -> bytes:
         """One EVALSHA (redis-py loads the script on NOSCRIPT); the reply as bytes."""
         self._script_calls += 1
         try:
