@@ -49,6 +49,7 @@ The race between two consumers A and B on the same id, step by step:
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import math
@@ -81,8 +82,8 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
                               allow_nan=False)
 
 
-def _make_canonical_encode() -> Callable[[Any], str]:
-    """The fastest correct canonical encoder this Python offers.
+def _make_canonical_encode() -> Callable[[Any], list[str]]:
+    """The fastest correct canonical encoder this Python offers, as chunks to join.
 
     ``JSONEncoder.encode`` builds a C encoder per call; building it once halves
     the cost, which matters at one fingerprint per message.  The C encoder is an
@@ -94,23 +95,22 @@ def _make_canonical_encode() -> Callable[[Any], str]:
 
     make = getattr(json_encoder, "c_make_encoder", None)
     quote = getattr(json_encoder, "c_encode_basestring", None)
+    def portable(payload: Any) -> list[str]:
+        return [_CANONICAL.encode(payload)]
+
     if make is None or quote is None:
-        return _CANONICAL.encode
+        return portable
     try:
         iterencode = make(None, _CANONICAL.default, quote, None, ":", ",", True, False, False)
         probe = {"b": [1, 2.5, None, True], "a": {"é": "x"}, "c": "\u2603"}
         if "".join(iterencode(probe, 0)) != _CANONICAL.encode(probe):
-            return _CANONICAL.encode
+            return portable
     except (TypeError, ValueError):
-        return _CANONICAL.encode
-
-    def encode(payload: Any) -> str:
-        return "".join(iterencode(payload, 0))
-
-    return encode
+        return portable
+    return functools.partial(iterencode, _current_indent_level=0)
 
 
-_canonical_json = _make_canonical_encode()
+_canonical_chunks = _make_canonical_encode()
 
 
 class DedupeStatus(enum.Enum):
@@ -154,7 +154,7 @@ class DedupeResult:
 def fingerprint(payload: Any) -> int:
     """XXH64 (uint64) of ``payload``'s canonical JSON; TypeError if it has none."""
     try:
-        return xxh64(_canonical_json(payload))
+        return xxh64("".join(_canonical_chunks(payload)))
     except (TypeError, ValueError, RecursionError) as exc:  # NaN, cycles, lone surrogates
         raise TypeError(f"payload cannot be serialised to canonical JSON for its "
                         f"fingerprint: {exc}") from exc
@@ -163,7 +163,8 @@ def fingerprint(payload: Any) -> int:
 def _fingerprints(payloads: list[Any]) -> list[int]:
     """``fingerprint`` of each payload (one try for the whole list: this is the hot path)."""
     try:
-        return [xxh64(_canonical_json(payload)) for payload in payloads]
+        join = "".join
+        return [xxh64(join(_canonical_chunks(payload))) for payload in payloads]
     except (TypeError, ValueError, RecursionError):
         for position, payload in enumerate(payloads):
             try:
@@ -269,8 +270,9 @@ class Deduplicator:
             raise TypeError(f"messages must be an iterable of (msg_id, payload) pairs: {exc}") \
                 from exc
         payloads = [payload for _, payload in pairs]
+        short = _SHORT_ID
         for msg_id in ids:
-            if type(msg_id) is not str or not msg_id or len(msg_id) > _SHORT_ID \
+            if type(msg_id) is not str or not msg_id or len(msg_id) > short \
                     or not msg_id.isascii():
                 _check_id(msg_id)  # the slow, explaining check; most ids skip it
         fingerprints = _fingerprints(payloads)
