@@ -189,6 +189,21 @@ def test_effectively_once_releases_a_failed_message_for_retry(store):
     assert dedupe.stats()["takeovers"] == 1
 
 
+def test_effectively_once_batch_marks_the_good_done_and_releases_the_failed(store):
+    handler = Recorder()
+    handler.fail_on.update({"b", "d"})
+    dedupe = Deduplicator(handler, store, ttl=60, mode="effectively_once")
+    first = dedupe.process_batch([(i, {}) for i in "abcde"])
+    assert [r.status for r in first] == [DedupeStatus.PROCESSED, DedupeStatus.FAILED] * 2 + [
+        DedupeStatus.PROCESSED]
+    assert dedupe.stats()["store_calls"] == 3  # claim, done for a/c/e, release for b/d
+    handler.fail_on.clear()
+    second = dedupe.process_batch([(i, {}) for i in "abcde"])
+    assert [(r.msg_id, r.attempt) for r in second if r] == [("b", 2), ("d", 2)]
+    assert {r.status for r in second if not r} == {DedupeStatus.DUPLICATE}
+    assert Counter(handler.ids()) == {"a": 1, "b": 2, "c": 1, "d": 2, "e": 1}
+
+
 def test_effectively_once_without_release_retries_only_after_the_lease(store):
     handler = Recorder()
     handler.fail_on.add("m")

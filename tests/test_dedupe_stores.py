@@ -236,6 +236,25 @@ def test_a_redis_outage_is_store_unavailable_and_recovery_needs_nothing(unique_n
     assert calls == ["before", "after"]
 
 
+@pytest.mark.slow
+def test_redis_lost_between_handler_and_done_write_raises_after_the_handler(unique_name):
+    """effectively_once: the handler ran but nothing recorded it; the caller must not ack."""
+    with RedisServer() as server:
+        calls: list[str] = []
+
+        def handler_that_outlives_redis(msg_id: str, payload: Any) -> None:
+            calls.append(msg_id)
+            server.stop()
+
+        store = RedisStore.from_url(server.url, namespace=unique_name)
+        dedupe = Deduplicator(handler_that_outlives_redis, store, ttl=60,
+                              mode="effectively_once")
+        with pytest.raises(StoreUnavailable):
+            dedupe.process_message("m", {})
+        assert calls == ["m"]
+        store.close()
+
+
 @pytest.mark.parametrize(("namespace", "partitions"), [
     ("", 1), ("a{b}", 1), ("ok", 0), ("ok", True),
 ])

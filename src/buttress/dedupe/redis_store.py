@@ -162,6 +162,7 @@ return table.concat(released)
         self._complete = client.register_script(self.COMPLETE_SCRIPT)
         self._release = client.register_script(self.RELEASE_SCRIPT)
         self._script_calls = 0
+        self._owns_client = False  # close() closes only a client this store created
         self._prefix = f"{{{namespace}}}:".encode()
 
     @classmethod
@@ -169,7 +170,9 @@ return table.concat(released)
         """A store on a new redis-py client for ``url`` (``redis://host:port/db``)."""
         import redis
 
-        return cls(redis.Redis.from_url(url), **kwargs)
+        store = cls(redis.Redis.from_url(url), **kwargs)
+        store._owns_client = True
+        return store
 
     def key(self, msg_id: str) -> str:
         """The Redis key of ``msg_id``'s record."""
@@ -231,7 +234,9 @@ return table.concat(released)
                 "script_calls": self._script_calls}
 
     def close(self) -> None:
-        self.client.close()
+        """Close the client if this store made it (``from_url``); one you passed stays open."""
+        if self._owns_client:
+            self.client.close()
 
     # -- helpers ----------------------------------------------------------------------
 
