@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from buttress import Deduplicator, RedisStore, SQLiteStore
+from buttress.bench.dedupe import insert_or_ignore
 from buttress.testing import redis_url
 
 BATCH = 5_000
@@ -103,13 +103,4 @@ def test_sqlite_raw_executemany_insert_or_ignore(benchmark, tmp_path):
         conn.execute("PRAGMA synchronous=NORMAL")
         return (conn, messages(BATCH)), {}
 
-    def insert(conn: sqlite3.Connection, msgs: list[tuple[str, Any]]) -> None:
-        expires_at = int((time.time() + TTL) * 1000)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            "INSERT OR IGNORE INTO buttress_dedupe (msg_id, state, fingerprint, token, attempt, "
-            "lease_until, expires_at) VALUES (?, 0, 0, '', 1, ?, ?)",
-            [(msg_id, expires_at, expires_at) for msg_id, _ in msgs])
-        conn.execute("COMMIT")
-
-    benchmark.pedantic(insert, setup=setup, rounds=5)
+    benchmark.pedantic(insert_or_ignore, setup=setup, rounds=5)

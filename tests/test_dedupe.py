@@ -218,19 +218,26 @@ def test_effectively_once_without_release_retries_only_after_the_lease(store):
     assert handler.ids() == ["m", "m"]
 
 
+def start_stuck_in_handler(dedupe: Deduplicator, handler: Recorder, msg_id: str) \
+        -> tuple[threading.Thread, list[DedupeResult], threading.Event]:
+    """Process ``msg_id`` on a thread whose handler call waits; return it, its outcome, the gate."""
+    gate = handler.block_on[msg_id] = threading.Event()
+    outcome: list[DedupeResult] = []
+    worker = threading.Thread(target=lambda: outcome.append(dedupe.process_message(msg_id, 1)))
+    worker.start()
+    assert handler.entered.setdefault(msg_id, threading.Event()).wait(10)
+    return worker, outcome, gate
+
+
 def test_a_live_lease_holds_other_consumers_off(make_store):
     handler = Recorder()
-    handler.block_on["m"] = threading.Event()
     first = Deduplicator(handler, make_store(), ttl=60, mode="effectively_once", lease=30)
     second = Deduplicator(handler, make_store(), ttl=60, mode="effectively_once", lease=30)
-    outcome: list[DedupeResult] = []
-    worker = threading.Thread(target=lambda: outcome.append(first.process_message("m", 1)))
-    worker.start()
-    assert handler.entered.setdefault("m", threading.Event()).wait(10)
+    worker, outcome, gate = start_stuck_in_handler(first, handler, "m")
     busy = second.process_message("m", 1)
     assert busy.status is DedupeStatus.IN_PROGRESS and not busy
     assert second.process_message("m", 2).status is DedupeStatus.CONFLICT
-    handler.block_on["m"].set()
+    gate.set()
     worker.join(10)
     assert outcome[0] and not outcome[0].fenced
     assert second.process_message("m", 1).status is DedupeStatus.DUPLICATE
@@ -240,14 +247,10 @@ def test_a_live_lease_holds_other_consumers_off(make_store):
 def test_a_late_first_owner_is_fenced_by_the_attempt_counter(make_store):
     """A stalls past its lease, B takes over as attempt 2; A's done write must not land."""
     handler = Recorder()
-    handler.block_on["m"] = threading.Event()
     slow = Deduplicator(handler, make_store(), ttl=60, mode="effectively_once", lease=0.3)
     fast = Deduplicator(handler, make_store(), ttl=60, mode="effectively_once", lease=0.3)
-    outcome: list[DedupeResult] = []
-    worker = threading.Thread(target=lambda: outcome.append(slow.process_message("m", 1)))
-    worker.start()
-    assert handler.entered.setdefault("m", threading.Event()).wait(10)
-    release_slow = handler.block_on.pop("m")  # B's call of the handler must not block
+    worker, outcome, release_slow = start_stuck_in_handler(slow, handler, "m")
+    del handler.block_on["m"]  # B's call of the handler must not wait
     taken = wait_until(lambda: fast.process_message("m", 1) or None, timeout=10,
                        message="B to take the message over after A's lease")
     assert taken.attempt == 2 and not taken.fenced

@@ -43,6 +43,17 @@ def _no_op(msg_id: str, payload: Any) -> None:
     return None
 
 
+def insert_or_ignore(conn: sqlite3.Connection, msgs: list[tuple[str, Any]]) -> None:
+    """The baseline: the ids into the store's table, one executemany, one transaction."""
+    expires_at = int((time.time() + TTL) * 1000)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(
+        "INSERT OR IGNORE INTO buttress_dedupe (msg_id, state, fingerprint, token, attempt, "
+        "lease_until, expires_at) VALUES (?, 0, 0, '', 1, ?, ?)",
+        [(msg_id, expires_at, expires_at) for msg_id, _ in msgs])
+    conn.execute("COMMIT")
+
+
 def register(session: BenchSession) -> None:
     batch = 5_000 if session.quick else 20_000
     singles = 1_000 if session.quick else 3_000
@@ -135,13 +146,7 @@ def _sqlite_case(session: BenchSession, batch: int, messages: Any) -> None:
 
     def raw_insert(prepared: tuple[sqlite3.Connection, list[tuple[str, Any]]]) -> None:
         conn, msgs = prepared
-        expires_at = int((time.time() + TTL) * 1000)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            "INSERT OR IGNORE INTO buttress_dedupe (msg_id, state, fingerprint, token, attempt, "
-            "lease_until, expires_at) VALUES (?, 0, 0, '', 1, ?, ?)",
-            [(msg_id, expires_at, expires_at) for msg_id, _ in msgs])
-        conn.execute("COMMIT")
+        insert_or_ignore(conn, msgs)
         conn.close()
 
     case = session.case("dedupe", f"SQLite process_batch, {batch:,} new ids", unit="msg")

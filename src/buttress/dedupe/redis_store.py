@@ -32,7 +32,7 @@ logger = logging.getLogger("buttress.dedupe")
 T = TypeVar("T")
 
 
-_ONE = ord("1")  # a "marked" flag in the complete/release replies
+_ONE = ord("1")  # an "applied" flag in FINISH_SCRIPT's reply
 
 
 def _merge(answers: list[tuple[list[int] | None, list[T]]], size: int) -> list[T]:
@@ -94,52 +94,35 @@ end
 return table.concat(codes, ',')
 """
 
-    # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[2]: retention TTL in ms;
-    # ARGV[3]: the attempt each key was claimed as, comma-separated in KEYS order.
-    # Marks each record done (kept ARGV[2] ms) only if it is still claimed by this token at this
-    # attempt: an owner whose lease lapsed and was taken over is fenced off.  Returns a string
-    # with one character per key: 1 marked, 0 fenced.
-    COMPLETE_SCRIPT = """
-local done, i = {}, 0
-for claimed_attempt in string.gmatch(ARGV[3], '%d+') do
+    # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[2]: the transition, 'd' to
+    # mark done (kept ARGV[3] ms) or 'c' to release (lease ended, TTL kept, ARGV[3] unused);
+    # ARGV[4]: the attempt each key was claimed as, comma-separated in KEYS order.
+    # Applies the transition only where the record is still claimed by this token at this
+    # attempt: an owner whose lease lapsed and was taken over is fenced off.  A released
+    # record's next claim takes it over at once as attempt + 1.  Returns a string with one
+    # character per key: 1 applied, 0 fenced.
+    FINISH_SCRIPT = """
+local token, target, ttl = ARGV[1], ARGV[2], ARGV[3]
+local applied, i = {}, 0
+for claimed_attempt in string.gmatch(ARGV[4], '%d+') do
   i = i + 1
-  done[i] = '0'
+  applied[i] = '0'
   local record = redis.call('GET', KEYS[i])
   if record then
-    local state, attempt, fingerprint, token = string.match(
+    local state, attempt, fingerprint, holder = string.match(
       record, '^(%a)|(%d+)|%d+|(%x+)|(.*)$')
-    if state == 'c' and attempt == claimed_attempt and token == ARGV[1] then
-      redis.call('SET', KEYS[i], 'd|' .. attempt .. '|0|' .. fingerprint .. '|' .. token,
-        'PX', ARGV[2])
-      done[i] = '1'
+    if state == 'c' and attempt == claimed_attempt and holder == token then
+      local value = target .. '|' .. attempt .. '|0|' .. fingerprint .. '|' .. token
+      if target == 'd' then
+        redis.call('SET', KEYS[i], value, 'PX', ttl)
+      else
+        redis.call('SET', KEYS[i], value, 'KEEPTTL')
+      end
+      applied[i] = '1'
     end
   end
 end
-return table.concat(done)
-"""
-
-    # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[2]: the attempt each key was
-    # claimed as, comma-separated in KEYS order.
-    # Ends the lease (lease_until = 0, TTL kept) only if still claimed by this token at this
-    # attempt, so the next delivery takes the message over at once as attempt + 1.  Returns a
-    # string with one character per key: 1 released, 0 fenced.
-    RELEASE_SCRIPT = """
-local released, i = {}, 0
-for claimed_attempt in string.gmatch(ARGV[2], '%d+') do
-  i = i + 1
-  released[i] = '0'
-  local record = redis.call('GET', KEYS[i])
-  if record then
-    local state, attempt, fingerprint, token = string.match(
-      record, '^(%a)|(%d+)|%d+|(%x+)|(.*)$')
-    if state == 'c' and attempt == claimed_attempt and token == ARGV[1] then
-      redis.call('SET', KEYS[i], 'c|' .. attempt .. '|0|' .. fingerprint .. '|' .. token,
-        'KEEPTTL')
-      released[i] = '1'
-    end
-  end
-end
-return table.concat(released)
+return table.concat(applied)
 """
 
     def __init__(self, client: Any, *, namespace: str = "buttress:dedupe",
@@ -159,8 +142,7 @@ return table.concat(released)
         self._unavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                              redis.exceptions.ReadOnlyError)
         self._claim = client.register_script(self.CLAIM_SCRIPT)
-        self._complete = client.register_script(self.COMPLETE_SCRIPT)
-        self._release = client.register_script(self.RELEASE_SCRIPT)
+        self._finish = client.register_script(self.FINISH_SCRIPT)
         self._script_calls = 0
         self._owns_client = False  # close() closes only a client this store created
         self._prefix = f"{{{namespace}}}:".encode()
@@ -197,21 +179,11 @@ return table.concat(released)
 
     def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
                  ttl_ms: int) -> list[bool]:
-        answers = []
-        for keys, positions in self._groups(msg_ids):
-            chosen = attempts if positions is None else [attempts[i] for i in positions]
-            reply = self._run(self._complete, keys, [token, ttl_ms, ",".join(map(str, chosen))])
-            answers.append((positions, [flag == _ONE for flag in reply]))
-        return _merge(answers, len(msg_ids))
+        return self._transition(msg_ids, attempts, token, "d", ttl_ms)
 
     def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
                 token: str) -> list[bool]:
-        answers = []
-        for keys, positions in self._groups(msg_ids):
-            chosen = attempts if positions is None else [attempts[i] for i in positions]
-            reply = self._run(self._release, keys, [token, ",".join(map(str, chosen))])
-            answers.append((positions, [flag == _ONE for flag in reply]))
-        return _merge(answers, len(msg_ids))
+        return self._transition(msg_ids, attempts, token, "c", 0)
 
     def lookup(self, msg_id: str) -> ClaimRecord | None:
         try:
@@ -239,6 +211,17 @@ return table.concat(released)
             self.client.close()
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _transition(self, msg_ids: Sequence[str], attempts: Sequence[int], token: str,
+                    target: str, ttl_ms: int) -> list[bool]:
+        """Run FINISH_SCRIPT per hash tag: ``target`` "d" marks done, "c" releases."""
+        answers = []
+        for keys, positions in self._groups(msg_ids):
+            chosen = attempts if positions is None else [attempts[i] for i in positions]
+            reply = self._run(self._finish, keys,
+                              [token, target, ttl_ms, ",".join(map(str, chosen))])
+            answers.append((positions, [flag == _ONE for flag in reply]))
+        return _merge(answers, len(msg_ids))
 
     def _groups(self, msg_ids: Sequence[str]) -> list[tuple[list[bytes], list[int] | None]]:
         """The record keys per hash tag, with their positions in ``msg_ids``.
