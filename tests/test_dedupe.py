@@ -207,7 +207,7 @@ def test_effectively_once_batch_marks_the_good_done_and_releases_the_failed(stor
 def test_effectively_once_without_release_retries_only_after_the_lease(store):
     handler = Recorder()
     handler.fail_on.add("m")
-    dedupe = Deduplicator(handler, store, ttl=60, mode="effectively_once", lease=0.3,
+    dedupe = Deduplicator(handler, store, ttl=60, mode="effectively_once", lease=1.0,
                           release_on_failure=False)
     assert dedupe.process_message("m", {}).status is DedupeStatus.FAILED
     handler.fail_on.clear()
@@ -294,7 +294,7 @@ def test_fingerprints_beyond_int64_round_trip(store):
 @pytest.mark.parametrize("mode", MODES)
 def test_an_id_gets_through_again_after_its_ttl(store, mode):
     handler = Recorder()
-    dedupe = Deduplicator(handler, store, ttl=0.3, lease=0.3, mode=mode)
+    dedupe = Deduplicator(handler, store, ttl=1.0, lease=1.0, mode=mode)
     assert dedupe.process_message("m", {})
     assert dedupe.process_message("m", {}).status is DedupeStatus.DUPLICATE
     again = wait_until(lambda: dedupe.process_message("m", {}) or None, timeout=10,
