@@ -225,9 +225,10 @@ class Deduplicator:
         self.release_on_failure = release_on_failure
         self._effectively_once = mode == "effectively_once"
         self._ttl_ms = max(1, round(self.ttl * 1000))
-        # at_most_once: the claim is the final record, so its lease is the whole TTL.
+        # at_most_once: a claim is final and is never taken over; only its expiry frees the
+        # id.  A lease that outlives the record (2 x TTL) says so in the store's own terms.
         self._lease_ms = max(1, round(self.lease * 1000)) if self._effectively_once \
-            else self._ttl_ms
+            else 2 * self._ttl_ms
         self._counts_lock = threading.Lock()
         self._counts = {status.value: 0 for status in DedupeStatus}
         self._counts.update(fenced=0, takeovers=0, store_calls=0)
