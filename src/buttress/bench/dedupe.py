@@ -13,7 +13,8 @@ Side by side on the same Redis and the same disk, fresh ids every repeat:
 
 The Deduplicator's figures include everything it does per message: id
 checks, the payload fingerprint (canonical JSON + XXH64), the claim, a no-op
-handler call and the result objects.
+handler call and the result objects.  A "store.claim alone" row shows the
+store's share: the same claim call with ids and fingerprints precomputed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import uuid
 from typing import Any
 
 from buttress.bench import BenchSession
-from buttress.dedupe import Deduplicator, RedisStore, SQLiteStore
+from buttress.dedupe import DedupeStore, Deduplicator, RedisStore, SQLiteStore, fingerprint
 
 ORDER = 40
 
@@ -36,6 +37,7 @@ PIPELINE = "redis-py pipeline SET NX PX"
 BARE_SET = "one SET NX PX round trip"
 RAW_INSERT = "executemany INSERT OR IGNORE, 1 txn"
 EFFECTIVELY_ONCE = "buttress effectively_once"
+CLAIM_ALONE = "store.claim alone"
 TTL = 300.0  # seconds: every key the suite writes expires by itself
 
 
@@ -52,6 +54,23 @@ def insert_or_ignore(conn: sqlite3.Connection, msgs: list[tuple[str, Any]]) -> N
         "lease_until, expires_at) VALUES (?, 0, 0, '', 1, ?, ?)",
         [(msg_id, expires_at, expires_at) for msg_id, _ in msgs])
     conn.execute("COMMIT")
+
+
+def _claim_inputs(messages: Any, count: int) -> Any:
+    """Setup for a bare ``store.claim``: fresh ids and their fingerprints (untimed)."""
+    def setup() -> tuple[list[str], list[int]]:
+        msgs = messages(count)
+        return [msg_id for msg_id, _ in msgs], [fingerprint(payload) for _, payload in msgs]
+    return setup
+
+
+def _claim_alone(store: DedupeStore) -> Any:
+    """The store's share of process_batch: one claim call, no fingerprints, no handler."""
+    def work(prepared: tuple[list[str], list[int]]) -> None:
+        ids, fingerprints = prepared
+        store.claim(ids, fingerprints, token=uuid.uuid4().hex[:16], lease_ms=int(TTL * 2000),
+                    ttl_ms=int(TTL * 1000))
+    return work
 
 
 def register(session: BenchSession) -> None:
@@ -92,6 +111,8 @@ def _redis_cases(session: BenchSession, run: str, batch: int, singles: int,
     case.add(EFFECTIVELY_ONCE, effectively_once.process_batch, items=batch,
              setup=lambda: messages(batch), note="claim + done: 2 script calls")
     case.add(PIPELINE, pipeline, items=batch, setup=lambda: messages(batch))
+    case.add(CLAIM_ALONE, _claim_alone(store), items=batch,
+             setup=_claim_inputs(messages, batch), note="ids, fingerprints precomputed")
     case.target("buttress", PIPELINE, min_speedup=2.0)
     case.target(EFFECTIVELY_ONCE, PIPELINE, min_speedup=2.0)
 
@@ -155,4 +176,15 @@ def _sqlite_case(session: BenchSession, batch: int, messages: Any) -> None:
     case.add(EFFECTIVELY_ONCE, process, items=batch, setup=dedupe_setup("effectively_once"),
              note="claim + done: 2 transactions")
     case.add(RAW_INSERT, raw_insert, items=batch, setup=raw_setup)
+
+    def claim_setup() -> tuple[SQLiteStore, list[str], list[int]]:
+        return (SQLiteStore(new_path(), sweep_every=None), *_claim_inputs(messages, batch)())
+
+    def claim_alone(prepared: tuple[SQLiteStore, list[str], list[int]]) -> None:
+        store, ids, fingerprints = prepared
+        _claim_alone(store)((ids, fingerprints))
+        store.close()
+
+    case.add(CLAIM_ALONE, claim_alone, items=batch, setup=claim_setup,
+             note="ids, fingerprints precomputed")
     case.target("buttress", RAW_INSERT, max_ratio=1.5)
