@@ -280,6 +280,9 @@ def test_store_transitions_are_owner_checked(store):
     record = store.lookup("x")
     assert record == ClaimRecord("x", "claimed", 2, 1, "owner-c", record.lease_until_ms)
     assert store.lookup("never") is None
+    assert store.claim([], [], token="d", lease_ms=1, ttl_ms=1) == []
+    assert store.complete([], [], token="d", ttl_ms=1) == []
+    assert store.release([], [], token="d") == []
 
 
 def test_fingerprints_beyond_int64_round_trip(store):

@@ -226,10 +226,13 @@ return table.concat(applied)
     def _groups(self, msg_ids: Sequence[str]) -> list[tuple[list[bytes], list[int] | None]]:
         """The record keys per hash tag, with their positions in ``msg_ids``.
 
-        With one partition (the usual case) that is one group, positions None.
+        With one partition (the usual case) that is one group, positions None;
+        no ids, no groups (and no script call).
         Keys go to redis-py as bytes: it sends bytes as they are, and encoding
         here is cheaper than its per-argument type checks.
         """
+        if not msg_ids:
+            return []
         if self.partitions == 1:
             prefix = self._prefix
             return [([prefix + msg_id.encode() for msg_id in msg_ids], None)]

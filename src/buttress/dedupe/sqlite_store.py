@@ -131,7 +131,11 @@ class SQLiteStore:
         codes = self._write(transaction)
         if self.sweep_every is not None and time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + self.sweep_every
-            self.sweep(budget=self.sweep_budget)
+            try:
+                self.sweep(budget=self.sweep_budget)
+            except StoreUnavailable as exc:
+                # The claims are committed: a failed cleanup must not make them look lost.
+                logger.warning("automatic sweep of %s failed, will retry: %s", self.path, exc)
         return codes
 
     def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
