@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 import threading
+import uuid
 from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from buttress import DedupeResult, DedupeStatus, Deduplicator, RedisStore, SQLiteStore
 from buttress.dedupe import ClaimRecord, DedupeStore, fingerprint
@@ -113,23 +116,35 @@ def test_batch_claims_in_one_store_call_and_keeps_input_order(store, mode):
     handler = Recorder()
     dedupe = Deduplicator(handler, store, mode=mode, ttl=60)
     assert dedupe.process_message("seen", 1)
+    assert dedupe.process_message("other", 1)
     calls_before = dedupe.stats()["store_calls"]
-    results = dedupe.process_batch([
-        ("a", {"n": 1}), ("seen", 1), ("b", {"n": 2}), ("a", {"n": 1}), ("seen", 2),
-        ("b", {"n": 3}), ("c", [1, "x", None]),
-    ])
+    results = dedupe.process_batch([("a", {"n": 1}), ("seen", 1), ("b", {"n": 2}),
+                                    ("c", [1, "x", None]), ("other", 2)])
     assert [(r.msg_id, r.status) for r in results] == [
         ("a", DedupeStatus.PROCESSED), ("seen", DedupeStatus.DUPLICATE),
-        ("b", DedupeStatus.PROCESSED), ("a", DedupeStatus.DUPLICATE),
-        ("seen", DedupeStatus.CONFLICT), ("b", DedupeStatus.CONFLICT),
-        ("c", DedupeStatus.PROCESSED),
+        ("b", DedupeStatus.PROCESSED), ("c", DedupeStatus.PROCESSED),
+        ("other", DedupeStatus.CONFLICT),
     ]
-    assert [bool(r) for r in results] == [True, False, True, False, False, False, True]
-    assert handler.ids() == ["seen", "a", "b", "c"]
+    assert [bool(r) for r in results] == [True, False, True, True, False]
+    assert handler.ids() == ["seen", "other", "a", "b", "c"]
     # One claim call; effectively_once adds one done write for the whole batch.
     expected_calls = 1 if mode == "at_most_once" else 2
     assert dedupe.stats()["store_calls"] - calls_before == expected_calls
     assert dedupe.process_batch([]) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_copies_within_a_batch_are_seen_as_redeliveries(store, mode):
+    handler = Recorder()
+    handler.fail_on.add("f")
+    dedupe = Deduplicator(handler, store, mode=mode, ttl=60)
+    results = dedupe.process_batch([("a", 1), ("b", 1), ("a", 1), ("b", 2), ("a", 2),
+                                    ("f", 0), ("f", 0)])
+    retried = DedupeStatus.FAILED if mode == "effectively_once" else DedupeStatus.DUPLICATE
+    assert [r.status for r in results] == [
+        DedupeStatus.PROCESSED, DedupeStatus.PROCESSED, DedupeStatus.DUPLICATE,
+        DedupeStatus.CONFLICT, DedupeStatus.CONFLICT, DedupeStatus.FAILED, retried]
+    assert handler.ids().count("a") == 1 and handler.ids().count("b") == 1
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -432,3 +447,40 @@ def test_result_is_a_small_frozen_value():
     assert DedupeResult("m", DedupeStatus.FAILED).handler_ran
     for status in (DedupeStatus.DUPLICATE, DedupeStatus.IN_PROGRESS, DedupeStatus.CONFLICT):
         assert not DedupeResult("m", status) and not DedupeResult("m", status).handler_ran
+
+
+# -- a property: any stream of deliveries, in any batching, against a plain dict model --------
+
+deliveries = st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 2)), max_size=40)
+batchings = st.lists(st.integers(1, 8), min_size=1, max_size=10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=deliveries, sizes=batchings)
+def test_any_delivery_stream_matches_the_first_seen_model(make_store, mode, stream, sizes):
+    handler = Recorder()
+    namespace = f"prop-{uuid.uuid4().hex}"  # a fresh id space per example on the same store
+    dedupe = Deduplicator(handler, make_store(), ttl=60, mode=mode)
+    messages = [(f"{namespace}:{key}", {"version": version}) for key, version in stream]
+    results: list[DedupeResult] = []
+    position, turn = 0, 0
+    while position < len(messages):
+        size = sizes[turn % len(sizes)]
+        chunk = messages[position:position + size]
+        results += (dedupe.process_batch(chunk) if size > 1
+                    else [dedupe.process_message(*chunk[0])])
+        position, turn = position + size, turn + 1
+
+    first_payload: dict[str, Any] = {}
+    expected = []
+    for msg_id, payload in messages:
+        if msg_id not in first_payload:
+            first_payload[msg_id] = payload
+            expected.append(DedupeStatus.PROCESSED)
+        elif first_payload[msg_id] == payload:
+            expected.append(DedupeStatus.DUPLICATE)
+        else:
+            expected.append(DedupeStatus.CONFLICT)
+    assert [r.status for r in results] == expected
+    assert handler.ids() == list(first_payload)

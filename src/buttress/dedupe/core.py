@@ -261,8 +261,9 @@ class Deduplicator:
         """Claim many ``(msg_id, payload)`` messages in one store call, then run the handler.
 
         Results come back in input order.  An id repeated within the batch is
-        handled at most once: its later copies are duplicates (or conflicts, if
-        their payload differs).  In effectively_once, the done writes for the
+        treated as redelivered after its first copy: a later copy is a duplicate
+        (a conflict if its payload differs), at the cost of one more claim call
+        per extra copy.  In effectively_once, the done writes for the
         whole batch are one more store call after the handlers, so a crash
         mid-batch leaves the batch's handled messages to be retried after the lease.
         """
@@ -283,22 +284,22 @@ class Deduplicator:
             return []
         if len(set(ids)) == len(ids):
             return self._process(ids, payloads, fingerprints)
-        first: dict[str, int] = {}
+        # An id repeated within the batch: its copies go in rounds, one claim call each, so
+        # every copy meets the store as a later redelivery would (done, released, conflict).
+        rounds: list[list[int]] = []
+        copies: Counter[str] = Counter()
         for position, msg_id in enumerate(ids):
-            first.setdefault(msg_id, position)
-        unique = sorted(first.values())
-        results = self._process([ids[i] for i in unique], [payloads[i] for i in unique],
-                                [fingerprints[i] for i in unique])
-        by_position = dict(zip(unique, results, strict=True))
-        repeats = Counter[str]()
-        for position, msg_id in enumerate(ids):
-            if position not in by_position:
-                same = fingerprints[position] == fingerprints[first[msg_id]]
-                status = DedupeStatus.DUPLICATE if same else DedupeStatus.CONFLICT
-                by_position[position] = DedupeResult(msg_id, status)
-                repeats[status.value] += 1
-        self._bump(**repeats)
-        return [by_position[position] for position in range(len(ids))]
+            if copies[msg_id] == len(rounds):
+                rounds.append([])
+            rounds[copies[msg_id]].append(position)
+            copies[msg_id] += 1
+        results: list[DedupeResult | None] = [None] * len(ids)
+        for positions in rounds:
+            done = self._process([ids[i] for i in positions], [payloads[i] for i in positions],
+                                 [fingerprints[i] for i in positions])
+            for position, result in zip(positions, done, strict=True):
+                results[position] = result
+        return results  # type: ignore[return-value]  # every position is filled
 
     def lookup(self, msg_id: str) -> ClaimRecord | None:
         """The store's live record for ``msg_id`` (None if unknown or expired)."""
