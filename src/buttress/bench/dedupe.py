@@ -85,15 +85,23 @@ def register(session: BenchSession) -> None:
         return [(f"order-{base}-{i}", {"order": i, "amount": 12.5, "currency": "EUR"})
                 for i in range(count)]
 
-    _redis_cases(session, run, batch, singles, messages)
+    redis = session.peer("redis")
+    url, reason = None, "redis-py is not installed (the redis extra)"
+    if redis is not None:
+        try:
+            url = session.redis_url()
+        except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+            reason = f"no Redis to run against: {exc}"
+    if redis is None or url is None:
+        for name in ("Redis process_batch", "Redis process_message"):
+            session.case("dedupe", name, unit="msg").skip("buttress", reason)
+    else:
+        _redis_cases(session, redis.Redis.from_url(url), run, batch, singles, messages)
     _sqlite_case(session, batch, messages)
 
 
-def _redis_cases(session: BenchSession, run: str, batch: int, singles: int,
+def _redis_cases(session: BenchSession, client: Any, run: str, batch: int, singles: int,
                  messages: Any) -> None:
-    import redis
-
-    client = redis.Redis.from_url(session.redis_url())
     store = RedisStore(client, namespace=f"bench:dedupe:{run}")
     at_most_once = Deduplicator(_no_op, store, ttl=TTL)
     effectively_once = Deduplicator(_no_op, store, ttl=TTL, mode="effectively_once", lease=30)
