@@ -185,8 +185,9 @@ class Deduplicator:
     holds a message; ``release_on_failure`` (effectively_once only, default
     True) makes a failed message retryable at once.
 
-    The store being unreachable raises :class:`~buttress.StoreUnavailable`
-    before any handler runs.  If it becomes unreachable between the handler
+    One Deduplicator may be shared by threads; processes each make their own
+    (with their own store object).  The store being unreachable raises
+    :class:`~buttress.StoreUnavailable` before any handler runs.  If it becomes unreachable between the handler
     and the done write (effectively_once), StoreUnavailable is raised too:
     do not acknowledge the message; its lease will lapse and it will be retried.
     """
