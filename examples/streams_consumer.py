@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from buttress import DedupeStatus, Deduplicator, RedisStore
+from buttress import DedupeStatus, Deduplicator, RedisStore, StoreUnavailable
 from buttress.testing import redis_url
 
 STREAM = "examples:orders"
@@ -97,12 +97,15 @@ def consume(dedupe: Deduplicator, client: redis.Redis, consumer: str, *, batch: 
         # Entries another consumer read but never acknowledged (it crashed, or stalled).
         cursor, claimed, *_ = client.xautoclaim(STREAM, GROUP, consumer, claim_idle_ms,
                                                 start_id=cursor, count=batch)
-        if claimed:
-            outcomes.update(handle_entries(dedupe, client, claimed))
-            continue
-        fresh = client.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=batch, block=100)
-        if fresh:
-            outcomes.update(handle_entries(dedupe, client, fresh[0][1]))
+        entries = claimed or (client.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=batch,
+                                                block=100) or [[None, []]])[0][1]
+        if entries:
+            try:
+                outcomes.update(handle_entries(dedupe, client, entries))
+            except StoreUnavailable as exc:
+                # Nothing was acknowledged: the entries stay pending and come back later.
+                logging.getLogger("examples.streams").warning("dedupe store down: %s", exc)
+                time.sleep(1.0)
             continue
         if client.xpending(STREAM, GROUP)["pending"] == 0:
             break  # drained: nothing new and nothing pending

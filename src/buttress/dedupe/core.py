@@ -187,9 +187,10 @@ class Deduplicator:
 
     One Deduplicator may be shared by threads; processes each make their own
     (with their own store object).  The store being unreachable raises
-    :class:`~buttress.StoreUnavailable` before any handler runs.  If it becomes unreachable between the handler
-    and the done write (effectively_once), StoreUnavailable is raised too:
-    do not acknowledge the message; its lease will lapse and it will be retried.
+    :class:`~buttress.StoreUnavailable` before any handler runs.  If it becomes
+    unreachable between the handler and the done write (effectively_once),
+    StoreUnavailable is raised too: do not acknowledge the message; its lease
+    will lapse and it will be retried.
     """
 
     def __init__(
