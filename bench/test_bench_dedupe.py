@@ -20,7 +20,7 @@ from buttress import Deduplicator, RedisStore, SQLiteStore
 from buttress.bench.dedupe import insert_or_ignore
 from buttress.testing import redis_url
 
-BATCH = 5_000
+BATCH = 1_000
 TTL = 300.0
 _fresh = itertools.count()
 
