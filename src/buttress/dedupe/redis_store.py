@@ -48,7 +48,8 @@ def _merge(answers: list[tuple[list[int] | None, list[T]]], size: int) -> list[T
 
 
 class RedisStore:
-    """Claim records in Redis (any redis-py ``Redis`` client, bytes or decoded responses).
+    """Claim records in Redis (a redis-py ``Redis`` or ``RedisCluster`` client, bytes or
+    decoded responses).
 
     ``namespace`` prefixes every key; ``partitions`` (default 1) spreads keys
     over that many hash tags for Redis Cluster.  Connection failures raise
