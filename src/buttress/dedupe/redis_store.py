@@ -48,9 +48,10 @@ def _merge(answers: list[tuple[list[int] | None, list[T]]], size: int) -> list[T
 
 
 class RedisStore:
-    """Claim records in Redis (a redis-py ``Redis`` or ``RedisCluster`` client, bytes or
-    decoded responses).
+    """Claim records in Redis, for consumers on many machines.
 
+    ``client`` is a redis-py ``Redis`` or ``RedisCluster`` (bytes or decoded
+    responses).
     ``namespace`` prefixes every key; ``partitions`` (default 1) spreads keys
     over that many hash tags for Redis Cluster.  Connection failures raise
     :class:`~buttress.StoreUnavailable`.
