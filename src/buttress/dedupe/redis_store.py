@@ -141,8 +141,10 @@ return table.concat(applied)
         self.client = client
         self.namespace = namespace
         self.partitions = partitions
+        # The server cannot take writes now; anything else (a script error) is a bug to see.
         self._unavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                             redis.exceptions.ReadOnlyError)
+                             redis.exceptions.ReadOnlyError, redis.exceptions.ClusterError,
+                             redis.exceptions.TryAgainError)
         self._claim = client.register_script(self.CLAIM_SCRIPT)
         self._finish = client.register_script(self.FINISH_SCRIPT)
         self._script_calls = 0
