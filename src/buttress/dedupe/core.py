@@ -36,7 +36,8 @@ The race between two consumers A and B on the same id, step by step:
    A's token and attempt 1.
 4. B's claim finds A's record.  Same fingerprint: B gets ``duplicate`` (done,
    or any claim in at_most_once) or ``in_progress`` (A's lease is live);
-   another fingerprint: ``conflict``.  B does not run the handler and can ack.
+   another fingerprint: ``conflict``.  B does not run the handler; it may ack
+   a duplicate, but leaves an in-progress message to be redelivered (A may die).
 5. A runs the handler.  In at_most_once that is all.  In effectively_once A
    then marks ``m`` done, but only if the record still carries A's token at
    attempt 1.
