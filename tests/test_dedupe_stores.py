@@ -237,6 +237,22 @@ def test_a_redis_outage_is_store_unavailable_and_recovery_needs_nothing(unique_n
 
 
 @pytest.mark.slow
+def test_claims_survive_a_redis_restart_with_aof_and_vanish_without(unique_name):
+    """Durability is Redis's: with appendfsync always a SIGKILL loses nothing; without, all."""
+    ids = [f"m-{i}" for i in range(50)]
+    for config, survives in [({"appendonly": "yes", "appendfsync": "always"}, True), ({}, False)]:
+        with RedisServer(persistence=bool(config), config=config) as server:
+            store = RedisStore.from_url(server.url, namespace=unique_name)
+            dedupe = Deduplicator(no_op, store, ttl=600, mode="effectively_once")
+            assert all(dedupe.process_batch([(i, {}) for i in ids]))
+            server.restart()  # SIGKILL and start again on the same port
+            again = dedupe.process_batch([(i, {}) for i in ids])
+            expected = DedupeStatus.DUPLICATE if survives else DedupeStatus.PROCESSED
+            assert {r.status for r in again} == {expected}
+            store.close()
+
+
+@pytest.mark.slow
 def test_redis_lost_between_handler_and_done_write_raises_after_the_handler(unique_name):
     """effectively_once: the handler ran but nothing recorded it; the caller must not ack."""
     with RedisServer() as server:
