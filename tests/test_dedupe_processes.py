@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from conftest import wait_until
+
 HERE = Path(__file__).resolve()
 MODES = ["at_most_once", "effectively_once"]
 
@@ -49,14 +51,6 @@ def read_log(log: Path) -> tuple[list[str], list[str]]:
             kind, _, msg_id = line.partition(" ")
             (ran if kind == "ran" else done).append(msg_id)
     return ran, done
-
-
-def wait_for(condition: Any, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(0.02)
 
 
 def finish(process: subprocess.Popen[bytes], timeout: float = 90) -> None:
@@ -97,8 +91,8 @@ def test_eight_consumers_racing_on_the_same_20k_ids_handle_each_exactly_once(
         random.Random(n).shuffle(order)  # each gets every id, in its own order
         consumers.append(start_consumer(tmp_path, f"c{n}", store_spec, order, mode=mode,
                                         batch=500, lease=60))
-    wait_for(lambda: all((tmp_path / f"c{n}.ready").exists() for n in range(8)), 60,
-             "8 consumers to be ready")
+    wait_until(lambda: all((tmp_path / f"c{n}.ready").exists() for n in range(8)), 60,
+               message="8 consumers to be ready")
     (tmp_path / "go").touch()  # all start together, so they race on every id
     for process, _ in consumers:
         finish(process)
@@ -118,7 +112,8 @@ def test_kill_9_mid_batch_at_most_once_never_runs_an_id_twice(tmp_path, store_sp
     victim, victim_log = start_consumer(tmp_path, "victim", store_spec, ids,
                                         mode="at_most_once", batch=300, stick_after=40)
     (tmp_path / "go").touch()
-    wait_for(lambda: len(read_log(victim_log)[0]) > 40, 60, "the victim to be stuck mid-batch")
+    wait_until(lambda: len(read_log(victim_log)[0]) > 40, 60,
+               message="the victim to be stuck mid-batch")
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate(timeout=30)
     assert victim.returncode == -signal.SIGKILL
@@ -143,7 +138,8 @@ def test_kill_9_mid_batch_effectively_once_others_complete_it_after_the_lease(
                                         mode="effectively_once", batch=300, lease=lease,
                                         stick_after=40)
     (tmp_path / "go").touch()
-    wait_for(lambda: len(read_log(victim_log)[0]) > 40, 60, "the victim to be stuck mid-batch")
+    wait_until(lambda: len(read_log(victim_log)[0]) > 40, 60,
+               message="the victim to be stuck mid-batch")
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate(timeout=30)
 
