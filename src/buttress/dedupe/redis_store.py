@@ -18,6 +18,7 @@ N slots; a batch then costs one script call per partition it touches.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -176,9 +177,10 @@ return table.concat(applied)
         answers = []
         for keys, positions in self._groups(msg_ids):
             chosen = fingerprints if positions is None else [fingerprints[i] for i in positions]
-            packed = "".join([f"{fp:016x}" for fp in chosen])
+            # 16 hex digits per fingerprint, big-endian: what f"{fp:016x}" gives, at C speed.
+            packed = struct.pack(f">{len(chosen)}Q", *chosen).hex()
             reply = self._run(self._claim, keys, [token, lease_ms, ttl_ms, packed])
-            answers.append((positions, [int(code) for code in reply.split(b",")]))
+            answers.append((positions, list(map(int, reply.split(b",")))))
         return _merge(answers, len(msg_ids))
 
     def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
