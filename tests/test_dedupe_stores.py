@@ -6,6 +6,7 @@ import multiprocessing
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,51 @@ def test_the_store_sweeps_by_itself_every_sweep_every_seconds(tmp_path):
     wait_until(claim_and_check, 10, interval=0.02, message="an automatic sweep")
     assert rows() < 100
     conn.close()
+
+
+@pytest.mark.slow
+def test_only_the_elected_instance_sweeps(tmp_path, redis_client, unique_name):
+    """The docs' pattern: stores without automatic sweeps, a sweeper gated by leadership."""
+    from buttress import LeaderElection, LeaderElector
+
+    path = tmp_path / "d.db"
+    # Ten rows per sweep call, so two ungated sweepers would both delete some.
+    stores = [SQLiteStore(path, sweep_every=None, sweep_batch=10) for _ in range(2)]
+    stop = threading.Event()
+    electors, threads, terms = [], [], []
+    for n, store in enumerate(stores):
+        leading = threading.Event()
+
+        def sweeper(store: SQLiteStore = store, leading: threading.Event = leading) -> None:
+            while not stop.is_set():
+                if leading.wait(0.02):
+                    store.sweep(budget=1e-9)  # one batch per call
+                    stop.wait(0.01)
+
+        threads.append(threading.Thread(target=sweeper, daemon=True))
+        threads[-1].start()
+        # A short ttl: a new election waits one ttl before anyone may win.
+        election = LeaderElection(redis_client, unique_name, ttl_ms=1_000)
+        electors.append(LeaderElector(election, f"pod-{n}",
+                                      on_elected=lambda token, gate=leading: (
+                                          terms.append(token), gate.set()),
+                                      on_lost=lambda _token, gate=leading: gate.clear()))
+        electors[-1].start()
+    try:
+        wait_until(lambda: terms, 30, message="an instance to be elected")
+        stores[0].claim([f"old-{i}" for i in range(200)], [1] * 200, token="a", lease_ms=1,
+                        ttl_ms=1)
+        wait_until(lambda: sum(s.stats()["swept"] for s in stores) == 200, 30,
+                   message="the leader to sweep the expired rows")
+    finally:
+        stop.set()
+        for elector in electors:
+            elector.stop()
+        for thread in threads:
+            thread.join(5)
+    swept = sorted(s.stats()["swept"] for s in stores)
+    if len(terms) == 1:  # one term (leadership may move on a badly loaded machine)
+        assert swept == [0, 200]  # one instance swept it all
 
 
 def _claim_in_child(store: SQLiteStore, queue: Any) -> None:
