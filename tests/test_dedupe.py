@@ -396,6 +396,21 @@ def test_fingerprint_is_xxh64_of_canonical_json():
     assert fingerprint({"a": {"é": "☃"}, "b": [1, 2.5, None, True]}) == fingerprint(payload)
 
 
+def test_the_portable_encoder_gives_the_same_json_as_the_fast_one(monkeypatch):
+    """Without json's C encoder (other Pythons), fingerprints must not change."""
+    from json import encoder as json_encoder
+
+    from buttress.dedupe import core
+
+    fast = core._make_canonical_encode()
+    monkeypatch.setattr(json_encoder, "c_make_encoder", None)
+    portable = core._make_canonical_encode()
+    assert portable is not fast
+    for payload in [{"b": [1, 2.5, None, True], "a": {"é": "☃"}}, "text", 7, [], {"k": -0.0},
+                    {"nested": [{"z": 1, "y": [1e300, -1e-300]}]}]:
+        assert "".join(portable(payload, 0)) == "".join(fast(payload, 0))
+
+
 def test_an_unreachable_store_raises_store_unavailable_and_runs_nothing(unreachable_store):
     handler = Recorder()
     for mode in MODES:

@@ -77,45 +77,6 @@ MAX_ID_BYTES = 512  # longer ids are refused: they bloat every key and index ent
 MODES = ("at_most_once", "effectively_once")
 _SHORT_ID = MAX_ID_BYTES // 4  # a str this short is within MAX_ID_BYTES in any encoding
 
-# Canonical JSON: sorted keys, no whitespace, UTF-8 text as is, no NaN/Infinity.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                              allow_nan=False)
-
-
-def _make_canonical_encode() -> Callable[[Any, int], list[str]]:
-    """The fastest correct canonical encoder this Python offers: ``encode(payload, 0)``.
-
-    ``JSONEncoder.encode`` builds a C encoder per call; building it once halves
-    the cost, which matters at one fingerprint per message.  The C encoder is an
-    implementation detail of ``json``, so it is used only if present and if it
-    agrees with ``JSONEncoder`` on a probe.  Without circular-reference markers
-    a cyclic payload ends in RecursionError, which ``fingerprint`` reports.
-    The second argument (the C encoder's indent level, always 0) is passed
-    positionally: a keyword or a wrapper would cost a fifth of the encoding.
-    """
-    from json import encoder as json_encoder
-
-    make = getattr(json_encoder, "c_make_encoder", None)
-    quote = getattr(json_encoder, "c_encode_basestring", None)
-
-    def portable(payload: Any, _level: int) -> list[str]:
-        return [_CANONICAL.encode(payload)]
-
-    if make is None or quote is None:
-        return portable
-    try:
-        iterencode = make(None, _CANONICAL.default, quote, None, ":", ",", True, False, False)
-        probe = {"b": [1, 2.5, None, True], "a": {"é": "x"}, "c": "\u2603"}
-        if "".join(iterencode(probe, 0)) != _CANONICAL.encode(probe):
-            return portable
-    except (TypeError, ValueError):
-        return portable
-    return iterencode
-
-
-_canonical_chunks = _make_canonical_encode()
-
-
 class DedupeStatus(enum.Enum):
     """What happened to one message."""
 
@@ -440,3 +401,42 @@ def _positive_seconds(name: str, value: object) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
     return float(value)
+
+
+# Canonical JSON: sorted keys, no whitespace, UTF-8 text as is, no NaN/Infinity.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
+
+
+def _make_canonical_encode() -> Callable[[Any, int], list[str]]:
+    """The fastest correct canonical encoder this Python offers: ``encode(payload, 0)``.
+
+    ``JSONEncoder.encode`` builds a C encoder per call; building it once halves
+    the cost, which matters at one fingerprint per message.  The C encoder is an
+    implementation detail of ``json``, so it is used only if present and if it
+    agrees with ``JSONEncoder`` on a probe.  Without circular-reference markers
+    a cyclic payload ends in RecursionError, which ``fingerprint`` reports.
+    The second argument (the C encoder's indent level, always 0) is passed
+    positionally: a keyword or a wrapper would cost a fifth of the encoding.
+    """
+    from json import encoder as json_encoder
+
+    make = getattr(json_encoder, "c_make_encoder", None)
+    quote = getattr(json_encoder, "c_encode_basestring", None)
+
+    def portable(payload: Any, _level: int) -> list[str]:
+        return [_CANONICAL.encode(payload)]
+
+    if make is None or quote is None:
+        return portable
+    try:
+        iterencode = make(None, _CANONICAL.default, quote, None, ":", ",", True, False, False)
+        probe = {"b": [1, 2.5, None, True], "a": {"é": "x"}, "c": "\u2603"}
+        if "".join(iterencode(probe, 0)) != _CANONICAL.encode(probe):
+            return portable
+    except (TypeError, ValueError):
+        return portable
+    return iterencode
+
+
+_canonical_chunks = _make_canonical_encode()
