@@ -38,6 +38,12 @@ _LAZY: dict[str, str] = {
     "ShutdownBudget": "buttress.shutdown",
     "serve_wsgi": "buttress.shutdown",
     "serve_asgi": "buttress.shutdown",
+    # consumer-side message dedupe
+    "Deduplicator": "buttress.dedupe",
+    "DedupeResult": "buttress.dedupe",
+    "DedupeStatus": "buttress.dedupe",
+    "SQLiteStore": "buttress.dedupe",
+    "RedisStore": "buttress.dedupe",
 }
 
 __all__ = [

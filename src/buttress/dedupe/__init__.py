@@ -1,0 +1,36 @@
+"""Consumer-side message deduplication: each message id handled once, across consumers.
+
+>>> store = SQLiteStore("dedupe.db")                              # doctest: +SKIP
+>>> dedupe = Deduplicator(handle, store, ttl=86400, mode="effectively_once")
+>>> result = dedupe.process_message("order-17", {"amount": 12})
+>>> if result: ...  # the handler ran here; else result.status says why not
+
+:class:`Deduplicator` holds the semantics (modes, fingerprints, the race; read
+``buttress.dedupe.core``); a store does the I/O behind one small interface
+(:class:`~buttress.dedupe.store.DedupeStore`): :class:`SQLiteStore` embedded,
+:class:`RedisStore` for consumers on many machines.  docs/dedupe.md covers
+both modes, the race between consumers and how cleanup scales.
+"""
+
+from buttress.dedupe.core import (
+    MAX_ID_BYTES,
+    DedupeResult,
+    DedupeStatus,
+    Deduplicator,
+    fingerprint,
+)
+from buttress.dedupe.redis_store import RedisStore
+from buttress.dedupe.sqlite_store import SQLiteStore
+from buttress.dedupe.store import ClaimRecord, DedupeStore
+
+__all__ = [
+    "MAX_ID_BYTES",
+    "ClaimRecord",
+    "DedupeResult",
+    "DedupeStatus",
+    "DedupeStore",
+    "Deduplicator",
+    "RedisStore",
+    "SQLiteStore",
+    "fingerprint",
+]
