@@ -1,0 +1,34 @@
+# The C-level contract of buttress._heap: a double-ended priority queue (a
+# min-max heap) over C arrays, holding Python objects.
+from libc.stdint cimport uint64_t
+
+
+cdef struct HeapEntry:
+    double priority       # larger is more important
+    uint64_t seq          # insertion order: among equal priorities, smaller is older
+    Py_ssize_t slot       # index into the slot table (and the items list)
+
+
+cdef class DequeHandle
+
+
+cdef class PriorityDeque:
+    cdef HeapEntry* heap
+    cdef Py_ssize_t* positions    # positions[slot]: heap index, or < 0 when free
+    cdef list objects             # objects[slot]: a Python list, so the GC sees the items
+    cdef Py_ssize_t size
+    cdef Py_ssize_t capacity
+    cdef Py_ssize_t free_head
+    cdef uint64_t next_seq
+
+    cdef void link_free_slots(self, Py_ssize_t start) noexcept
+    cdef int grow(self) except -1
+    cdef object take(self, Py_ssize_t position)
+    cdef Py_ssize_t highest(self) noexcept
+    cpdef bint holds(self, DequeHandle handle)
+
+
+cdef class DequeHandle:
+    cdef readonly PriorityDeque owner
+    cdef Py_ssize_t slot
+    cdef uint64_t seq

@@ -1,0 +1,472 @@
+"""A double-ended priority queue of Python objects: a min-max heap over C arrays.
+
+Order.  Every entry has a key ``(priority, seq)`` where ``seq`` is the
+insertion order.  Larger priority is more important; among equal priorities
+the older entry (smaller ``seq``) is more important.  That is one strict total
+order, so both ends are exact and deterministic:
+
+* ``pop()`` returns the most important item: highest priority, FIFO among equals;
+* ``pop_lowest()`` returns the least important: lowest priority and, among equal
+  lowest, the newest.  Newest is the one to shed: it has waited least, and
+  shedding it keeps FIFO fairness for the rest of its priority class.
+
+Priorities.  ``int`` or ``float`` (numpy integer and floating scalars too);
+``bool`` is refused.  Keys are stored as float64, so an int priority must lie
+within ``[-2**53, 2**53]``, where every int converts exactly; a larger one
+raises ``ValueError`` rather than silently colliding with its neighbours.
+NaN raises ``ValueError``; anything else ``TypeError``.  ``1`` and ``1.0`` are
+the same priority.
+
+Layout.  The heap is an array of ``(priority, seq, slot)`` entries: level 0 holds
+the least important entry, levels alternate min/max, the two children of the
+root hold candidates for the most important.  Items live in a Python list
+indexed by slot (so the garbage collector sees them, cycles included); a slot
+table maps each slot to its heap position, which makes ``remove(handle)``
+O(log n).  A handle is valid while its entry is queued: the slot's ``seq`` must
+match, so a stale handle (popped, removed, cleared) is refused with
+``ValueError`` and can never remove another item.
+
+Not locked: the GIL makes each call atomic; callers sharing a deque across
+threads (the scheduler) hold their own lock around sequences of calls.
+"""
+
+cimport cython
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc, realloc
+
+import numbers
+import operator
+
+cdef extern from *:
+    """
+    /* The descendants two levels down, that the next trickle-down step reads:
+       fetching them while this step compares halves the cache misses of a pop
+       from a large heap. */
+    static inline void buttress_prefetch_range(const char *base, Py_ssize_t first,
+                                               Py_ssize_t last, Py_ssize_t n, size_t entry) {
+        if (first >= n) return;
+        if (last >= n) last = n - 1;
+        for (const char *p = base + first * entry; p <= base + last * entry + entry - 1; p += 64)
+            __builtin_prefetch(p);
+    }
+    static inline void buttress_prefetch_step(const void *heap, Py_ssize_t i,
+                                              Py_ssize_t n, size_t entry) {
+        /* children and grandchildren of i's grandchildren */
+        buttress_prefetch_range((const char *)heap, 8 * i + 7, 8 * i + 14, n, entry);
+        buttress_prefetch_range((const char *)heap, 16 * i + 15, 16 * i + 30, n, entry);
+    }
+    static inline int buttress_heap_level(Py_ssize_t i) {
+        return 63 - __builtin_clzll((unsigned long long)(i + 1));
+    }
+    """
+    int heap_level "buttress_heap_level"(Py_ssize_t i) noexcept nogil
+    void prefetch_step "buttress_prefetch_step"(const void* heap, Py_ssize_t i, Py_ssize_t n,
+                                                size_t entry) noexcept nogil
+
+# Every int of magnitude up to 2**53 is exactly a float64; beyond it they collide.
+cdef long long EXACT_INT_LIMIT = 9007199254740992
+cdef enum:
+    MIN_CAPACITY = 16
+
+
+cdef double _priority_slow(object priority) except? -1.0:
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Real):
+        raise TypeError(
+            f"priority must be an int or a float, got {type(priority).__name__}: {priority!r}")
+    if isinstance(priority, numbers.Integral):
+        return _priority_of_int(operator.index(priority))
+    return _checked_float(float(priority))
+
+
+cdef double _priority_of_int(object priority) except? -1.0:
+    cdef int overflow = 0
+    cdef long long value = PyLong_AsLongLongAndOverflow(priority, &overflow)
+    if overflow or value > EXACT_INT_LIMIT or value < -EXACT_INT_LIMIT:
+        raise ValueError(
+            f"priority {priority} is outside [-2**53, 2**53], the range where int "
+            f"priorities order exactly; scale it down or pass a float")
+    return <double>value
+
+
+cdef inline double _checked_float(double value) except? -1.0:
+    if value != value:
+        raise ValueError("priority must not be NaN")
+    return value
+
+
+cdef inline double as_priority(object priority) except? -1.0:
+    """The float64 key of a priority (exact types first: this is the hot path)."""
+    if type(priority) is float:
+        return _checked_float(PyFloat_AS_DOUBLE(priority))
+    if type(priority) is int:
+        return _priority_of_int(priority)
+    return _priority_slow(priority)
+
+
+cdef inline bint ranks_below(const HeapEntry* a, const HeapEntry* b) noexcept nogil:
+    """Entry ``a`` is less important than entry ``b``."""
+    return a.priority < b.priority or (a.priority == b.priority and a.seq > b.seq)
+
+
+cdef inline bint below(const HeapEntry* heap, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
+    return ranks_below(&heap[i], &heap[j])
+
+
+cdef inline void place(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
+                       HeapEntry entry) noexcept nogil:
+    heap[i] = entry
+    positions[entry.slot] = i
+
+
+cdef inline void swap(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
+                      Py_ssize_t j) noexcept nogil:
+    cdef HeapEntry entry = heap[i]
+    place(heap, positions, i, heap[j])
+    place(heap, positions, j, entry)
+
+
+cdef inline bint on_min_level(Py_ssize_t i) noexcept nogil:
+    return (heap_level(i) & 1) == 0
+
+
+cdef Py_ssize_t bubble_up_min(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i) noexcept nogil:
+    """Move entry ``i`` up the min levels (grandparent by grandparent); return where it ends."""
+    cdef HeapEntry entry = heap[i]
+    cdef Py_ssize_t grandparent
+    while i >= 3:
+        grandparent = (i - 3) >> 2
+        if not ranks_below(&entry, &heap[grandparent]):
+            break
+        place(heap, positions, i, heap[grandparent])
+        i = grandparent
+    place(heap, positions, i, entry)
+    return i
+
+
+cdef Py_ssize_t bubble_up_max(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i) noexcept nogil:
+    cdef HeapEntry entry = heap[i]
+    cdef Py_ssize_t grandparent
+    while i >= 3:
+        grandparent = (i - 3) >> 2
+        if not ranks_below(&heap[grandparent], &entry):
+            break
+        place(heap, positions, i, heap[grandparent])
+        i = grandparent
+    place(heap, positions, i, entry)
+    return i
+
+
+cdef void trickle_down_min(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
+                           Py_ssize_t n) noexcept nogil:
+    """Move entry ``i`` (on a min level) down until its subtree is ordered.
+
+    The entry travels as a hole: entries move into it, it is written once at the end.
+    """
+    cdef HeapEntry entry = heap[i]
+    cdef HeapEntry parent_entry
+    cdef Py_ssize_t child, smallest, k, end, parent
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        prefetch_step(heap, i, n, sizeof(HeapEntry))
+        smallest = child
+        if child + 1 < n and below(heap, child + 1, smallest):
+            smallest = child + 1
+        end = 4 * i + 7 if 4 * i + 7 < n else n
+        for k in range(4 * i + 3, end):
+            if below(heap, k, smallest):
+                smallest = k
+        if not ranks_below(&heap[smallest], &entry):
+            break
+        place(heap, positions, i, heap[smallest])
+        i = smallest
+        if smallest <= child + 1:  # a child: one level down, nothing below to fix
+            break
+        parent = (smallest - 1) >> 1
+        if ranks_below(&heap[parent], &entry):  # the entry outranks a max-level parent
+            parent_entry = heap[parent]
+            place(heap, positions, parent, entry)
+            entry = parent_entry
+    place(heap, positions, i, entry)
+
+
+cdef void trickle_down_max(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
+                           Py_ssize_t n) noexcept nogil:
+    cdef HeapEntry entry = heap[i]
+    cdef HeapEntry parent_entry
+    cdef Py_ssize_t child, largest, k, end, parent
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        prefetch_step(heap, i, n, sizeof(HeapEntry))
+        largest = child
+        if child + 1 < n and below(heap, largest, child + 1):
+            largest = child + 1
+        end = 4 * i + 7 if 4 * i + 7 < n else n
+        for k in range(4 * i + 3, end):
+            if below(heap, largest, k):
+                largest = k
+        if not ranks_below(&entry, &heap[largest]):
+            break
+        place(heap, positions, i, heap[largest])
+        i = largest
+        if largest <= child + 1:
+            break
+        parent = (largest - 1) >> 1
+        if ranks_below(&entry, &heap[parent]):
+            parent_entry = heap[parent]
+            place(heap, positions, parent, entry)
+            entry = parent_entry
+    place(heap, positions, i, entry)
+
+
+cdef void bubble_up(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i) noexcept nogil:
+    """Restore order above a new entry at ``i`` (nothing is below it)."""
+    cdef Py_ssize_t parent
+    if i == 0:
+        return
+    parent = (i - 1) >> 1
+    if on_min_level(i):
+        if below(heap, parent, i):
+            swap(heap, positions, i, parent)
+            bubble_up_max(heap, positions, parent)
+        else:
+            bubble_up_min(heap, positions, i)
+    elif below(heap, i, parent):
+        swap(heap, positions, i, parent)
+        bubble_up_min(heap, positions, parent)
+    else:
+        bubble_up_max(heap, positions, i)
+
+
+cdef void restore(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Restore order around entry ``i`` after it replaced a removed entry.
+
+    The newcomer can be out of order with its parent (then the parent moves
+    down into ``i`` and must trickle down there, the newcomer continues up), with
+    its grandparents (it moves up, and what comes down is already in order), or
+    with its subtree (it trickles down): never more than one of the three.
+    """
+    cdef Py_ssize_t parent
+    if i > 0:
+        parent = (i - 1) >> 1
+        if on_min_level(i):
+            if below(heap, parent, i):
+                swap(heap, positions, i, parent)
+                bubble_up_max(heap, positions, parent)
+                trickle_down_min(heap, positions, i, n)
+                return
+            if bubble_up_min(heap, positions, i) != i:
+                return
+        else:
+            if below(heap, i, parent):
+                swap(heap, positions, i, parent)
+                bubble_up_min(heap, positions, parent)
+                trickle_down_max(heap, positions, i, n)
+                return
+            if bubble_up_max(heap, positions, i) != i:
+                return
+    if on_min_level(i):
+        trickle_down_min(heap, positions, i, n)
+    else:
+        trickle_down_max(heap, positions, i, n)
+
+
+@cython.freelist(256)
+cdef class DequeHandle:
+    """Names one queued entry of a PriorityDeque, for ``remove``; opaque otherwise."""
+
+    def __repr__(self):
+        state = "queued" if self.owner is not None and self.owner.holds(self) else "gone"
+        return f"<DequeHandle seq={self.seq} {state}>"
+
+
+cdef class PriorityDeque:
+    """A double-ended priority queue: ``pop()`` the most, ``pop_lowest()`` the least important.
+
+    ``push(item, priority)`` returns a handle for ``remove``.  Every operation
+    is O(log n) except ``clear`` and ``items`` (O(n)).  See the module docstring
+    for the order and the accepted priorities.
+    """
+
+    def __cinit__(self):
+        self.heap = <HeapEntry*>malloc(MIN_CAPACITY * sizeof(HeapEntry))
+        self.positions = <Py_ssize_t*>malloc(MIN_CAPACITY * sizeof(Py_ssize_t))
+        if self.heap is NULL or self.positions is NULL:
+            raise MemoryError("PriorityDeque: cannot allocate the heap")
+        self.capacity = MIN_CAPACITY
+        self.objects = [None] * MIN_CAPACITY
+        self.size = 0
+        self.next_seq = 0
+        self.free_head = -1
+        self.link_free_slots(0)
+
+    def __init__(self) -> None:
+        pass
+
+    def __dealloc__(self):
+        if self.heap is not NULL:
+            free(self.heap)
+            self.heap = NULL
+        if self.positions is not NULL:
+            free(self.positions)
+            self.positions = NULL
+
+    cdef void link_free_slots(self, Py_ssize_t start) noexcept:
+        """Put slots ``start..capacity-1`` on the free list, lowest first.
+
+        A free slot's position is negative and encodes the next free slot:
+        ``-2 - next`` (so -1 ends the list).
+        """
+        cdef Py_ssize_t s
+        for s in range(self.capacity - 1, start - 1, -1):
+            self.positions[s] = -2 - self.free_head
+            self.free_head = s
+
+    cdef int grow(self) except -1:
+        cdef Py_ssize_t old = self.capacity
+        cdef Py_ssize_t new = old * 2
+        cdef HeapEntry* heap = <HeapEntry*>realloc(self.heap, new * sizeof(HeapEntry))
+        if heap is NULL:
+            raise MemoryError(f"PriorityDeque: cannot grow to {new} entries")
+        self.heap = heap
+        cdef Py_ssize_t* positions = <Py_ssize_t*>realloc(self.positions, new * sizeof(Py_ssize_t))
+        if positions is NULL:
+            raise MemoryError(f"PriorityDeque: cannot grow to {new} entries")
+        self.positions = positions
+        self.objects.extend([None] * (new - old))
+        self.capacity = new
+        self.link_free_slots(old)
+        return 0
+
+    def push(self, item, priority):
+        """Queue ``item`` at ``priority`` (larger is more important); return its handle."""
+        cdef double key = as_priority(priority)
+        if self.size == self.capacity:
+            self.grow()
+        cdef Py_ssize_t slot = self.free_head
+        cdef Py_ssize_t position = self.size
+        cdef uint64_t seq = self.next_seq
+        self.free_head = -2 - self.positions[slot]
+        self.next_seq = seq + 1
+        self.objects[slot] = item
+        self.positions[slot] = position
+        self.heap[position].priority = key
+        self.heap[position].seq = seq
+        self.heap[position].slot = slot
+        self.size = position + 1
+        bubble_up(self.heap, self.positions, position)
+        cdef DequeHandle handle = DequeHandle.__new__(DequeHandle)
+        handle.owner = self
+        handle.slot = slot
+        handle.seq = seq
+        return handle
+
+    cdef Py_ssize_t highest(self) noexcept:
+        """Heap position of the most important entry (the deque is not empty)."""
+        if self.size <= 2:
+            return self.size - 1
+        return 1 if below(self.heap, 2, 1) else 2
+
+    cdef object take(self, Py_ssize_t position):
+        """Remove the entry at ``position`` and return its item."""
+        cdef Py_ssize_t slot = self.heap[position].slot
+        cdef Py_ssize_t last = self.size - 1
+        self.size = last
+        if position != last:
+            place(self.heap, self.positions, position, self.heap[last])
+            restore(self.heap, self.positions, position, last)
+        self.positions[slot] = -2 - self.free_head
+        self.free_head = slot
+        item = self.objects[slot]
+        self.objects[slot] = None  # may run a finaliser: the heap is consistent by now
+        return item
+
+    def pop(self):
+        """Remove and return the most important item (highest priority, oldest first)."""
+        if self.size == 0:
+            raise IndexError("pop from an empty PriorityDeque")
+        return self.take(self.highest())
+
+    def pop_lowest(self):
+        """Remove and return the least important item (lowest priority, newest first)."""
+        if self.size == 0:
+            raise IndexError("pop_lowest from an empty PriorityDeque")
+        return self.take(0)
+
+    def pop_many(self, Py_ssize_t limit):
+        """Remove and return up to ``limit`` items, most important first."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        cdef list out = []
+        while self.size and limit:
+            out.append(self.take(self.highest()))
+            limit -= 1
+        return out
+
+    def peek(self):
+        """The most important item, left in place."""
+        if self.size == 0:
+            raise IndexError("peek at an empty PriorityDeque")
+        return self.objects[self.heap[self.highest()].slot]
+
+    def peek_lowest(self):
+        """The least important item, left in place."""
+        if self.size == 0:
+            raise IndexError("peek_lowest at an empty PriorityDeque")
+        return self.objects[self.heap[0].slot]
+
+    cpdef bint holds(self, DequeHandle handle):
+        """Whether ``handle`` names an entry still queued here."""
+        cdef Py_ssize_t position
+        if handle.owner is not self or handle.slot >= self.capacity:
+            return False
+        position = self.positions[handle.slot]
+        return position >= 0 and self.heap[position].seq == handle.seq
+
+    def remove(self, DequeHandle handle not None):
+        """Remove the entry ``handle`` names and return its item.
+
+        Raises ``ValueError`` when it is no longer queued here (popped, removed
+        or cleared), or belongs to another deque.
+        """
+        if not self.holds(handle):
+            raise ValueError("handle does not name a queued entry of this PriorityDeque "
+                             "(already popped, removed or cleared, or from another deque)")
+        return self.take(self.positions[handle.slot])
+
+    def items(self):
+        """``(priority, item)`` pairs of everything queued, in no particular order (O(n))."""
+        cdef Py_ssize_t i
+        return [(self.heap[i].priority, self.objects[self.heap[i].slot])
+                for i in range(self.size)]
+
+    def clear(self):
+        """Drop every entry (outstanding handles become stale) and release the memory."""
+        dropped = self.objects
+        cdef HeapEntry* heap = <HeapEntry*>realloc(self.heap, MIN_CAPACITY * sizeof(HeapEntry))
+        cdef Py_ssize_t* positions = <Py_ssize_t*>realloc(
+            self.positions, MIN_CAPACITY * sizeof(Py_ssize_t))
+        if heap is not NULL:  # shrinking realloc cannot really fail; keep the old block if so
+            self.heap = heap
+        if positions is not NULL:
+            self.positions = positions
+        self.size = 0
+        self.capacity = MIN_CAPACITY
+        self.free_head = -1
+        self.link_free_slots(0)
+        self.objects = [None] * MIN_CAPACITY
+        del dropped  # finalisers of the dropped items run now, against an empty deque
+
+    def __len__(self):
+        return self.size
+
+    def __bool__(self):
+        return self.size > 0
+
+    def __repr__(self):
+        return f"<PriorityDeque size={self.size}>"
