@@ -12,7 +12,7 @@ cdef struct HeapEntry:
 cdef class DequeHandle
 
 
-cdef class PriorityDeque:
+cdef class MinMaxHeap:
     cdef HeapEntry* heap
     cdef Py_ssize_t* positions    # positions[slot]: heap index, or < 0 when free
     cdef list objects             # objects[slot]: a Python list, so the GC sees the items
@@ -25,10 +25,10 @@ cdef class PriorityDeque:
     cdef int grow(self) except -1
     cdef object take(self, Py_ssize_t position)
     cdef Py_ssize_t highest(self) noexcept
-    cpdef bint holds(self, DequeHandle handle)
+    cdef bint is_queued(self, DequeHandle handle) noexcept
 
 
 cdef class DequeHandle:
-    cdef readonly PriorityDeque owner
+    cdef readonly MinMaxHeap owner
     cdef Py_ssize_t slot
     cdef uint64_t seq

@@ -41,29 +41,11 @@ import operator
 
 cdef extern from *:
     """
-    /* The descendants two levels down, that the next trickle-down step reads:
-       fetching them while this step compares halves the cache misses of a pop
-       from a large heap. */
-    static inline void buttress_prefetch_range(const char *base, Py_ssize_t first,
-                                               Py_ssize_t last, Py_ssize_t n, size_t entry) {
-        if (first >= n) return;
-        if (last >= n) last = n - 1;
-        for (const char *p = base + first * entry; p <= base + last * entry + entry - 1; p += 64)
-            __builtin_prefetch(p);
-    }
-    static inline void buttress_prefetch_step(const void *heap, Py_ssize_t i,
-                                              Py_ssize_t n, size_t entry) {
-        /* children and grandchildren of i's grandchildren */
-        buttress_prefetch_range((const char *)heap, 8 * i + 7, 8 * i + 14, n, entry);
-        buttress_prefetch_range((const char *)heap, 16 * i + 15, 16 * i + 30, n, entry);
-    }
     static inline int buttress_heap_level(Py_ssize_t i) {
         return 63 - __builtin_clzll((unsigned long long)(i + 1));
     }
     """
     int heap_level "buttress_heap_level"(Py_ssize_t i) noexcept nogil
-    void prefetch_step "buttress_prefetch_step"(const void* heap, Py_ssize_t i, Py_ssize_t n,
-                                                size_t entry) noexcept nogil
 
 # Every int of magnitude up to 2**53 is exactly a float64; beyond it they collide.
 cdef long long EXACT_INT_LIMIT = 9007199254740992
@@ -171,7 +153,6 @@ cdef void trickle_down_min(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
         child = 2 * i + 1
         if child >= n:
             break
-        prefetch_step(heap, i, n, sizeof(HeapEntry))
         smallest = child
         if child + 1 < n and below(heap, child + 1, smallest):
             smallest = child + 1
@@ -202,7 +183,6 @@ cdef void trickle_down_max(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
         child = 2 * i + 1
         if child >= n:
             break
-        prefetch_step(heap, i, n, sizeof(HeapEntry))
         largest = child
         if child + 1 < n and below(heap, largest, child + 1):
             largest = child + 1
@@ -281,17 +261,12 @@ cdef class DequeHandle:
     """Names one queued entry of a PriorityDeque, for ``remove``; opaque otherwise."""
 
     def __repr__(self):
-        state = "queued" if self.owner is not None and self.owner.holds(self) else "gone"
+        state = "queued" if self.owner is not None and self.owner.is_queued(self) else "gone"
         return f"<DequeHandle seq={self.seq} {state}>"
 
 
-cdef class PriorityDeque:
-    """A double-ended priority queue: ``pop()`` the most, ``pop_lowest()`` the least important.
-
-    ``push(item, priority)`` returns a handle for ``remove``.  Every operation
-    is O(log n) except ``clear`` and ``items`` (O(n)).  See the module docstring
-    for the order and the accepted priorities.
-    """
+cdef class MinMaxHeap:
+    """The native min-max heap behind ``PriorityDeque`` (use that)."""
 
     def __cinit__(self):
         self.heap = <HeapEntry*>malloc(MIN_CAPACITY * sizeof(HeapEntry))
@@ -304,9 +279,6 @@ cdef class PriorityDeque:
         self.next_seq = 0
         self.free_head = -1
         self.link_free_slots(0)
-
-    def __init__(self) -> None:
-        pass
 
     def __dealloc__(self):
         if self.heap is not NULL:
@@ -420,8 +392,16 @@ cdef class PriorityDeque:
             raise IndexError("peek_lowest at an empty PriorityDeque")
         return self.objects[self.heap[0].slot]
 
-    cpdef bint holds(self, DequeHandle handle):
+    @staticmethod
+    def priority_key(priority) -> float:
+        """The float key ``priority`` orders by; ``TypeError``/``ValueError`` if it is not one."""
+        return as_priority(priority)
+
+    def holds(self, DequeHandle handle not None) -> bool:
         """Whether ``handle`` names an entry still queued here."""
+        return self.is_queued(handle)
+
+    cdef bint is_queued(self, DequeHandle handle) noexcept:
         cdef Py_ssize_t position
         if handle.owner is not self or handle.slot >= self.capacity:
             return False
@@ -434,7 +414,7 @@ cdef class PriorityDeque:
         Raises ``ValueError`` when it is no longer queued here (popped, removed
         or cleared), or belongs to another deque.
         """
-        if not self.holds(handle):
+        if not self.is_queued(handle):
             raise ValueError("handle does not name a queued entry of this PriorityDeque "
                              "(already popped, removed or cleared, or from another deque)")
         return self.take(self.positions[handle.slot])
@@ -469,4 +449,19 @@ cdef class PriorityDeque:
         return self.size > 0
 
     def __repr__(self):
-        return f"<PriorityDeque size={self.size}>"
+        return f"<{type(self).__name__} size={self.size}>"
+
+
+class PriorityDeque(MinMaxHeap):
+    """A double-ended priority queue: ``pop()`` the most, ``pop_lowest()`` the least important.
+
+    ``push(item, priority)`` returns a handle for ``remove``.  Every operation
+    is O(log n) except ``clear`` and ``items`` (O(n)).  See the module docstring
+    for the order and the accepted priorities.  (The native heap is
+    ``MinMaxHeap``; this subclass only gives it a plain Python constructor.)
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        pass

@@ -22,6 +22,10 @@ _LAZY: dict[str, str] = {
     "xxh64_many": "buttress._hash",
     "hash_key": "buttress._hash",
     "encode_key": "buttress._hash",
+    # priority task scheduler (native heap)
+    "PriorityDeque": "buttress.scheduler",
+    "TaskScheduler": "buttress.scheduler",
+    "TaskHandle": "buttress.scheduler",
 }
 
 __all__ = [

@@ -24,6 +24,8 @@ _LAZY: dict[str, str] = {
     "xxh64_many": "buttress.reference.hashing",
     "hash_key": "buttress.reference.hashing",
     "encode_key": "buttress.reference.hashing",
+    "PriorityDeque": "buttress.reference.heap",
+    "TaskScheduler": "buttress.reference.scheduler",
 }
 
 __all__ = sorted(_LAZY)
