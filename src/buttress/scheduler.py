@@ -78,6 +78,7 @@ class TaskHandle:
 
     __slots__ = ("_entry", "_outcome", "_scheduler", "_status", "_task", "_waiter",
                  "deadline", "priority")
+    _outcome: Any  # the result or the exception; set once, when the task reaches its end
 
     def __init__(self, scheduler: TaskScheduler, task: Callable[[], Any], priority: Any,
                  deadline: float | None) -> None:
@@ -88,7 +89,6 @@ class TaskHandle:
         self._status = QUEUED
         self._waiter: threading.Event | None = None
         self._entry: Any = None  # the PriorityDeque handle, for cancel()
-        # _outcome (result or exception) is set once, when the task reaches its end.
 
     @property
     def status(self) -> str:
@@ -169,8 +169,7 @@ class TaskScheduler:
                              f"max_size={max_size}")
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
-        if (isinstance(block_timeout, bool) or not isinstance(block_timeout, numbers.Real)
-                or not block_timeout >= 0):
+        if not _is_number(block_timeout) or not block_timeout >= 0:
             raise ValueError(f"block_timeout must be a number >= 0, got {block_timeout!r}")
         if on_state_change is not None and not callable(on_state_change):
             raise TypeError(f"on_state_change must be callable, got {on_state_change!r}")
@@ -433,7 +432,7 @@ class TaskScheduler:
                         handle._waiter.set()
                     continue
                 try:
-                    handle._outcome = task()  # type: ignore[misc]
+                    handle._outcome = task()  # type: ignore[misc]  # set until it runs
                     handle._status = COMPLETED
                     completed += 1
                 except BaseException as exc:  # the task's failure goes to its handle
@@ -460,7 +459,7 @@ class TaskScheduler:
 
     def _set_state_locked(self, new: str) -> None:
         old = self._state
-        if old == new or old == STOPPED:
+        if old in (new, STOPPED):
             return
         now = time.monotonic()
         if old == SHEDDING and self._shedding_since is not None:
@@ -549,8 +548,12 @@ def _require_int(name: str, value: Any, *, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_deadline(deadline: Any) -> None:
-    if isinstance(deadline, bool) or not isinstance(deadline, numbers.Real):
+    if not _is_number(deadline):
         raise TypeError(f"deadline must be a time.monotonic() value or None, "
                         f"got {type(deadline).__name__}: {deadline!r}")
     if math.isnan(deadline):

@@ -109,7 +109,7 @@ class PriorityDeque:
         limit = operator.index(limit)
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        out = []
+        out: list[Any] = []
         while self._size and len(out) < limit:
             out.append(self._take(self._top(self._high)))
         return out
