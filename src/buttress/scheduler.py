@@ -68,27 +68,31 @@ SHUTTING_DOWN = "shutting_down"
 STOPPED = "stopped"
 
 OVERFLOW_POLICIES = ("shed_lowest", "reject", "block")
-MAX_BATCH = 64  # tasks a worker takes per lock acquisition, at most
+# A worker claims a batch of tasks per lock acquisition: as many as it ran in
+# about BATCH_SECONDS last time, within 1..MAX_BATCH and at most its share of the
+# queue.  Fast tasks go in big batches (the lock and the hand-offs between
+# threads are most of their cost); slow tasks go one by one, so an urgent task
+# never waits behind a batch a busy worker is sitting on for long.
+MAX_BATCH = 256
+BATCH_SECONDS = 0.001
 
 _waiter_lock = threading.Lock()  # makes one completion Event per waited-on handle
+_new_handle = object.__new__
 
 
 class TaskHandle:
     """The caller's view of one accepted task: its status, result, or why it did not run."""
 
-    __slots__ = ("_entry", "_outcome", "_scheduler", "_status", "_task", "_waiter",
-                 "deadline", "priority")
-    _outcome: Any  # the result or the exception; set once, when the task reaches its end
-
-    def __init__(self, scheduler: TaskScheduler, task: Callable[[], Any], priority: Any,
-                 deadline: float | None) -> None:
-        self._scheduler = scheduler
-        self._task: Callable[[], Any] | None = task
-        self.priority = priority
-        self.deadline = deadline
-        self._status = QUEUED
-        self._waiter: threading.Event | None = None
-        self._entry: Any = None  # the PriorityDeque handle, for cancel()
+    # Made by TaskScheduler.enqueue only, field by field (no __init__: that call is
+    # a measurable share of the cost of a no-op task).
+    __slots__ = ("_entry", "_scheduler", "_status", "_value", "_waiter", "deadline", "priority")
+    _scheduler: TaskScheduler
+    _value: Any  # the task until it ends, then its result or exception
+    priority: Any
+    deadline: float | None
+    _status: str
+    _waiter: threading.Event | None  # made only when someone waits in result()
+    _entry: Any  # the PriorityDeque handle, for cancel()
 
     @property
     def status(self) -> str:
@@ -116,8 +120,8 @@ class TaskHandle:
             if not self.done() and not waiter.wait(timeout):
                 raise TimeoutError(f"task not done after {timeout}s (status {self._status})")
         if self._status is COMPLETED:
-            return self._outcome
-        raise self._outcome
+            return self._value
+        raise self._value
 
     def cancel(self) -> bool:
         """Cancel the task if it is still queued; return whether it was."""
@@ -196,6 +200,7 @@ class TaskScheduler:
         self._started = False
         self._closing = False
         self._state = NORMAL
+        self._shed_at: float = high_water  # queue length that starts SHEDDING (only from NORMAL)
         self._transitions: list[tuple[str, str]] = []  # for on_state_change, in order
         self._callback_lock = threading.RLock()  # a callback may enqueue
         self._shedding_since: float | None = None
@@ -284,17 +289,27 @@ class TaskScheduler:
             raise TypeError(f"task must be callable, got {type(task).__name__}: {task!r}")
         if deadline is not None:
             _check_deadline(deadline)
-        handle = TaskHandle(self, task, priority, deadline)
-        queue = self._queue
-        with self._lock:
+        handle = _new_handle(TaskHandle)
+        handle._scheduler = self
+        handle._value = task
+        handle.priority = priority
+        handle.deadline = deadline
+        handle._status = QUEUED
+        handle._waiter = None
+        lock = self._lock
+        lock.acquire()
+        try:
             if self._state is not NORMAL:
                 self._admit_slow_locked(handle)
+            queue = self._queue
             handle._entry = queue.push(handle, priority)
             self._accepted += 1
-            if len(queue) >= self.high_water and self._state is NORMAL:
+            if len(queue) >= self._shed_at:
                 self._set_state_locked(SHEDDING)
             if self._idle:
                 self._idle.pop().release()
+        finally:
+            lock.release()
         if self._transitions:
             self._dispatch_transitions()
         return handle
@@ -392,19 +407,22 @@ class TaskScheduler:
         wake = threading.Lock()
         wake.acquire()
         monotonic = time.monotonic
+        clock = time.perf_counter
         batch: list[TaskHandle] = []
-        completed = failed = expired = 0
+        limit = 1  # batch size; adapts to how long tasks take
+        failed = expired = 0
         while True:
             with lock:
                 # Fold in the batch just finished, then take the next one.
-                self._completed += completed
-                self._failed += failed
-                self._expired += expired
-                self._running -= len(batch)
-                completed = failed = expired = 0
+                if batch:
+                    self._completed += len(batch) - failed - expired
+                    self._failed += failed
+                    self._expired += expired
+                    self._running -= len(batch)
+                    failed = expired = 0
                 size = len(queue)
                 if size:
-                    batch = queue.pop_many(min(MAX_BATCH, size // self.workers + 1))
+                    batch = queue.pop_many(min(limit, size // self.workers + 1))
                     for handle in batch:
                         handle._status = RUNNING
                     self._running += len(batch)
@@ -420,27 +438,26 @@ class TaskScheduler:
             if not batch:
                 wake.acquire()  # until enqueue or shutdown releases it
                 continue
+            started = clock()
             for handle in batch:
-                task = handle._task
-                handle._task = None
                 if handle.deadline is not None and handle.deadline < monotonic():
-                    handle._outcome = Expired(f"deadline passed before the task could start "
-                                              f"(priority {handle.priority!r})")
+                    handle._value = Expired(f"deadline passed before the task could start "
+                                            f"(priority {handle.priority!r})")
                     handle._status = EXPIRED
                     expired += 1
-                    if handle._waiter is not None:
-                        handle._waiter.set()
-                    continue
-                try:
-                    handle._outcome = task()  # type: ignore[misc]  # set until it runs
-                    handle._status = COMPLETED
-                    completed += 1
-                except BaseException as exc:  # the task's failure goes to its handle
-                    handle._outcome = exc
-                    handle._status = FAILED
-                    failed += 1
+                else:
+                    try:
+                        handle._value = handle._value()
+                        handle._status = COMPLETED
+                    except BaseException as exc:  # the task's failure goes to its handle
+                        handle._value = exc
+                        handle._status = FAILED
+                        failed += 1
                 if handle._waiter is not None:
                     handle._waiter.set()
+            per_task = (clock() - started) / len(batch)
+            limit = MAX_BATCH if per_task * MAX_BATCH <= BATCH_SECONDS else (
+                max(1, int(BATCH_SECONDS / per_task)))
 
     def _after_dequeue_locked(self) -> None:
         """The queue got shorter: leave SHEDDING at low_water, make room for blocked producers."""
@@ -469,6 +486,7 @@ class TaskScheduler:
             self._shedding_since = now
             self._rate_mark = (self._dequeued, now)
         self._state = new
+        self._shed_at = self.high_water if new == NORMAL else math.inf
         logger.log(logging.INFO if new != SHEDDING else logging.WARNING,
                    "%s: %s -> %s (queued %d)", self.name, old, new, len(self._queue))
         if self._on_state_change is not None:
@@ -534,8 +552,7 @@ class TaskScheduler:
 
 def _finish(handle: TaskHandle, status: str, outcome: BaseException) -> None:
     """End a task that will not run (shed, cancelled): record why and wake its waiter."""
-    handle._task = None
-    handle._outcome = outcome
+    handle._value = outcome
     handle._status = status
     if handle._waiter is not None:
         handle._waiter.set()

@@ -8,6 +8,7 @@ and is timed from the first enqueue until the last task has run.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import queue
 import random
@@ -164,10 +165,9 @@ def _enqueue_at_depth(session: BenchSession) -> None:
         (False, "enqueue", new_priorities),
         (True, "enqueue at max_size (each one evicts the lowest)", urgent),
     ):
+        deep = functools.partial(filled, 100_000, at_limit=at_limit)
+        shallow = functools.partial(filled, 100, at_limit=at_limit)
         case = session.case("scheduler", f"{title}: 100k queued vs 100 queued", unit="call")
-        case.add("buttress", enqueue_all(wanted), items=calls,
-                 setup=lambda at_limit=at_limit: filled(100_000, at_limit=at_limit),
-                 note="100k queued")
-        case.add(SHALLOW, enqueue_all(wanted), items=calls,
-                 setup=lambda at_limit=at_limit: filled(100, at_limit=at_limit))
+        case.add("buttress", enqueue_all(wanted), items=calls, setup=deep, note="100k queued")
+        case.add(SHALLOW, enqueue_all(wanted), items=calls, setup=shallow)
         case.target("buttress", SHALLOW, max_ratio=2)
