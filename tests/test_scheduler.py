@@ -125,6 +125,32 @@ def test_context_manager_starts_and_drains(Scheduler):
     assert [h.result(0) for h in handles] == list(range(50))
 
 
+def test_slow_tasks_are_claimed_one_by_one_so_urgent_work_overtakes_them(make):
+    scheduler = make(2).start()
+    order = []
+    lock = threading.Lock()
+
+    def slow(number):
+        def run():
+            time.sleep(0.005)
+            with lock:
+                order.append(number)
+        return run
+
+    gate = Gate()
+    scheduler.enqueue(gate, 100)  # hold one worker while the queue fills
+    assert gate.entered.wait(10)
+    handles = [scheduler.enqueue(slow(i)) for i in range(40)]
+    wait_until(lambda: len(order) >= 3, 10, message="slow tasks start")
+    urgent = scheduler.enqueue(slow("urgent"), 50)
+    gate.open()
+    urgent.result(10)
+    for handle in handles:
+        handle.result(10)
+    # Claimed one at a time, the urgent task runs as soon as a worker is free.
+    assert order.index("urgent") <= order.index(3) + 3, order
+
+
 # -- cancel and deadlines ------------------------------------------------------
 
 def test_cancel_a_queued_task_but_not_a_running_one(make):
