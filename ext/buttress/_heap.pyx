@@ -142,6 +142,24 @@ cdef Py_ssize_t bubble_up_max(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t
     return i
 
 
+cdef inline Py_ssize_t smallest_grandchild(const HeapEntry* heap, Py_ssize_t first) noexcept nogil:
+    """The least of the four grandchildren at ``first..first+3``, as a tournament.
+
+    When all four exist they are the candidates: each child lies on the other
+    kind of level and is beaten by its own children.  Two independent
+    comparisons then one keep the dependency chain short.
+    """
+    cdef Py_ssize_t a = first + 1 if below(heap, first + 1, first) else first
+    cdef Py_ssize_t b = first + 3 if below(heap, first + 3, first + 2) else first + 2
+    return b if below(heap, b, a) else a
+
+
+cdef inline Py_ssize_t largest_grandchild(const HeapEntry* heap, Py_ssize_t first) noexcept nogil:
+    cdef Py_ssize_t a = first + 1 if below(heap, first, first + 1) else first
+    cdef Py_ssize_t b = first + 3 if below(heap, first + 2, first + 3) else first + 2
+    return b if below(heap, a, b) else a
+
+
 cdef void trickle_down_min(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
                            Py_ssize_t n) noexcept nogil:
     """Move entry ``i`` (on a min level) down until its subtree is ordered.
@@ -150,18 +168,20 @@ cdef void trickle_down_min(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
     """
     cdef HeapEntry entry = heap[i]
     cdef HeapEntry parent_entry
-    cdef Py_ssize_t child, smallest, k, end, parent
+    cdef Py_ssize_t child, smallest, k, parent
     while True:
         child = 2 * i + 1
         if child >= n:
             break
-        smallest = child
-        if child + 1 < n and below(heap, child + 1, smallest):
-            smallest = child + 1
-        end = 4 * i + 7 if 4 * i + 7 < n else n
-        for k in range(4 * i + 3, end):
-            if below(heap, k, smallest):
-                smallest = k
+        if 4 * i + 6 < n:
+            smallest = smallest_grandchild(heap, 4 * i + 3)
+        else:
+            smallest = child
+            if child + 1 < n and below(heap, child + 1, smallest):
+                smallest = child + 1
+            for k in range(4 * i + 3, n):
+                if below(heap, k, smallest):
+                    smallest = k
         if not ranks_below(&heap[smallest], &entry):
             break
         place(heap, positions, i, heap[smallest])
@@ -180,18 +200,20 @@ cdef void trickle_down_max(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i,
                            Py_ssize_t n) noexcept nogil:
     cdef HeapEntry entry = heap[i]
     cdef HeapEntry parent_entry
-    cdef Py_ssize_t child, largest, k, end, parent
+    cdef Py_ssize_t child, largest, k, parent
     while True:
         child = 2 * i + 1
         if child >= n:
             break
-        largest = child
-        if child + 1 < n and below(heap, largest, child + 1):
-            largest = child + 1
-        end = 4 * i + 7 if 4 * i + 7 < n else n
-        for k in range(4 * i + 3, end):
-            if below(heap, largest, k):
-                largest = k
+        if 4 * i + 6 < n:
+            largest = largest_grandchild(heap, 4 * i + 3)
+        else:
+            largest = child
+            if child + 1 < n and below(heap, largest, child + 1):
+                largest = child + 1
+            for k in range(4 * i + 3, n):
+                if below(heap, largest, k):
+                    largest = k
         if not ranks_below(&entry, &heap[largest]):
             break
         place(heap, positions, i, heap[largest])
