@@ -20,6 +20,7 @@ cdef class MinMaxHeap:
     cdef Py_ssize_t capacity
     cdef Py_ssize_t free_head
     cdef uint64_t next_seq
+    cdef uint64_t deque_id
 
     cdef void link_free_slots(self, Py_ssize_t start) noexcept
     cdef int grow(self) except -1
@@ -29,6 +30,6 @@ cdef class MinMaxHeap:
 
 
 cdef class DequeHandle:
-    cdef readonly MinMaxHeap owner
+    cdef uint64_t deque_id        # the MinMaxHeap it came from (no reference held)
     cdef Py_ssize_t slot
     cdef uint64_t seq

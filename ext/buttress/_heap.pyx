@@ -54,6 +54,11 @@ cdef long long EXACT_INT_LIMIT = 9007199254740992
 cdef enum:
     MIN_CAPACITY = 16
 
+# Each deque gets a distinct id, so a handle can name its deque without holding a
+# reference: handles stay plain C structs, invisible to the garbage collector
+# (the scheduler makes one per task), and a handle never keeps a deque alive.
+cdef uint64_t deques_made = 0
+
 
 cdef double _priority_slow(object priority) except? -1.0:
     if isinstance(priority, bool) or not isinstance(priority, numbers.Real):
@@ -285,8 +290,7 @@ cdef class DequeHandle:
     """Names one queued entry of a PriorityDeque, for ``remove``; opaque otherwise."""
 
     def __repr__(self):
-        state = "queued" if self.owner is not None and self.owner.is_queued(self) else "gone"
-        return f"<DequeHandle seq={self.seq} {state}>"
+        return f"<DequeHandle deque={self.deque_id} seq={self.seq}>"
 
 
 cdef class MinMaxHeap:
@@ -301,6 +305,9 @@ cdef class MinMaxHeap:
         self.objects = [None] * MIN_CAPACITY
         self.size = 0
         self.next_seq = 0
+        global deques_made
+        deques_made += 1
+        self.deque_id = deques_made
         self.free_head = -1
         self.link_free_slots(0)
 
@@ -357,7 +364,7 @@ cdef class MinMaxHeap:
         self.size = position + 1
         bubble_up(self.heap, self.positions, position)
         cdef DequeHandle handle = DequeHandle.__new__(DequeHandle)
-        handle.owner = self
+        handle.deque_id = self.deque_id
         handle.slot = slot
         handle.seq = seq
         return handle
@@ -430,7 +437,7 @@ cdef class MinMaxHeap:
 
     cdef bint is_queued(self, DequeHandle handle) noexcept:
         cdef Py_ssize_t position
-        if handle.owner is not self or handle.slot >= self.capacity:
+        if handle.deque_id != self.deque_id or handle.slot >= self.capacity:
             return False
         position = self.positions[handle.slot]
         return position >= 0 and self.heap[position].seq == handle.seq

@@ -1,8 +1,6 @@
 from typing import Any
 
-class DequeHandle:
-    @property
-    def owner(self) -> MinMaxHeap | None: ...
+class DequeHandle: ...
 
 class MinMaxHeap:
     @staticmethod

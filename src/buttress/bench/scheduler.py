@@ -35,47 +35,99 @@ def register(session: BenchSession) -> None:
     _enqueue_at_depth(session)
 
 
+# -- the work, shared with bench/test_bench_scheduler.py ---------------------------
+
+def deque_push_pop(deque_class: type, priorities: list[int]) -> None:
+    """Push every item at its priority, then pop them all, most important first."""
+    deque = deque_class()
+    push, pop = deque.push, deque.pop
+    for item, priority in enumerate(priorities):
+        push(item, priority)
+    for _ in priorities:
+        pop()
+
+
+def heapq_push_pop(priorities: list[int]) -> None:
+    """The same with heapq: (-priority, seq, item) tuples give max first, FIFO by seq."""
+    heap: list[tuple[int, int, int]] = []
+    push, pop = heapq.heappush, heapq.heappop
+    for item, priority in enumerate(priorities):
+        push(heap, (-priority, item, item))
+    for _ in priorities:
+        pop(heap)
+
+
+def noop() -> None:
+    return None
+
+
+def run_scheduler(scheduler: TaskScheduler, priorities: list[int]) -> None:
+    """Enqueue a no-op task per priority, then drain: the last result is in when it returns."""
+    enqueue = scheduler.enqueue
+    handles = [enqueue(noop, priority) for priority in priorities]
+    scheduler.shutdown(drain=True)
+    assert handles[-1].done()
+
+
+PriorityQueueLoop = tuple["queue.PriorityQueue[Any]", list[threading.Thread]]
+
+
+def start_priority_queue(workers: int = 4) -> PriorityQueueLoop:
+    """The baseline: a queue.PriorityQueue and worker threads running what they get."""
+    tasks: queue.PriorityQueue[Any] = queue.PriorityQueue()
+
+    def worker() -> None:
+        get = tasks.get
+        while True:
+            _, _, task, holder = get()
+            if task is None:
+                return
+            holder.append(task())
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    return tasks, threads
+
+
+def run_priority_queue(prepared: PriorityQueueLoop, priorities: list[int]) -> None:
+    """Put a no-op task (and its result holder) per priority, then stop the workers."""
+    tasks, threads = prepared
+    put = tasks.put
+    holders = []
+    for seq, priority in enumerate(priorities):
+        holder: list[Any] = []
+        holders.append(holder)
+        put((-priority, seq, noop, holder))
+    for stop in range(len(threads)):
+        put((1, len(priorities) + stop, None, None))  # after every task
+    for thread in threads:
+        thread.join()
+    assert holders[-1] == [None]
+
+
+def run_executor(pool: ThreadPoolExecutor, count: int) -> None:
+    """The executor has no priorities: it is the floor any scheduler must clear."""
+    submit = pool.submit
+    futures = [submit(noop) for _ in range(count)]
+    pool.shutdown(wait=True)
+    assert futures[-1].done()
+
+
+# -- the cases ---------------------------------------------------------------------
+
 def _deque_push_pop(session: BenchSession) -> None:
     n = 1_000_000  # the target is stated at 1M items; quick mode keeps it
     rng = random.Random(0)
     priorities = [rng.randrange(1 << 30) for _ in range(n)]
-
-    def native(count: int = n) -> None:
-        deque = PriorityDeque()
-        push, pop = deque.push, deque.pop
-        for item, priority in enumerate(priorities[:count]):
-            push(item, priority)
-        for _ in range(count):
-            pop()
-
-    def with_heapq() -> None:
-        heap: list[tuple[int, int, int]] = []
-        push, pop = heapq.heappush, heapq.heappop
-        for item, priority in enumerate(priorities):
-            push(heap, (-priority, item, item))  # max-priority first, FIFO by seq
-        for _ in range(n):
-            pop(heap)
-
-    twin_n = n // 10
-
-    def twin() -> None:
-        deque = TwinDeque()
-        push, pop = deque.push, deque.pop
-        for item, priority in enumerate(priorities[:twin_n]):
-            push(item, priority)
-        for _ in range(twin_n):
-            pop()
-
+    few = priorities[: n // 10]
     case = session.case("scheduler", f"PriorityDeque push + pop, {n:,} random int priorities",
                         unit="item")
-    case.add("buttress", native, items=n)
-    case.add(HEAPQ, with_heapq, items=n)
-    case.add("reference", twin, items=twin_n, note=f"{twin_n:,} items")
+    case.add("buttress", lambda: deque_push_pop(PriorityDeque, priorities), items=n)
+    case.add(HEAPQ, lambda: heapq_push_pop(priorities), items=n)
+    case.add("reference", lambda: deque_push_pop(TwinDeque, few), items=len(few),
+             note=f"{len(few):,} items")
     case.target("buttress", HEAPQ, min_speedup=5)
-
-
-def _noop() -> None:
-    return None
 
 
 def _scheduler_throughput(session: BenchSession) -> None:
@@ -86,55 +138,15 @@ def _scheduler_throughput(session: BenchSession) -> None:
     def start_ours(cls: type[TaskScheduler] = TaskScheduler) -> TaskScheduler:
         return cls(4, high_water=n + 1, max_size=n + 1).start()
 
-    def ours(scheduler: TaskScheduler) -> None:
-        enqueue = scheduler.enqueue
-        handles = [enqueue(_noop, priority) for priority in priorities]
-        scheduler.shutdown(drain=True)
-        assert handles[-1].done()
-
-    def start_priority_queue() -> tuple[queue.PriorityQueue[Any], list[threading.Thread]]:
-        tasks: queue.PriorityQueue[Any] = queue.PriorityQueue()
-
-        def worker() -> None:
-            get = tasks.get
-            while True:
-                _, _, task, holder = get()
-                if task is None:
-                    return
-                holder.append(task())
-
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        return tasks, threads
-
-    def priority_queue(prepared: tuple[queue.PriorityQueue[Any], list[threading.Thread]]) -> None:
-        tasks, threads = prepared
-        put = tasks.put
-        holders = []
-        for seq, priority in enumerate(priorities):
-            holder: list[Any] = []
-            holders.append(holder)
-            put((-priority, seq, _noop, holder))
-        for stop in range(4):
-            put((1, n + stop, None, None))  # after every task
-        for thread in threads:
-            thread.join()
-        assert holders[-1] == [None]
-
-    def executor(pool: ThreadPoolExecutor) -> None:
-        # The executor has no priorities: it is the floor any scheduler must clear.
-        submit = pool.submit
-        futures = [submit(_noop) for _ in priorities]
-        pool.shutdown(wait=True)
-        assert futures[-1].done()
-
     case = session.case("scheduler", f"TaskScheduler, {n:,} no-op tasks through 4 workers",
                         unit="task")
-    case.add("buttress", ours, items=n, setup=start_ours)
-    case.add(PRIORITY_QUEUE, priority_queue, items=n, setup=start_priority_queue)
-    case.add(EXECUTOR, executor, items=n, setup=lambda: ThreadPoolExecutor(4))
-    case.add("reference", ours, items=n, setup=lambda: start_ours(TwinScheduler))
+    case.add("buttress", lambda s: run_scheduler(s, priorities), items=n, setup=start_ours)
+    case.add(PRIORITY_QUEUE, lambda q: run_priority_queue(q, priorities), items=n,
+             setup=start_priority_queue)
+    case.add(EXECUTOR, lambda pool: run_executor(pool, n), items=n,
+             setup=lambda: ThreadPoolExecutor(4))
+    case.add("reference", lambda s: run_scheduler(s, priorities), items=n,
+             setup=lambda: start_ours(TwinScheduler))
     case.target("buttress", PRIORITY_QUEUE, min_speedup=3)
     case.target("buttress", EXECUTOR, min_speedup=5)
 
@@ -151,14 +163,14 @@ def _enqueue_at_depth(session: BenchSession) -> None:
         size = depth if at_limit else depth + calls + 1
         scheduler = TaskScheduler(1, high_water=size, max_size=size, shed_below=0)
         for priority in fill_priorities[:depth]:
-            scheduler.enqueue(_noop, priority)
+            scheduler.enqueue(noop, priority)
         return scheduler
 
     def enqueue_all(wanted: list[int]) -> Any:
         def work(scheduler: TaskScheduler) -> None:
             enqueue = scheduler.enqueue
             for priority in wanted:
-                enqueue(_noop, priority)
+                enqueue(noop, priority)
         return work
 
     for at_limit, title, wanted in (
