@@ -276,7 +276,34 @@ def test_no_memory_growth_over_many_cycles(Deque):
         while len(d) > 10:
             d.pop()
             d.pop_lowest()
-        d.clear()
+        while d:  # no clear(): entries taken at one end must not linger at the other
+            d.pop()
+
+    cycle()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        cycle()
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            cycle()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64_000, f"grew by {after - before} bytes over 20 cycles"
+
+
+def test_no_memory_growth_when_only_one_end_is_used(Deque):
+    # The scheduler's pattern: push, then pop_many from the top, never pop_lowest.
+    d = Deque()
+
+    def cycle():
+        for i in range(2_000):
+            d.push(object(), i % 7)
+        while d:
+            d.pop_many(64)
 
     cycle()
     gc.collect()

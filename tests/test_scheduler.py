@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
+import tracemalloc
+import weakref
 from concurrent.futures import CancelledError
 
 import pytest
@@ -379,6 +382,59 @@ def test_draining_an_unstarted_scheduler_runs_its_queue(Scheduler):
     handles = [scheduler.enqueue(lambda i=i: i) for i in range(10)]
     summary = scheduler.shutdown(drain=True, timeout=10)
     assert summary["completed"] == 10 and [h.result(0) for h in handles] == list(range(10))
+
+
+# -- memory ----------------------------------------------------------------------
+
+class Task:
+    def __call__(self):
+        return "done"
+
+
+def test_a_task_is_released_once_it_has_run_and_handles_hold_only_the_result(make):
+    scheduler = make(1).start()
+    task = Task()
+    ref = weakref.ref(task)
+    handle = scheduler.enqueue(task)
+    del task
+    assert handle.result(10) == "done"
+    gc.collect()
+    assert ref() is None
+
+
+def test_no_memory_growth_over_many_tasks(make):
+    scheduler = make(2).start()
+
+    def batch():
+        handles = [scheduler.enqueue(Task(), i % 5) for i in range(2_000)]
+        for handle in handles[::100]:
+            handle.result(10)  # some get a completion event
+        for handle in handles:
+            handle.result(10)
+
+    batch()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        batch()
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(10):
+            batch()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 100_000, f"grew by {after - before} bytes over 10 x 2,000 tasks"
+
+
+def test_a_dropped_scheduler_and_its_tasks_are_collected(Scheduler):
+    scheduler = Scheduler(2)
+    [scheduler.enqueue(Task(), 1) for _ in range(10)]  # queued, never run: handles refer back
+    ref = weakref.ref(scheduler)
+    del scheduler
+    gc.collect()
+    assert ref() is None
 
 
 # -- bad input -------------------------------------------------------------------

@@ -180,7 +180,7 @@ class PriorityDeque:
         return item
 
     def _compact_if_mostly_dead(self) -> None:
-        if len(self._high) > 2 * self._size + 16:
+        if len(self._high) + len(self._low) > 4 * self._size + 32:
             self._high = [e for e in self._high if e[2]._queued]
             self._low = [e for e in self._low if e[2]._queued]
             heapq.heapify(self._high)
