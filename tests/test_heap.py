@@ -14,11 +14,11 @@ import weakref
 
 import numpy as np
 import pytest
-from buttress._heap import PriorityDeque as NativeDeque
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
+from buttress._heap import PriorityDeque as NativeDeque
 from buttress.reference.heap import PriorityDeque as TwinDeque
 
 IMPLEMENTATIONS = [pytest.param(NativeDeque, id="native"), pytest.param(TwinDeque, id="twin")]
