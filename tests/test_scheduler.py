@@ -514,11 +514,26 @@ def test_stress_eight_producers_accounting_is_exact(Scheduler):
         with lock:
             outcomes["rejected"] += rejected
 
+    snapshots = []
+    watching = threading.Event()
+
+    def watch():  # the identity must hold in every snapshot, not just at the end
+        while not watching.wait(0.01):
+            snapshots.append(scheduler.stats())
+
     producers = [threading.Thread(target=produce, args=(n,)) for n in range(8)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     for producer in producers:
         producer.start()
     for producer in producers:
         producer.join(120)
+    watching.set()
+    watcher.join(10)
+    assert snapshots
+    for snapshot in snapshots:
+        assert_accounting(snapshot)
+    assert any(s["state"] == "shedding" for s in snapshots)
     summary = scheduler.shutdown(drain=True, timeout=120)
     assert not summary["timed_out"]
     every = [h for mine in handles for h in mine]

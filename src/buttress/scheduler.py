@@ -15,7 +15,8 @@ it falls over:
   refuses the newcomer; ``"reject"`` refuses the newcomer; ``"block"`` waits
   up to ``block_timeout`` seconds for room, then refuses.
 * **Deadlines.**  A task whose ``deadline`` (a ``time.monotonic()`` value) has
-  passed when a worker takes it is not run; its handle raises ``buttress.Expired``.
+  passed when a worker is about to start it is not run; its handle raises
+  ``buttress.Expired``.
 * **Accounting.**  Every ``enqueue`` call ends in exactly one of *rejected*,
   *shed*, *expired*, *cancelled*, *completed*, *failed*; ``stats()`` counts
   them, and ``accepted == shed + expired + cancelled + completed + failed +
@@ -26,12 +27,13 @@ The exact hysteresis rule, shared with ``buttress.distributed`` (docs/scheduler.
 after every change of the queue length ``L``, ``normal -> shedding`` when
 ``L >= high_water`` and ``shedding -> normal`` when ``L <= low_water``.
 
-Throughput: a worker takes a batch of tasks per lock acquisition (up to 64,
-at most its share of the queue), idle workers are woken only when they are
-actually idle, and a handle's completion event is made only if someone waits.
-A task claimed by a worker counts as ``running`` (``cancel()`` returns False)
-even while it waits behind its batch mates; counters of finished tasks are
-folded in when the worker comes back for more work.
+Throughput: a worker claims a batch of tasks per lock acquisition (as many as
+it ran in about a millisecond last time, 1 to 256, at most its share of the
+queue), idle workers are woken only when they are actually idle, and a
+handle's completion event is made only if someone waits.  A claimed task
+counts as ``running`` (``cancel()`` returns False) even while it waits behind
+its batch mates; counters of finished tasks are folded in when the worker
+comes back for more work.
 """
 
 from __future__ import annotations
