@@ -22,9 +22,11 @@ the least important entry, levels alternate min/max, the two children of the
 root hold candidates for the most important.  Items live in a Python list
 indexed by slot (so the garbage collector sees them, cycles included); a slot
 table maps each slot to its heap position, which makes ``remove(handle)``
-O(log n).  A handle is valid while its entry is queued: the slot's ``seq`` must
-match, so a stale handle (popped, removed, cleared) is refused with
-``ValueError`` and can never remove another item.
+O(log n).  A handle names its deque (by id), a slot and the entry's ``seq``; it
+is valid while the entry at that slot's position still carries that ``seq``,
+so a stale handle (popped, removed, cleared, or from another deque) is refused
+with ``ValueError`` and can never remove another item, even when its slot has
+been reused.
 
 Not locked: the GIL makes each call atomic; callers sharing a deque across
 threads (the scheduler) hold their own lock around sequences of calls.
