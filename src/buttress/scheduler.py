@@ -79,14 +79,13 @@ MAX_BATCH = 256
 BATCH_SECONDS = 0.001
 
 _waiter_lock = threading.Lock()  # makes one completion Event per waited-on handle
-_new_handle = object.__new__
 
 
 class TaskHandle:
     """The caller's view of one accepted task: its status, result, or why it did not run."""
 
-    # Made by TaskScheduler.enqueue only, field by field (no __init__: that call is
-    # a measurable share of the cost of a no-op task).
+    # Made by TaskScheduler.enqueue only, field by field: without an __init__,
+    # TaskHandle() never enters Python code, a measurable saving per no-op task.
     __slots__ = ("_entry", "_scheduler", "_status", "_value", "_waiter", "deadline", "priority")
     _scheduler: TaskScheduler
     _value: Any  # the task until it ends, then its result or exception
@@ -291,7 +290,7 @@ class TaskScheduler:
             raise TypeError(f"task must be callable, got {type(task).__name__}: {task!r}")
         if deadline is not None:
             _check_deadline(deadline)
-        handle = _new_handle(TaskHandle)
+        handle = TaskHandle()
         handle._scheduler = self
         handle._value = task
         handle.priority = priority
