@@ -1,5 +1,6 @@
 # The C-level contract of buttress._heap: a double-ended priority queue (a
 # min-max heap) over C arrays, holding Python objects.
+from cpython.ref cimport PyObject
 from libc.stdint cimport uint64_t
 
 
@@ -7,6 +8,7 @@ cdef struct HeapEntry:
     double priority       # larger is more important
     uint64_t seq          # insertion order: among equal priorities, smaller is older
     Py_ssize_t slot       # index into the slot table (and the items list)
+    PyObject* item        # the item, borrowed from the items list (which owns it)
 
 
 cdef class DequeHandle

@@ -17,12 +17,13 @@ raises ``ValueError`` rather than silently colliding with its neighbours.
 NaN raises ``ValueError``; anything else ``TypeError``.  ``1`` and ``1.0`` are
 the same priority.
 
-Layout.  The heap is an array of ``(priority, seq, slot)`` entries: level 0 holds
-the least important entry, levels alternate min/max, the two children of the
-root hold candidates for the most important.  Items live in a Python list
-indexed by slot (so the garbage collector sees them, cycles included); a slot
-table maps each slot to its heap position, which makes ``remove(handle)``
-O(log n).  A handle names its deque (by id), a slot and the entry's ``seq``; it
+Layout.  The heap is an array of ``(priority, seq, slot, item)`` entries:
+level 0 holds the least important entry, levels alternate min/max, the two
+children of the root hold candidates for the most important.  A Python list
+indexed by slot owns the items (so the garbage collector sees them, cycles
+included); the entry borrows the pointer, so a pop finds its item without a
+second cache miss.  A slot table maps each slot to its heap position, which
+makes ``remove(handle)`` O(log n).  A handle names its deque (by id), a slot and the entry's ``seq``; it
 is valid while the entry at that slot's position still carries that ``seq``,
 so a stale handle (popped, removed, cleared, or from another deque) is refused
 with ``ValueError`` and can never remove another item, even when its slot has
@@ -34,7 +35,8 @@ threads (the scheduler) hold their own lock around sequences of calls.
 
 cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE
-from cpython.list cimport PyList_GET_ITEM
+from cpython.list cimport PyList_GET_SIZE, PyList_SET_ITEM
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -358,11 +360,12 @@ cdef class MinMaxHeap:
         cdef uint64_t seq = self.next_seq
         self.free_head = -2 - self.positions[slot]
         self.next_seq = seq + 1
-        self.objects[slot] = item
+        self.objects[slot] = item  # the list owns the reference; the entry borrows it
         self.positions[slot] = position
         self.heap[position].priority = key
         self.heap[position].seq = seq
         self.heap[position].slot = slot
+        self.heap[position].item = <PyObject*>item
         self.size = position + 1
         bubble_up(self.heap, self.positions, position)
         cdef DequeHandle handle = DequeHandle.__new__(DequeHandle)
@@ -380,19 +383,27 @@ cdef class MinMaxHeap:
     cdef object take(self, Py_ssize_t position):
         """Remove the entry at ``position`` and return its item."""
         cdef Py_ssize_t slot = self.heap[position].slot
+        cdef PyObject* item = self.heap[position].item
         cdef Py_ssize_t last = self.size - 1
+        if slot >= PyList_GET_SIZE(self.objects):
+            # Only if the garbage collector has already torn the item list down.
+            raise RuntimeError("PriorityDeque used after the garbage collector cleared it")
         # Start fetching the item now: in a big heap it is a cache miss, and this
         # way it overlaps the walk down the heap instead of following it.
-        prefetch(PyList_GET_ITEM(self.objects, slot))
+        prefetch(item)
         self.size = last
         if position != last:
             place(self.heap, self.positions, position, self.heap[last])
             restore(self.heap, self.positions, position, last)
         self.positions[slot] = -2 - self.free_head
         self.free_head = slot
-        item = self.objects[slot]
-        self.objects[slot] = None  # may run a finaliser: the heap is consistent by now
-        return item
+        result = <object>item
+        # Hand the list's reference back without reading the cell (another miss):
+        # the cell gets None, and the reference the list held is dropped here.
+        Py_INCREF(None)
+        PyList_SET_ITEM(self.objects, slot, None)
+        Py_DECREF(result)  # never the last reference: ``result`` holds one
+        return result
 
     def pop(self):
         """Remove and return the most important item (highest priority, oldest first)."""
@@ -420,13 +431,13 @@ cdef class MinMaxHeap:
         """The most important item, left in place."""
         if self.size == 0:
             raise IndexError("peek at an empty PriorityDeque")
-        return self.objects[self.heap[self.highest()].slot]
+        return <object>self.heap[self.highest()].item
 
     def peek_lowest(self):
         """The least important item, left in place."""
         if self.size == 0:
             raise IndexError("peek_lowest at an empty PriorityDeque")
-        return self.objects[self.heap[0].slot]
+        return <object>self.heap[0].item
 
     @staticmethod
     def priority_key(priority) -> float:
@@ -458,8 +469,7 @@ cdef class MinMaxHeap:
     def items(self):
         """``(priority, item)`` pairs of everything queued, in no particular order (O(n))."""
         cdef Py_ssize_t i
-        return [(self.heap[i].priority, self.objects[self.heap[i].slot])
-                for i in range(self.size)]
+        return [(self.heap[i].priority, <object>self.heap[i].item) for i in range(self.size)]
 
     def clear(self):
         """Drop every entry (outstanding handles become stale) and release the memory."""
