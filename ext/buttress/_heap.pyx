@@ -297,6 +297,9 @@ cdef class DequeHandle:
         return f"<DequeHandle deque={self.deque_id} seq={self.seq}>"
 
 
+# no_gc_clear: the collector breaks cycles through the items list instead, so
+# ``objects`` is never None while the heap still borrows pointers from it.
+@cython.no_gc_clear
 cdef class MinMaxHeap:
     """The native min-max heap behind ``PriorityDeque`` (use that)."""
 
