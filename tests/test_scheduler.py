@@ -384,6 +384,25 @@ def test_draining_an_unstarted_scheduler_runs_its_queue(Scheduler):
     assert summary["completed"] == 10 and [h.result(0) for h in handles] == list(range(10))
 
 
+def test_native_and_twin_run_the_same_tasks_in_the_same_order():
+    rng = random.Random(11)
+    plan = [(rng.randint(-3, 3), i) for i in range(500)]
+    orders = []
+    for cls in (NativeScheduler, TwinScheduler):
+        scheduler = cls(1, high_water=300, low_water=100, max_size=400, shed_below=0)
+        ran, outcomes = [], []
+        for priority, number in plan:
+            try:
+                scheduler.enqueue(lambda number=number: ran.append(number), priority)
+                outcomes.append("accepted")
+            except Rejected:
+                outcomes.append("rejected")
+        summary = scheduler.shutdown(drain=True, timeout=20)
+        orders.append((ran, outcomes, summary["shed"], summary["rejected"]))
+    assert orders[0] == orders[1]
+    assert orders[0][2] > 0 and orders[0][3] > 0  # the plan overflows: sheds and rejects
+
+
 # -- memory ----------------------------------------------------------------------
 
 class Task:
