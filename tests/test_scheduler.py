@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import random
 import threading
@@ -393,7 +394,7 @@ def test_native_and_twin_run_the_same_tasks_in_the_same_order():
         ran, outcomes = [], []
         for priority, number in plan:
             try:
-                scheduler.enqueue(lambda number=number: ran.append(number), priority)
+                scheduler.enqueue(functools.partial(ran.append, number), priority)
                 outcomes.append("accepted")
             except Rejected:
                 outcomes.append("rejected")
