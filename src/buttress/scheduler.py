@@ -370,7 +370,7 @@ class TaskScheduler:
 
     def _cancel(self, handle: TaskHandle) -> bool:
         with self._lock:
-            if handle._status is not QUEUED or handle._scheduler is not self:
+            if handle._status is not QUEUED:
                 return False
             self._queue.remove(handle._entry)
             self._cancelled += 1
