@@ -12,6 +12,9 @@ import weakref
 from concurrent.futures import CancelledError
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import buttress
 from buttress import Expired, Rejected, Shed
@@ -571,3 +574,98 @@ def test_stress_eight_producers_accounting_is_exact(Scheduler):
     assert summary["shed"] > 0 and summary["rejected"] > 0, "the run should exercise overload"
     # Only a strictly more important task evicts, so the top priority is never shed.
     assert not [h for h in every if h.status == "shed" and h.priority == top]
+
+
+# -- the documented admission rule, against a model --------------------------------
+
+class AdmissionModel(RuleBasedStateMachine):
+    """Enqueue and cancel at random; a few lines of model state say what must happen.
+
+    The model is docs/scheduler.md's rule, written out plainly: the Lua copy in
+    buttress.distributed follows the same text.  No workers run, so every
+    change of the queue length is one the test makes.
+    """
+
+    HIGH, LOW, MAX, SHED_BELOW = 6, 2, 9, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.schedulers = None
+        self.queued: list[tuple[int, int]] = []  # (priority, seq) in the model
+        self.handles: dict[int, list] = {}
+        self.state = "normal"
+        self.seq = 0
+
+    @initialize(overflow=st.sampled_from(["shed_lowest", "reject"]))
+    def build(self, overflow):
+        self.overflow = overflow
+        self.schedulers = [cls(1, high_water=self.HIGH, low_water=self.LOW, max_size=self.MAX,
+                               shed_below=self.SHED_BELOW, overflow=overflow)
+                           for cls in (NativeScheduler, TwinScheduler)]
+
+    def transition(self):
+        length = len(self.queued)
+        if self.state == "normal" and length >= self.HIGH:
+            self.state = "shedding"
+        elif self.state == "shedding" and length <= self.LOW:
+            self.state = "normal"
+
+    def expect(self, priority):
+        """What admitting ``priority`` must do: ("rejected"|"accepted", evicted seq or None)."""
+        if self.state == "shedding" and priority < self.SHED_BELOW:
+            return "rejected", None
+        if len(self.queued) >= self.MAX:
+            if self.overflow == "reject":
+                return "rejected", None
+            lowest = min(self.queued, key=lambda e: (e[0], -e[1]))  # newest among equal lowest
+            if lowest[0] < priority:
+                return "accepted", lowest[1]
+            return "rejected", None
+        return "accepted", None
+
+    @rule(priority=st.integers(0, 5))
+    def enqueue(self, priority):
+        outcome, evicted = self.expect(priority)
+        seq = self.seq
+        self.seq += 1
+        got = []
+        for scheduler in self.schedulers:
+            try:
+                got.append(scheduler.enqueue(print, priority))
+            except Rejected as exc:
+                assert exc.state == self.state
+                got.append(None)
+        assert [h is not None for h in got] == [outcome == "accepted"] * 2
+        if evicted is not None:
+            assert [h.status for h in self.handles.pop(evicted)] == ["shed", "shed"]
+            self.queued.remove(next(e for e in self.queued if e[1] == evicted))
+        if outcome == "accepted":
+            self.handles[seq] = got
+            self.queued.append((priority, seq))
+            self.transition()
+
+    @rule(data=st.data())
+    def cancel(self, data):
+        if not self.queued:
+            return
+        entry = data.draw(st.sampled_from(self.queued))
+        assert [h.cancel() for h in self.handles.pop(entry[1])] == [True, True]
+        self.queued.remove(entry)
+        self.transition()
+
+    @invariant()
+    def agrees(self):
+        if self.schedulers is None:
+            return
+        for scheduler in self.schedulers:
+            assert scheduler.state == self.state
+            assert len(scheduler) == len(self.queued)
+            assert_accounting(scheduler.stats())
+
+    def teardown(self):
+        for scheduler in self.schedulers or ():
+            scheduler.shutdown(drain=False)
+
+
+AdmissionModel.TestCase.settings = settings(max_examples=60, stateful_step_count=50)
+TestAdmissionModel = AdmissionModel.TestCase
