@@ -144,8 +144,13 @@ def test_rejected_priorities(Deque, priority, error, match):
         Deque.priority_key(priority)
 
 
-def test_big_ints_would_collide_as_floats_which_is_why_they_are_refused():
-    assert float(2**53) == float(2**53 + 1)  # the silent collision the rule prevents
+def test_ints_up_to_the_limit_keep_their_exact_order(Deque):
+    # float(2**53) == float(2**53 + 1): beyond the limit ints would collide, so they
+    # are refused; up to it, neighbours stay distinct and ordered.
+    d = Deque()
+    for priority in (2**53 - 1, 2**53, 2**53 - 2, -(2**53), -(2**53) + 1):
+        d.push(priority, priority)
+    assert d.pop_many(5) == [2**53, 2**53 - 1, 2**53 - 2, -(2**53) + 1, -(2**53)]
 
 
 # -- handles -------------------------------------------------------------------
