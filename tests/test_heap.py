@@ -7,6 +7,7 @@ native deque, the twin and the oracle through the same random lifecycles.
 from __future__ import annotations
 
 import gc
+import pickle
 import random
 import sys
 import tracemalloc
@@ -203,6 +204,14 @@ def test_a_handle_outlives_its_deque(Deque):
     del d
     gc.collect()
     repr(h)  # no crash; the handle keeps what it needs alive
+
+
+def test_native_handles_cannot_be_pickled_or_forged():
+    d = NativeDeque()
+    h = d.push("x", 1)
+    with pytest.raises(TypeError):
+        pickle.dumps(h)
+    assert d.remove(h) == "x"
 
 
 def test_remove_rejects_non_handles(Deque):

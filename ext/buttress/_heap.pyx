@@ -290,6 +290,7 @@ cdef void restore(HeapEntry* heap, Py_ssize_t* positions, Py_ssize_t i, Py_ssize
 
 
 @cython.freelist(256)
+@cython.auto_pickle(False)  # a handle means nothing outside its process, and must not be forged
 cdef class DequeHandle:
     """Names one queued entry of a PriorityDeque, for ``remove``; opaque otherwise."""
 
@@ -453,7 +454,7 @@ cdef class MinMaxHeap:
 
     cdef bint is_queued(self, DequeHandle handle) noexcept:
         cdef Py_ssize_t position
-        if handle.deque_id != self.deque_id or handle.slot >= self.capacity:
+        if handle.deque_id != self.deque_id or not 0 <= handle.slot < self.capacity:
             return False
         position = self.positions[handle.slot]
         return position >= 0 and self.heap[position].seq == handle.seq
