@@ -224,6 +224,24 @@ def test_remove_rejects_non_handles(Deque):
 
 # -- references and memory -----------------------------------------------------
 
+def assert_no_memory_growth(cycle, *, rounds, limit):
+    """Run ``cycle`` to warm up, then ``rounds`` more times: traced memory must stay flat."""
+    cycle()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        cycle()
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(rounds):
+            cycle()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < limit, f"grew by {after - before} bytes over {rounds} rounds"
+
+
 class Item:
     pass
 
@@ -293,20 +311,7 @@ def test_no_memory_growth_over_many_cycles(Deque):
         while d:  # no clear(): entries taken at one end must not linger at the other
             d.pop()
 
-    cycle()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        cycle()
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(20):
-            cycle()
-        gc.collect()
-        after = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    assert after - before < 64_000, f"grew by {after - before} bytes over 20 cycles"
+    assert_no_memory_growth(cycle, rounds=20, limit=64_000)
 
 
 def test_no_memory_growth_when_only_one_end_is_used(Deque):
@@ -319,20 +324,7 @@ def test_no_memory_growth_when_only_one_end_is_used(Deque):
         while d:
             d.pop_many(64)
 
-    cycle()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        cycle()
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(20):
-            cycle()
-        gc.collect()
-        after = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    assert after - before < 64_000, f"grew by {after - before} bytes over 20 cycles"
+    assert_no_memory_growth(cycle, rounds=20, limit=64_000)
 
 
 # -- stateful: native, twin and a sorted oracle in lockstep ----------------------
