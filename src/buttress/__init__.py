@@ -44,6 +44,10 @@ _LAZY: dict[str, str] = {
     "DedupeStatus": "buttress.dedupe",
     "SQLiteStore": "buttress.dedupe",
     "RedisStore": "buttress.dedupe",
+    # priority task scheduler (native heap)
+    "PriorityDeque": "buttress.scheduler",
+    "TaskScheduler": "buttress.scheduler",
+    "TaskHandle": "buttress.scheduler",
 }
 
 __all__ = [

@@ -25,6 +25,8 @@ _LAZY: dict[str, str] = {
     "hash_key": "buttress.reference.hashing",
     "encode_key": "buttress.reference.hashing",
     "BloomFilter": "buttress.reference.bloom",
+    "PriorityDeque": "buttress.reference.heap",
+    "TaskScheduler": "buttress.reference.scheduler",
 }
 
 __all__ = sorted(_LAZY)
