@@ -24,6 +24,8 @@ from libc.stdint cimport uint32_t, uint64_t
 
 import numpy as np
 
+from buttress._keys import as_key_array  # one rule for numpy keys, shared with the twin
+
 cimport cython
 
 cdef extern from *:
@@ -232,32 +234,6 @@ def encode_key(key):
     raise TypeError(
         f"unsupported key type {type(key).__name__!r}: keys must be str, "
         f"bytes-like or int"
-    )
-
-
-def as_key_array(keys):
-    """Normalise numpy key input to a C-contiguous uint64 or 'S' array.
-
-    Integer arrays of any width become uint64 holding each value's 8-byte
-    encoding; 'S' arrays are returned contiguous.  Anything else is None
-    (the caller then treats ``keys`` as a sequence of Python keys).  Float,
-    object, unicode and other numpy arrays raise ``TypeError``: a silent cast
-    would hash different keys than the caller meant.
-    """
-    if not isinstance(keys, np.ndarray):
-        return None
-    if keys.ndim != 1:
-        raise TypeError(f"key arrays must be one-dimensional, got shape {keys.shape}")
-    kind = keys.dtype.kind
-    if kind == "i":
-        return np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64)
-    if kind == "u":
-        return np.ascontiguousarray(keys, dtype=np.uint64)
-    if kind == "S":
-        return np.ascontiguousarray(keys)
-    raise TypeError(
-        f"unsupported key array dtype {keys.dtype}: use an integer array, a fixed-width "
-        f"bytes array (dtype 'S'), or a list of str/bytes/int keys"
     )
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from buttress._keys import as_key_array
+
 __all__ = ["as_key_array", "encode_key", "hash_key", "xxh64", "xxh64_many"]
 
 _UINT64_MAX = (1 << 64) - 1
@@ -46,25 +48,6 @@ def encode_key(key: Any) -> bytes:
         return (value & _UINT64_MAX).to_bytes(8, "little")
     raise TypeError(
         f"unsupported key type {type(key).__name__!r}: keys must be str, bytes-like or int"
-    )
-
-
-def as_key_array(keys: Any) -> np.ndarray | None:
-    """Normalise numpy key input to a C-contiguous uint64 or 'S' array (see the native twin)."""
-    if not isinstance(keys, np.ndarray):
-        return None
-    if keys.ndim != 1:
-        raise TypeError(f"key arrays must be one-dimensional, got shape {keys.shape}")
-    kind = keys.dtype.kind
-    if kind == "i":
-        return np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64)
-    if kind == "u":
-        return np.ascontiguousarray(keys, dtype=np.uint64)
-    if kind == "S":
-        return np.ascontiguousarray(keys)
-    raise TypeError(
-        f"unsupported key array dtype {keys.dtype}: use an integer array, a fixed-width "
-        f"bytes array (dtype 'S'), or a list of str/bytes/int keys"
     )
 
 

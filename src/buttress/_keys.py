@@ -1,0 +1,39 @@
+"""Numpy key input, normalised once for the native core and its pure-Python twin.
+
+Shared by ``buttress._hash`` (and through it the Bloom filter) and
+``buttress.reference.hashing``, so both read numpy keys by the same rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["as_key_array"]
+
+
+def as_key_array(keys: Any) -> np.ndarray | None:
+    """Normalise numpy key input to a C-contiguous uint64 or 'S' array.
+
+    Integer arrays of any width become uint64 holding each value's 8-byte
+    encoding; 'S' arrays are returned contiguous.  Anything that is not a numpy
+    array gives None (the caller then treats ``keys`` as a sequence of Python
+    keys).  Float, object, unicode and other numpy arrays raise ``TypeError``:
+    a silent cast would hash different keys than the caller meant.
+    """
+    if not isinstance(keys, np.ndarray):
+        return None
+    if keys.ndim != 1:
+        raise TypeError(f"key arrays must be one-dimensional, got shape {keys.shape}")
+    kind = keys.dtype.kind
+    if kind == "i":
+        return np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64)
+    if kind == "u":
+        return np.ascontiguousarray(keys, dtype=np.uint64)
+    if kind == "S":
+        return np.ascontiguousarray(keys)
+    raise TypeError(
+        f"unsupported key array dtype {keys.dtype}: use an integer array, a fixed-width "
+        f"bytes array (dtype 'S'), or a list of str/bytes/int keys"
+    )
