@@ -1,0 +1,958 @@
+"""Distributed fair scheduling over Redis: many workers, fair between tenants.
+
+A :class:`FairQueue` keeps one queue per tenant in Redis and serves them by
+deficit round robin (DRR) with per-tenant weights, so a tenant that floods the
+queue cannot starve the others, while within a tenant higher priority goes
+first (FIFO among equals).  A :class:`Worker` leases tasks, runs the handler
+registered for the task's name with the task's JSON payload, and acknowledges.
+
+>>> queue = FairQueue(redis.Redis(), "emails", high_water=10_000, low_water=5_000,
+...                   lease_ms=30_000)                                  # doctest: +SKIP
+>>> queue.enqueue("send", {"to": "a@example.com"}, tenant="acme")      # doctest: +SKIP
+>>> Worker(queue, handlers={"send": send}).run()                     # doctest: +SKIP
+
+Everything that must be atomic is one Lua script; every key of a queue shares
+the hash tag ``{name}`` so the scripts run on Redis Cluster.  Guarantees:
+
+* **Fairness.** The dequeue script picks the next task by DRR over the ring of
+  tenants that have ready work: a tenant's turn gives it ``weight`` tasks.
+  Concurrent workers call the same script, so no tenant is served twice for one
+  turn or skipped.
+* **Leases.** A leased task belongs to one delivery token.  If its worker dies
+  the lease expires after ``lease_ms`` and the next dequeue puts the task back
+  at the front of its tenant's queue.  Ack and fail compare the token, so a late
+  ack from an expired lease cannot complete a task another worker re-took.
+* **Bounded retries.** A failed task is retried up to ``max_attempts``
+  deliveries in total, then goes to the dead-letter list with its reason
+  (:meth:`FairQueue.dead_letters`).
+* **Backpressure.** The in-process scheduler's hysteresis, kept in Redis: the
+  queue enters SHEDDING when its ready depth reaches ``high_water`` and returns
+  to NORMAL when it has fallen to ``low_water``; while SHEDDING, enqueues with
+  ``priority < shed_priority`` raise :class:`buttress.Rejected`.
+
+Payloads are JSON: no pickled code travels through Redis.  The algorithm, its
+cost and the starvation bound are in ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from buttress.errors import Rejected, StoreUnavailable
+
+__all__ = ["DeadLetter", "FairQueue", "LeasedTask", "Worker", "load_handlers"]
+
+logger = logging.getLogger("buttress.distributed")
+
+# Work an idle worker can be woken for: enqueues push at most this many wake tokens.
+_MAX_WAKE_TOKENS = 64
+# The dequeue script reclaims at most this many expired leases per call (keeps it short).
+_RECLAIM_PER_CALL = 100
+# Sanity bound on DRR visits in one dequeue call (fractional weights rotate without serving).
+_MAX_VISITS = 10_000
+_MIN_WEIGHT = 0.01
+_MAX_PRIORITY = 2**53  # scores are doubles: larger integers would lose their order
+
+
+# --------------------------------------------------------------------------- scripts
+#
+# Every script gets the same KEYS, the queue's fixed keys (FairQueue._keys):
+#   KEYS[1] meta     hash: seq, depth, state, shed_since, counters
+#   KEYS[2] ring     list: tenants with ready work, in DRR order (head = current turn)
+#   KEYS[3] deficit  hash: tenant -> DRR deficit counter
+#   KEYS[4] weights  hash: tenant -> weight (quantum per turn); absent = 1
+#   KEYS[5] leases   zset: task id, score = lease expiry (ms, Redis server time)
+#   KEYS[6] depth    hash: "tenant\npriority" -> ready tasks
+#   KEYS[7] dead     list: dead-lettered task ids, newest first
+#   KEYS[8] done     list: "tenant\nid" of acknowledged tasks (only if completion_log > 0)
+#   KEYS[9] wake     list: tokens that wake idle workers blocked in BLPOP
+# and ARGV[1] = the key prefix "buttress:{name}:", from which the scripts build
+# per-tenant ("t:<tenant>", a zset of task ids scored -priority) and per-task
+# ("task:<id>", a hash) key names.  Those names carry the same hash tag, so they
+# live in the same Redis Cluster slot as the declared keys.
+#
+# Task ids are zero-padded sequence numbers: members with equal score (equal
+# priority) sort by id, which is FIFO order.
+
+_COMMON_LUA = """
+local META, RING, DEFICIT, WEIGHTS, LEASES, DEPTH, DEAD, DONE, WAKE =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local PREFIX = ARGV[1]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function task_key(id) return PREFIX .. 'task:' .. id end
+local function tenant_key(tenant) return PREFIX .. 't:' .. tenant end
+
+-- Put a task into its tenant's queue; a tenant that had no ready work joins the ring's tail.
+local function make_ready(id, tenant, score, priority)
+  local q = tenant_key(tenant)
+  if redis.call('ZADD', q, score, id) == 1 and redis.call('ZCARD', q) == 1 then
+    redis.call('RPUSH', RING, tenant)
+  end
+  redis.call('HINCRBY', DEPTH, tenant .. '\\n' .. priority, 1)
+  redis.call('HINCRBY', META, 'depth', 1)
+  if redis.call('LLEN', WAKE) < """ + str(_MAX_WAKE_TOKENS) + """ then
+    redis.call('RPUSH', WAKE, '1')
+  end
+end
+
+local function dead_letter(id, reason, now, max_dead)
+  local key = task_key(id)
+  redis.call('HSET', key, 'reason', reason, 'dead_at', now)
+  redis.call('HDEL', key, 'lease', 'owner')
+  redis.call('LPUSH', DEAD, id)
+  redis.call('HINCRBY', META, 'dead', 1)
+  if redis.call('LLEN', DEAD) > max_dead then
+    redis.call('DEL', task_key(redis.call('RPOP', DEAD)))
+  end
+end
+"""
+
+
+class _Scripts:
+    """The Lua scripts of a queue (named constants, KEYS as described above)."""
+
+    # ENQUEUE: admit one task unless SHEDDING refuses it; evaluates the hysteresis.
+    # ARGV: 1 prefix, 2 tenant, 3 task name, 4 payload (JSON text), 5 priority (text),
+    #       6 score (-priority), 7 deadline ms ("" = none), 8 sheddable "1"/"0",
+    #       9 high_water, 10 low_water
+    # Returns {"ok", id, depth} or {"rejected", retry_after_ms, depth}.
+    ENQUEUE = _COMMON_LUA + """
+local now = now_ms()
+local high, low = tonumber(ARGV[9]), tonumber(ARGV[10])
+local depth = tonumber(redis.call('HGET', META, 'depth')) or 0
+local leased_total = tonumber(redis.call('HGET', META, 'leased_total')) or 0
+local shedding = redis.call('HGET', META, 'state') == 'shedding'
+local function enter_shedding()
+  redis.call('HSET', META, 'state', 'shedding', 'shed_since', now, 'shed_leased', leased_total)
+  redis.call('HINCRBY', META, 'shed_entries', 1)
+  shedding = true
+end
+if shedding and depth <= low then
+  local since = tonumber(redis.call('HGET', META, 'shed_since')) or now
+  redis.call('HSET', META, 'state', 'normal')
+  redis.call('HINCRBY', META, 'shedding_ms', now - since)
+  shedding = false
+elseif not shedding and depth >= high then
+  enter_shedding()
+end
+if shedding and ARGV[8] == '1' then
+  redis.call('HINCRBY', META, 'rejected', 1)
+  -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
+  local since = tonumber(redis.call('HGET', META, 'shed_since')) or now
+  local drained = leased_total - (tonumber(redis.call('HGET', META, 'shed_leased')) or 0)
+  local retry_ms = 1000
+  if drained > 0 and now > since then
+    retry_ms = (depth - low) * (now - since) / drained
+  end
+  return {'rejected', math.floor(math.min(math.max(retry_ms, 10), 60000)), depth}
+end
+local id = string.format('%015d', redis.call('HINCRBY', META, 'seq', 1))
+redis.call('HSET', task_key(id), 'name', ARGV[3], 'payload', ARGV[4], 'tenant', ARGV[2],
+  'priority', ARGV[5], 'score', ARGV[6], 'deadline', ARGV[7], 'attempts', 0, 'enqueued_at', now)
+make_ready(id, ARGV[2], ARGV[6], ARGV[5])
+redis.call('HINCRBY', META, 'enqueued', 1)
+depth = depth + 1
+if not shedding and depth >= high then enter_shedding() end
+return {'ok', id, depth}
+"""
+
+    # LEASE: acknowledge finished tasks, reclaim expired leases, then lease up to
+    # `count` tasks by deficit round robin -- one round trip for a worker's whole cycle.
+    # ARGV: 1 prefix, 2 lease_ms, 3 max_attempts, 4 max_dead_letters, 5 completion_log,
+    #       6 token (new delivery token), 7 owner (worker name), 8 count, 9 n_acks,
+    #       then n_acks pairs (task id, its delivery token)
+    # Returns {stale_ack_ids, task, task, ...}; task = {id, name, payload, tenant,
+    #         priority, attempts, deadline}.
+    LEASE = _COMMON_LUA + """
+local now = now_ms()
+local lease_ms, max_attempts = tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_dead, done_max = tonumber(ARGV[4]), tonumber(ARGV[5])
+local token, owner, count, n_acks = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+
+-- 1. Acknowledgements, each owner-checked by its delivery token.
+local stale = {}
+for i = 0, n_acks - 1 do
+  local id, tok = ARGV[10 + 2 * i], ARGV[11 + 2 * i]
+  local key = task_key(id)
+  local t = redis.call('HMGET', key, 'lease', 'tenant')
+  if t[1] == tok then
+    redis.call('ZREM', LEASES, id)
+    redis.call('DEL', key)
+    redis.call('HINCRBY', META, 'completed', 1)
+    if done_max > 0 then
+      redis.call('RPUSH', DONE, t[2] .. '\\n' .. id)
+      if redis.call('LLEN', DONE) > done_max then redis.call('LPOP', DONE) end
+    end
+  else
+    stale[#stale + 1] = id
+    redis.call('HINCRBY', META, 'stale_acks', 1)
+  end
+end
+
+-- 2. Expired leases: back to the front of their tenant's queue, or dead after the last attempt.
+local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, """ + str(
+        _RECLAIM_PER_CALL) + """)
+for _, id in ipairs(expired) do
+  redis.call('ZREM', LEASES, id)
+  local key = task_key(id)
+  local t = redis.call('HMGET', key, 'tenant', 'score', 'priority', 'attempts')
+  if t[1] then
+    redis.call('HDEL', key, 'lease', 'owner')
+    redis.call('HINCRBY', META, 'redelivered', 1)
+    if tonumber(t[4]) >= max_attempts then
+      dead_letter(id, 'lease expired on attempt ' .. t[4] .. ' of ' .. max_attempts ..
+        ' (worker lost or handler slower than lease_ms)', now, max_dead)
+    else
+      make_ready(id, t[1], t[2], t[3])
+    end
+  end
+end
+
+-- 3. Deficit round robin.  The ring's head is the tenant whose turn it is; a turn
+-- starts (deficit < 1) by adding its quantum (weight), each lease costs 1, and the
+-- tenant goes to the tail when its deficit is spent or leaves when it has no work.
+local out = {stale}
+local visits = 0
+while #out - 1 < count and visits < """ + str(_MAX_VISITS) + """ do
+  visits = visits + 1
+  local tenant = redis.call('LINDEX', RING, 0)
+  if not tenant then break end
+  local deficit = tonumber(redis.call('HGET', DEFICIT, tenant)) or 0
+  if deficit < 1 then
+    deficit = deficit + (tonumber(redis.call('HGET', WEIGHTS, tenant)) or 1)
+  end
+  local q = tenant_key(tenant)
+  if deficit >= 1 then
+    local popped = redis.call('ZPOPMIN', q)
+    local id = popped[1]
+    if id then
+      local key = task_key(id)
+      local t = redis.call('HMGET', key, 'name', 'payload', 'priority', 'deadline', 'attempts')
+      if t[1] then
+        local field = tenant .. '\\n' .. t[3]
+        if redis.call('HINCRBY', DEPTH, field, -1) <= 0 then redis.call('HDEL', DEPTH, field) end
+        redis.call('HINCRBY', META, 'depth', -1)
+        if t[4] ~= '' and tonumber(t[4]) <= now then
+          redis.call('HINCRBY', META, 'expired', 1)
+          dead_letter(id, 'expired: deadline passed before the task started', now, max_dead)
+        else
+          deficit = deficit - 1
+          local attempts = tonumber(t[5]) + 1
+          redis.call('HSET', key, 'attempts', attempts, 'lease', token, 'owner', owner,
+            'leased_at', now)
+          redis.call('ZADD', LEASES, now + lease_ms, id)
+          redis.call('HINCRBY', META, 'leased_total', 1)
+          out[#out + 1] = {id, t[1], t[2], tenant, t[3], attempts, t[4]}
+        end
+      end
+    end
+  end
+  if redis.call('ZCARD', q) == 0 then
+    redis.call('LPOP', RING)
+    redis.call('HDEL', DEFICIT, tenant)
+  else
+    redis.call('HSET', DEFICIT, tenant, deficit)
+    if deficit < 1 then redis.call('RPUSH', RING, redis.call('LPOP', RING)) end
+  end
+end
+if redis.call('LLEN', RING) == 0 then redis.call('DEL', WAKE) end
+return out
+"""
+
+    # FAIL: owner-checked; retry (back to the front of its tenant's queue) while
+    # attempts < max_attempts and the failure is retryable, else dead-letter.
+    # ARGV: 1 prefix, 2 max_attempts, 3 max_dead_letters, 4 task id, 5 token,
+    #       6 reason, 7 retryable "1"/"0"
+    # Returns "retried", "dead" or "stale".
+    FAIL = _COMMON_LUA + """
+local now = now_ms()
+local id, key = ARGV[4], task_key(ARGV[4])
+local t = redis.call('HMGET', key, 'lease', 'tenant', 'score', 'priority', 'attempts')
+if t[1] ~= ARGV[5] then
+  redis.call('HINCRBY', META, 'stale_acks', 1)
+  return 'stale'
+end
+redis.call('ZREM', LEASES, id)
+redis.call('HDEL', key, 'lease', 'owner')
+redis.call('HSET', key, 'last_error', ARGV[6])
+redis.call('HINCRBY', META, 'failed', 1)
+if ARGV[7] == '1' and tonumber(t[5]) < tonumber(ARGV[2]) then
+  redis.call('HINCRBY', META, 'retried', 1)
+  make_ready(id, t[2], t[3], t[4])
+  return 'retried'
+end
+dead_letter(id, ARGV[6], now, tonumber(ARGV[3]))
+return 'dead'
+"""
+
+    # RENEW: extend the leases still held by their tokens (long-running handlers).
+    # ARGV: 1 prefix, 2 lease_ms, then pairs (task id, token).  Returns how many renewed.
+    RENEW = _COMMON_LUA + """
+local now, renewed = now_ms(), 0
+for i = 3, #ARGV, 2 do
+  if redis.call('HGET', task_key(ARGV[i]), 'lease') == ARGV[i + 1] then
+    redis.call('ZADD', LEASES, now + tonumber(ARGV[2]), ARGV[i])
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class LeasedTask:
+    """A task delivered to a worker under a lease (``token`` proves ownership)."""
+
+    id: str
+    task_name: str
+    payload_json: str
+    tenant: str
+    priority: int | float
+    attempts: int
+    deadline: float | None
+    token: str
+
+    def payload(self) -> Any:
+        """The decoded JSON payload."""
+        return json.loads(self.payload_json)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A task that will not run again, and why."""
+
+    id: str
+    task_name: str
+    tenant: str
+    priority: int | float
+    payload: Any
+    attempts: int
+    reason: str
+    last_error: str | None
+    dead_at: float  # Unix time, from the Redis server's clock
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+class FairQueue:
+    """A multi-tenant task queue in Redis, served fairly by deficit round robin.
+
+    ``high_water`` / ``low_water`` set the backpressure hysteresis on the number
+    of *ready* (queued, not leased) tasks; ``shed_priority``: while SHEDDING,
+    enqueues with a lower priority are refused.  ``lease_ms`` is how long a
+    worker owns a delivered task before it is redelivered; ``max_attempts``
+    bounds deliveries before a task is dead-lettered.  ``weights`` (tenant ->
+    positive number, default 1) are stored in Redis, shared by every process
+    using the queue; the last writer wins.  ``completion_log`` > 0 keeps the last
+    that many acknowledged ``(tenant, id)`` pairs for audit
+    (:meth:`completions`).
+
+    Producers and workers of one queue should be built with the same settings:
+    each process passes its own water marks and lease length to the scripts.
+    """
+
+    def __init__(
+        self,
+        redis_client: Any,
+        name: str,
+        *,
+        high_water: int = 10_000,
+        low_water: int = 5_000,
+        lease_ms: int = 30_000,
+        weights: Mapping[str, float] | None = None,
+        shed_priority: int | float = 1,
+        max_attempts: int = 3,
+        max_dead_letters: int = 10_000,
+        completion_log: int = 0,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        if "{" in name or "}" in name:
+            raise ValueError(
+                f"name must not contain '{{' or '}}' (it is the hash tag), got {name!r}")
+        _check_int("high_water", high_water, minimum=1)
+        _check_int("low_water", low_water, minimum=0)
+        if low_water >= high_water:
+            raise ValueError(
+                f"low_water must be < high_water, got low_water={low_water!r}, "
+                f"high_water={high_water!r}")
+        _check_int("lease_ms", lease_ms, minimum=1)
+        _check_priority("shed_priority", shed_priority)
+        _check_int("max_attempts", max_attempts, minimum=1)
+        _check_int("max_dead_letters", max_dead_letters, minimum=1)
+        _check_int("completion_log", completion_log, minimum=0)
+        if not callable(getattr(redis_client, "register_script", None)):
+            raise TypeError(
+                f"redis_client must be a redis-py client (redis.Redis or RedisCluster), "
+                f"got {type(redis_client).__name__}")
+        self.redis = redis_client
+        self.name = name
+        self.high_water = high_water
+        self.low_water = low_water
+        self.lease_ms = lease_ms
+        self.shed_priority = shed_priority
+        self.max_attempts = max_attempts
+        self.max_dead_letters = max_dead_letters
+        self.completion_log = completion_log
+        self.prefix = f"buttress:{{{name}}}:"
+        self._keys = [self.prefix + k for k in
+                      ("meta", "ring", "deficit", "weights", "leases", "depth", "dead", "done",
+                       "wake")]
+        self._enqueue_script = redis_client.register_script(_Scripts.ENQUEUE)
+        self._lease_script = redis_client.register_script(_Scripts.LEASE)
+        self._fail_script = redis_client.register_script(_Scripts.FAIL)
+        self._renew_script = redis_client.register_script(_Scripts.RENEW)
+        if weights is not None:
+            self.set_weights(weights)
+
+    # ---------------------------------------------------------------- producers
+
+    def enqueue(
+        self,
+        task_name: str,
+        payload: Any,
+        *,
+        tenant: str,
+        priority: int | float = 0,
+        deadline: float | None = None,
+    ) -> str:
+        """Queue a task for ``tenant`` and return its id.
+
+        ``payload`` must be JSON-serialisable (``TypeError`` otherwise; NaN and
+        infinities are ``ValueError``).  ``priority``: larger runs first within
+        the tenant.  ``deadline``: Unix time (``time.time()`` scale, compared
+        with the Redis server's clock) after which the task is not started but
+        dead-lettered as expired.  Raises :class:`buttress.Rejected` while the
+        queue is SHEDDING and ``priority < shed_priority``, and
+        :class:`buttress.StoreUnavailable` when Redis cannot be reached.
+        """
+        if not isinstance(task_name, str) or not task_name:
+            raise TypeError(f"task_name must be a non-empty str, got {task_name!r}")
+        if not isinstance(tenant, str):
+            raise TypeError(f"tenant must be a str, got {tenant!r}")
+        if not tenant:
+            raise ValueError("tenant must be a non-empty str, got ''")
+        _check_priority("priority", priority)
+        deadline_ms = ""
+        if deadline is not None:
+            if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
+                raise TypeError(
+                    f"deadline must be a Unix time in seconds or None, got {deadline!r}")
+            if not math.isfinite(deadline) or deadline < 1e9:
+                raise ValueError(
+                    f"deadline must be a Unix time (time.time() + seconds), got {deadline!r}; "
+                    "a time.monotonic() value means nothing to other machines")
+            deadline_ms = str(int(deadline * 1000))
+        try:
+            payload_json = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+        except TypeError as exc:
+            raise TypeError(f"payload must be JSON-serialisable: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"payload must be JSON-serialisable: {exc}") from None
+        sheddable = "1" if priority < self.shed_priority else "0"
+        with self._store():
+            reply = self._enqueue_script(keys=self._keys, args=[
+                self.prefix, tenant, task_name, payload_json, _number_text(priority),
+                _number_text(-priority), deadline_ms, sheddable, self.high_water,
+                self.low_water])
+        status = _text(reply[0])
+        if status == "rejected":
+            raise Rejected(
+                f"queue {self.name!r} is shedding (ready depth {int(reply[2])} reached "
+                f"high_water={self.high_water}; priority {priority!r} < "
+                f"shed_priority={self.shed_priority!r})",
+                state="shedding", retry_after=int(reply[1]) / 1000.0)
+        return _text(reply[1])
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Set DRR weights (tenant -> quantum per turn, >= 0.01) for everyone using the queue."""
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a mapping of tenant -> weight, got {weights!r}")
+        checked: dict[str, str] = {}
+        for tenant, weight in weights.items():
+            if not isinstance(tenant, str) or not tenant:
+                raise ValueError(f"weights keys must be non-empty tenant names, got {tenant!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError(f"weights[{tenant!r}] must be a number, got {weight!r}")
+            if not math.isfinite(weight) or weight < _MIN_WEIGHT:
+                raise ValueError(
+                    f"weights[{tenant!r}] must be finite and >= {_MIN_WEIGHT}, got {weight!r}")
+            checked[tenant] = _number_text(weight)
+        if checked:
+            with self._store():
+                self.redis.hset(self._keys[3], mapping=checked)
+
+    # ---------------------------------------------------------------- consumers
+
+    def lease(self, count: int = 1, *, owner: str = "") -> list[LeasedTask]:
+        """Lease up to ``count`` tasks, fairly across tenants (empty list: nothing ready)."""
+        _check_int("count", count, minimum=1)
+        return self._lease_and_ack((), count, owner)[1]
+
+    def ack(self, task: LeasedTask) -> bool:
+        """Complete a leased task; False if the lease was lost (expired and re-taken)."""
+        stale, _ = self._lease_and_ack((task,), 0, "")
+        return not stale
+
+    def fail(self, task: LeasedTask, reason: str, *, retry: bool = True) -> str:
+        """Record a failed delivery: ``"retried"``, ``"dead"`` (dead-lettered) or ``"stale"``.
+
+        The task is retried while ``retry`` and it has had fewer than
+        ``max_attempts`` deliveries, otherwise dead-lettered with ``reason``.
+        """
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a str, got {reason!r}")
+        with self._store():
+            reply = self._fail_script(keys=self._keys, args=[
+                self.prefix, self.max_attempts, self.max_dead_letters, task.id, task.token,
+                reason, "1" if retry else "0"])
+        return _text(reply)
+
+    def renew(self, tasks: Iterable[LeasedTask]) -> int:
+        """Extend the leases of tasks still owned by their tokens; return how many."""
+        args: list[Any] = [self.prefix, self.lease_ms]
+        for task in tasks:
+            args += [task.id, task.token]
+        if len(args) == 2:
+            return 0
+        with self._store():
+            return int(self._renew_script(keys=self._keys, args=args))
+
+    # ---------------------------------------------------------------- inspection
+
+    def stats(self) -> dict[str, Any]:
+        """Depth per tenant and priority, state, lease and dead-letter counts, counters."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self._keys[0])
+        pipe.hgetall(self._keys[5])
+        pipe.zcard(self._keys[4])
+        pipe.llen(self._keys[6])
+        pipe.llen(self._keys[1])
+        with self._store():
+            meta_raw, depth_raw, leased, dead, active = pipe.execute()
+        meta = {_text(k): _text(v) for k, v in meta_raw.items()}
+        by_tenant: dict[str, dict[int | float, int]] = {}
+        for field, value in depth_raw.items():
+            tenant, _, priority = _text(field).rpartition("\n")
+            by_tenant.setdefault(tenant, {})[_parse_number(priority)] = int(value)
+        state = meta.get("state", "normal")
+        shedding_ms = int(meta.get("shedding_ms", 0))
+        counters = ("enqueued", "rejected", "completed", "failed", "retried", "redelivered",
+                    "expired", "dead", "stale_acks", "shed_entries")
+        return {
+            "queue": self.name,
+            "state": state,
+            "depth": int(meta.get("depth", 0)),
+            "depth_by_tenant": {t: sum(p.values()) for t, p in sorted(by_tenant.items())},
+            "depth_by_tenant_priority": {t: dict(sorted(p.items(), reverse=True))
+                                         for t, p in sorted(by_tenant.items())},
+            "leased": int(leased),
+            "dead_letters": int(dead),
+            "active_tenants": int(active),
+            "high_water": self.high_water,
+            "low_water": self.low_water,
+            "shedding_seconds": shedding_ms / 1000.0,
+            **{name: int(meta.get(name, 0)) for name in counters},
+        }
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest ``limit`` dead-lettered tasks, newest first."""
+        _check_int("limit", limit, minimum=1)
+
+        with self._store():
+            ids = self.redis.lrange(self._keys[6], 0, limit - 1)
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hgetall(self.prefix + "task:" + _text(task_id))
+            records = pipe.execute()
+        letters = []
+        for task_id, raw in zip(ids, records, strict=True):
+            record = {_text(k): _text(v) for k, v in raw.items()}
+            if not record:
+                continue  # trimmed between the two reads
+            letters.append(DeadLetter(
+                id=_text(task_id),
+                task_name=record.get("name", ""),
+                tenant=record.get("tenant", ""),
+                priority=_parse_number(record.get("priority", "0")),
+                payload=json.loads(record["payload"]) if "payload" in record else None,
+                attempts=int(record.get("attempts", 0)),
+                reason=record.get("reason", ""),
+                last_error=record.get("last_error"),
+                dead_at=int(record.get("dead_at", 0)) / 1000.0,
+            ))
+        return letters
+
+    def completions(self, limit: int | None = None) -> list[tuple[str, str]]:
+        """Acknowledged ``(tenant, task id)`` pairs in ack order (needs ``completion_log``)."""
+        end = -1 if limit is None else limit - 1
+        with self._store():
+            raw = self.redis.lrange(self._keys[7], 0, end)
+        pairs = []
+        for entry in raw:
+            tenant, _, task_id = _text(entry).rpartition("\n")
+            pairs.append((tenant, task_id))
+        return pairs
+
+    def __repr__(self) -> str:
+        return (f"FairQueue(name={self.name!r}, high_water={self.high_water}, "
+                f"low_water={self.low_water}, lease_ms={self.lease_ms})")
+
+    # ---------------------------------------------------------------- I/O helpers
+
+    def _lease_and_ack(
+        self, acks: Iterable[LeasedTask], count: int, owner: str
+    ) -> tuple[list[str], list[LeasedTask]]:
+        """One round trip: ack ``acks``, then lease up to ``count`` tasks."""
+        token = os.urandom(8).hex()
+        args: list[Any] = [self.prefix, self.lease_ms, self.max_attempts, self.max_dead_letters,
+                           self.completion_log, token, owner, count, 0]
+        for task in acks:
+            args += [task.id, task.token]
+        args[8] = (len(args) - 9) // 2
+        with self._store():
+            reply = self._lease_script(keys=self._keys, args=args)
+        stale = [_text(i) for i in reply[0]]
+        tasks = [
+            LeasedTask(
+                id=_text(task_id), task_name=_text(name), payload_json=_text(payload),
+                tenant=_text(tenant), priority=_parse_number(_text(priority)),
+                attempts=int(attempts),
+                deadline=int(deadline) / 1000.0 if deadline not in (b"", "") else None,
+                token=token,
+            )
+            for task_id, name, payload, tenant, priority, attempts, deadline in reply[1:]
+        ]
+        return stale, tasks
+
+    def _wait_for_work(self, timeout: float) -> None:
+        """Block up to ``timeout`` seconds until an enqueue leaves a wake token."""
+        with self._store():
+            self.redis.blpop([self._keys[8]], timeout=timeout)
+
+    @contextlib.contextmanager
+    def _store(self) -> Iterator[None]:
+        """Turn Redis connection failures into StoreUnavailable (nothing was done)."""
+        import redis.exceptions as errors
+
+        try:
+            yield
+        except (errors.ConnectionError, errors.TimeoutError) as exc:
+            raise StoreUnavailable(
+                f"Redis unreachable for queue {self.name!r}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+class Worker:
+    """Runs tasks from a :class:`FairQueue` with registered handlers.
+
+    ``handlers`` maps task names to callables taking the task's payload.  A
+    handler that raises fails the delivery (retried up to ``max_attempts``); a
+    task whose name has no handler is dead-lettered with the reason and the
+    worker keeps going.  ``concurrency`` threads each lease ``prefetch`` tasks
+    per round trip; an acknowledgement rides on the next lease call.
+
+    :meth:`run` blocks until :meth:`stop` (from another thread) or SIGTERM /
+    SIGINT (when run in the main thread: the first signal drains, a second one
+    stops at once).  When Redis is unreachable the worker backs off with jitter
+    and resumes when it returns.
+    """
+
+    def __init__(
+        self,
+        queue: FairQueue,
+        handlers: Mapping[str, Callable[[Any], Any]],
+        *,
+        concurrency: int = 1,
+        prefetch: int = 1,
+        idle_wait: float = 0.5,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(queue, FairQueue):
+            raise TypeError(f"queue must be a FairQueue, got {type(queue).__name__}")
+        if not isinstance(handlers, Mapping) or not handlers:
+            raise TypeError(f"handlers must be a non-empty mapping of task name -> callable, "
+                            f"got {handlers!r}")
+        for task_name, handler in handlers.items():
+            if not isinstance(task_name, str) or not callable(handler):
+                raise TypeError(f"handlers[{task_name!r}] must map a str to a callable, "
+                                f"got {handler!r}")
+        _check_int("concurrency", concurrency, minimum=1)
+        _check_int("prefetch", prefetch, minimum=1)
+        if not isinstance(idle_wait, (int, float)) or not 0 < idle_wait <= 60:
+            raise ValueError(f"idle_wait must be in (0, 60] seconds, got {idle_wait!r}")
+        self.queue = queue
+        self.handlers = dict(handlers)
+        self.concurrency = concurrency
+        self.prefetch = prefetch
+        self.idle_wait = float(idle_wait)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._draining = threading.Event()  # stop leasing, finish what is held
+        self._halt = threading.Event()  # stop now
+        self._finished = threading.Event()
+        self._started = False
+        self._lock = threading.Lock()
+        self._running: dict[str, tuple[LeasedTask, float]] = {}
+        self._counts = dict.fromkeys(
+            ("completed", "failed", "retried", "dead_lettered", "unknown_task", "stale_acks",
+             "store_errors"), 0)
+        self._jitter = random.Random()
+
+    def run(self) -> dict[str, Any]:
+        """Serve tasks until stopped; return :meth:`stats`."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("Worker.run() can only be called once")
+            self._started = True
+        restore = self._install_signal_handlers()
+        threads = [threading.Thread(target=self._serve, name=f"buttress-worker-{i}", daemon=True)
+                   for i in range(self.concurrency)]
+        logger.info("worker %s serving queue %r with %d thread(s)", self.name, self.queue.name,
+                    self.concurrency)
+        try:
+            for thread in threads:
+                thread.start()
+            renew_every = self.queue.lease_ms / 3000.0
+            while any(t.is_alive() for t in threads) and not self._halt.is_set():
+                # Short waits keep the main thread responsive to signals.
+                self._halt.wait(min(renew_every, 0.2))
+                self._renew_long_running(renew_every)
+            if not self._halt.is_set():
+                for thread in threads:
+                    thread.join()
+        finally:
+            self._finished.set()
+            restore()
+        logger.info("worker %s stopped: %s", self.name, self._counts)
+        return self.stats()
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop leasing; with ``drain`` finish and acknowledge the tasks held, else return now.
+
+        Without drain, tasks still running are left to their leases: if this
+        process exits they are redelivered after ``lease_ms``.
+        """
+        self._draining.set()
+        if not drain:
+            self._halt.set()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+            running = len(self._running)
+        return {"worker": self.name, "queue": self.queue.name, "running": running,
+                "draining": self._draining.is_set(), "stopped": self._finished.is_set(),
+                **counts}
+
+    # ---------------------------------------------------------------- internals
+
+    def _serve(self) -> None:
+        done: list[LeasedTask] = []
+        failures = 0
+        while not self._halt.is_set():
+            draining = self._draining.is_set()
+            if draining and not done:
+                return
+            try:
+                stale, tasks = self.queue._lease_and_ack(
+                    done, 0 if draining else self.prefetch, self.name)
+            except StoreUnavailable as exc:
+                failures += 1
+                self._count("store_errors")
+                self._backoff(failures, exc)
+                continue
+            if failures:
+                logger.info("worker %s: Redis reachable again", self.name)
+                failures = 0
+            if stale:
+                self._count("stale_acks", len(stale))
+                logger.warning("worker %s: %d ack(s) came after the lease was lost: %s",
+                               self.name, len(stale), stale)
+            done = []
+            if not tasks:
+                if not draining:
+                    self._idle()
+                continue
+            for task in tasks:
+                if self._halt.is_set():
+                    return
+                if self._execute(task):
+                    done.append(task)
+
+    def _execute(self, task: LeasedTask) -> bool:
+        """Run one task; True if it succeeded and must be acknowledged."""
+        handler = self.handlers.get(task.task_name)
+        if handler is None:
+            known = ", ".join(sorted(self.handlers))
+            self._count("unknown_task")
+            self._report_failure(task, f"unknown task name {task.task_name!r} (worker "
+                                       f"{self.name} handles: {known})", retry=False)
+            return False
+        try:
+            payload = task.payload()
+        except ValueError as exc:
+            self._report_failure(task, f"payload is not valid JSON: {exc}", retry=False)
+            return False
+        with self._lock:
+            self._running[task.id] = (task, time.monotonic())
+        try:
+            handler(payload)
+        except Exception as exc:
+            logger.warning("task %s %r (tenant %r, attempt %d) failed: %s: %s", task.id,
+                           task.task_name, task.tenant, task.attempts, type(exc).__name__, exc,
+                           exc_info=logger.isEnabledFor(logging.DEBUG))
+            self._report_failure(task, f"{type(exc).__name__}: {exc}"[:2000], retry=True)
+            return False
+        finally:
+            with self._lock:
+                self._running.pop(task.id, None)
+        self._count("completed")
+        return True
+
+    def _report_failure(self, task: LeasedTask, reason: str, *, retry: bool) -> None:
+        self._count("failed")
+        failures = 0
+        deadline = time.monotonic() + self.queue.lease_ms / 1000.0
+        while not self._halt.is_set():
+            try:
+                outcome = self.queue.fail(task, reason, retry=retry)
+            except StoreUnavailable as exc:
+                failures += 1
+                self._count("store_errors")
+                if time.monotonic() > deadline:
+                    logger.warning("worker %s: gave up reporting failure of task %s; its lease "
+                                   "expires and it is redelivered", self.name, task.id)
+                    return
+                self._backoff(failures, exc)
+                continue
+            if outcome == "retried":
+                self._count("retried")
+            elif outcome == "dead":
+                self._count("dead_lettered")
+                logger.warning("task %s %r dead-lettered: %s", task.id, task.task_name, reason)
+            else:
+                self._count("stale_acks")
+            return
+
+    def _idle(self) -> None:
+        # A failure here shows again in the next lease call, which reports it and backs off.
+        with contextlib.suppress(StoreUnavailable):
+            self.queue._wait_for_work(self.idle_wait)
+
+    def _backoff(self, failures: int, exc: Exception) -> None:
+        delay = min(5.0, 0.05 * 2 ** min(failures, 10))
+        delay *= self._jitter.uniform(0.5, 1.0)  # jitter: workers do not return in lockstep
+        if failures == 1:
+            logger.warning("worker %s: %s; backing off", self.name, exc)
+        self._halt.wait(delay)
+
+    def _renew_long_running(self, older_than: float) -> None:
+        cutoff = time.monotonic() - older_than
+        with self._lock:
+            held = [task for task, started in self._running.values() if started < cutoff]
+        if held:
+            try:
+                self.queue.renew(held)
+            except StoreUnavailable as exc:
+                logger.warning("worker %s: could not renew %d lease(s): %s", self.name,
+                               len(held), exc)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        signals = (signal.SIGTERM, signal.SIGINT)
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            drain = not self._draining.is_set()
+            logger.info("worker %s: %s, %s", self.name, signal.Signals(signum).name,
+                        "draining" if drain else "stopping now")
+            self.stop(drain=drain)
+
+        previous = {s: signal.signal(s, on_signal) for s in signals}
+
+        def restore() -> None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+        return restore
+
+
+def load_handlers(spec: str) -> Mapping[str, Callable[[Any], Any]]:
+    """Import ``"package.module:object"`` and return it as a handler mapping.
+
+    The object is a mapping of task name -> callable (or a callable returning one).
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"handlers must look like 'package.module:object', got {spec!r}")
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    if callable(target) and not isinstance(target, Mapping):
+        target = target()
+    if not isinstance(target, Mapping):
+        raise TypeError(f"{spec} must be a mapping of task name -> callable, "
+                        f"got {type(target).__name__}")
+    return target
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_int(argument: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{argument} must be >= {minimum}, got {value!r}")
+
+
+def _check_priority(argument: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument} must be an int or float, got {value!r}")
+    if not math.isfinite(value) or abs(value) > _MAX_PRIORITY:
+        raise ValueError(f"{argument} must be finite and within +-2**53, got {value!r}")
+
+
+def _number_text(value: int | float) -> str:
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def _parse_number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
