@@ -37,6 +37,7 @@ cost and the starvation bound are in ``docs/distributed.md``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
@@ -51,6 +52,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from buttress.errors import Rejected, StoreUnavailable
 
@@ -70,28 +75,34 @@ _MAX_PRIORITY = 2**53  # scores are doubles: larger integers would lose their or
 
 # --------------------------------------------------------------------------- scripts
 #
-# Every script gets the same KEYS, the queue's fixed keys (FairQueue._keys):
-#   KEYS[1] meta     hash: seq, depth, state, shed_since, counters
-#   KEYS[2] ring     list: tenants with ready work, in DRR order (head = current turn)
-#   KEYS[3] deficit  hash: tenant -> DRR deficit counter
-#   KEYS[4] weights  hash: tenant -> weight (quantum per turn); absent = 1
-#   KEYS[5] leases   zset: task id, score = lease expiry (ms, Redis server time)
-#   KEYS[6] depth    hash: "tenant\npriority" -> ready tasks
-#   KEYS[7] dead     list: dead-lettered task ids, newest first
-#   KEYS[8] done     list: "tenant\nid" of acknowledged tasks (only if completion_log > 0)
-#   KEYS[9] wake     list: tokens that wake idle workers blocked in BLPOP
-# and ARGV[1] = the key prefix "buttress:{name}:", from which the scripts build
-# per-tenant ("t:<tenant>", a zset of task ids scored -priority) and per-task
-# ("task:<id>", a hash) key names.  Those names carry the same hash tag, so they
-# live in the same Redis Cluster slot as the declared keys.
+# Every script gets one declared key, KEYS[1] = "buttress:{<name>}:meta", and
+# builds the queue's other key names from its prefix "buttress:{<name>}:":
+#   meta     hash: seq, depth, state, shed_since, counters
+#   ring     list: tenants with ready work, in DRR order (head = current turn)
+#   deficit  hash: tenant -> DRR deficit counter
+#   weights  hash: tenant -> weight (quantum per turn); absent = 1
+#   leases   zset: task id, score = lease expiry (ms, Redis server time)
+#   depth    hash: "tenant\npriority" -> ready tasks
+#   dead     list: dead-lettered task ids, newest first
+#   done     list: "tenant\nid" of acknowledged tasks (only if completion_log > 0)
+#   wake     list: tokens that wake idle workers blocked in BLPOP
+#   t:<tenant>  zset: the tenant's ready task ids, score = -priority
+#   task:<id>   hash: name, payload, tenant, priority, score, deadline, attempts, lease, ...
+# Which tenant and task keys a call touches is only known inside the script (DRR
+# picks the tenant), so they cannot all be declared; every one carries the hash
+# tag {<name>}, so all live in KEYS[1]'s Redis Cluster slot, which is what
+# Redis Cluster requires of a script.  (One declared key also keeps each call
+# small: the enqueue is one EVALSHA of 8 arguments.)
 #
 # Task ids are zero-padded sequence numbers: members with equal score (equal
 # priority) sort by id, which is FIFO order.
 
 _COMMON_LUA = """
-local META, RING, DEFICIT, WEIGHTS, LEASES, DEPTH, DEAD, DONE, WAKE =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local PREFIX = ARGV[1]
+local META = KEYS[1]
+local PREFIX = string.sub(META, 1, -5)  -- strip "meta"
+local RING, DEFICIT, WEIGHTS = PREFIX .. 'ring', PREFIX .. 'deficit', PREFIX .. 'weights'
+local LEASES, DEPTH, DEAD = PREFIX .. 'leases', PREFIX .. 'depth', PREFIX .. 'dead'
+local DONE, WAKE = PREFIX .. 'done', PREFIX .. 'wake'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -128,16 +139,16 @@ end
 
 
 class _Scripts:
-    """The Lua scripts of a queue (named constants, KEYS as described above)."""
+    """The Lua scripts of a queue (named constants; KEYS[1] is the meta key, see above)."""
 
     # ENQUEUE: admit one task unless SHEDDING refuses it; evaluates the hysteresis.
-    # ARGV: 1 prefix, 2 tenant, 3 task name, 4 payload (JSON text), 5 priority (text),
-    #       6 score (-priority), 7 deadline ms ("" = none), 8 sheddable "1"/"0",
-    #       9 high_water, 10 low_water
+    # ARGV: 1 tenant, 2 task name, 3 payload (JSON text), 4 priority (text),
+    #       5 score (-priority), 6 deadline ms ("" = none), 7 sheddable "1"/"0",
+    #       8 high_water, 9 low_water
     # Returns {"ok", id, depth} or {"rejected", retry_after_ms, depth}.
     ENQUEUE = _COMMON_LUA + """
 local now = now_ms()
-local high, low = tonumber(ARGV[9]), tonumber(ARGV[10])
+local high, low = tonumber(ARGV[8]), tonumber(ARGV[9])
 local depth = tonumber(redis.call('HGET', META, 'depth')) or 0
 local leased_total = tonumber(redis.call('HGET', META, 'leased_total')) or 0
 local shedding = redis.call('HGET', META, 'state') == 'shedding'
@@ -154,7 +165,7 @@ if shedding and depth <= low then
 elseif not shedding and depth >= high then
   enter_shedding()
 end
-if shedding and ARGV[8] == '1' then
+if shedding and ARGV[7] == '1' then
   redis.call('HINCRBY', META, 'rejected', 1)
   -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
   local since = tonumber(redis.call('HGET', META, 'shed_since')) or now
@@ -166,9 +177,9 @@ if shedding and ARGV[8] == '1' then
   return {'rejected', math.floor(math.min(math.max(retry_ms, 10), 60000)), depth}
 end
 local id = string.format('%015d', redis.call('HINCRBY', META, 'seq', 1))
-redis.call('HSET', task_key(id), 'name', ARGV[3], 'payload', ARGV[4], 'tenant', ARGV[2],
-  'priority', ARGV[5], 'score', ARGV[6], 'deadline', ARGV[7], 'attempts', 0, 'enqueued_at', now)
-make_ready(id, ARGV[2], ARGV[6], ARGV[5])
+redis.call('HSET', task_key(id), 'name', ARGV[2], 'payload', ARGV[3], 'tenant', ARGV[1],
+  'priority', ARGV[4], 'score', ARGV[5], 'deadline', ARGV[6], 'attempts', 0, 'enqueued_at', now)
+make_ready(id, ARGV[1], ARGV[5], ARGV[4])
 redis.call('HINCRBY', META, 'enqueued', 1)
 depth = depth + 1
 if not shedding and depth >= high then enter_shedding() end
@@ -177,21 +188,21 @@ return {'ok', id, depth}
 
     # LEASE: acknowledge finished tasks, reclaim expired leases, then lease up to
     # `count` tasks by deficit round robin -- one round trip for a worker's whole cycle.
-    # ARGV: 1 prefix, 2 lease_ms, 3 max_attempts, 4 max_dead_letters, 5 completion_log,
-    #       6 token (new delivery token), 7 owner (worker name), 8 count, 9 n_acks,
+    # ARGV: 1 lease_ms, 2 max_attempts, 3 max_dead_letters, 4 completion_log,
+    #       5 token (new delivery token), 6 owner (worker name), 7 count, 8 n_acks,
     #       then n_acks pairs (task id, its delivery token)
     # Returns {stale_ack_ids, task, task, ...}; task = {id, name, payload, tenant,
     #         priority, attempts, deadline}.
     LEASE = _COMMON_LUA + """
 local now = now_ms()
-local lease_ms, max_attempts = tonumber(ARGV[2]), tonumber(ARGV[3])
-local max_dead, done_max = tonumber(ARGV[4]), tonumber(ARGV[5])
-local token, owner, count, n_acks = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local lease_ms, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_dead, done_max = tonumber(ARGV[3]), tonumber(ARGV[4])
+local token, owner, count, n_acks = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 
 -- 1. Acknowledgements, each owner-checked by its delivery token.
 local stale = {}
 for i = 0, n_acks - 1 do
-  local id, tok = ARGV[10 + 2 * i], ARGV[11 + 2 * i]
+  local id, tok = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
   local key = task_key(id)
   local t = redis.call('HMGET', key, 'lease', 'tenant')
   if t[1] == tok then
@@ -280,42 +291,64 @@ return out
 
     # FAIL: owner-checked; retry (back to the front of its tenant's queue) while
     # attempts < max_attempts and the failure is retryable, else dead-letter.
-    # ARGV: 1 prefix, 2 max_attempts, 3 max_dead_letters, 4 task id, 5 token,
-    #       6 reason, 7 retryable "1"/"0"
+    # ARGV: 1 max_attempts, 2 max_dead_letters, 3 task id, 4 token,
+    #       5 reason, 6 retryable "1"/"0"
     # Returns "retried", "dead" or "stale".
     FAIL = _COMMON_LUA + """
 local now = now_ms()
-local id, key = ARGV[4], task_key(ARGV[4])
+local id, key = ARGV[3], task_key(ARGV[3])
 local t = redis.call('HMGET', key, 'lease', 'tenant', 'score', 'priority', 'attempts')
-if t[1] ~= ARGV[5] then
+if t[1] ~= ARGV[4] then
   redis.call('HINCRBY', META, 'stale_acks', 1)
   return 'stale'
 end
 redis.call('ZREM', LEASES, id)
 redis.call('HDEL', key, 'lease', 'owner')
-redis.call('HSET', key, 'last_error', ARGV[6])
+redis.call('HSET', key, 'last_error', ARGV[5])
 redis.call('HINCRBY', META, 'failed', 1)
-if ARGV[7] == '1' and tonumber(t[5]) < tonumber(ARGV[2]) then
+if ARGV[6] == '1' and tonumber(t[5]) < tonumber(ARGV[1]) then
   redis.call('HINCRBY', META, 'retried', 1)
   make_ready(id, t[2], t[3], t[4])
   return 'retried'
 end
-dead_letter(id, ARGV[6], now, tonumber(ARGV[3]))
+dead_letter(id, ARGV[5], now, tonumber(ARGV[2]))
 return 'dead'
 """
 
     # RENEW: extend the leases still held by their tokens (long-running handlers).
-    # ARGV: 1 prefix, 2 lease_ms, then pairs (task id, token).  Returns how many renewed.
+    # ARGV: 1 lease_ms, then pairs (task id, token).  Returns how many renewed.
     RENEW = _COMMON_LUA + """
 local now, renewed = now_ms(), 0
-for i = 3, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   if redis.call('HGET', task_key(ARGV[i]), 'lease') == ARGV[i + 1] then
-    redis.call('ZADD', LEASES, now + tonumber(ARGV[2]), ARGV[i])
+    redis.call('ZADD', LEASES, now + tonumber(ARGV[1]), ARGV[i])
     renewed = renewed + 1
   end
 end
 return renewed
 """
+
+
+class _Script:
+    """A Lua script run by EVALSHA, loaded into the server on first use (or after a restart)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, client: Any, meta_key: str, args: list[Any]) -> Any:
+        # execute_command directly: redis-py's Script wrapper costs ~15 us per call.
+        try:
+            return client.execute_command("EVALSHA", self.sha, 1, meta_key, *args)
+        except NoScriptError:
+            client.script_load(self.source)
+            return client.execute_command("EVALSHA", self.sha, 1, meta_key, *args)
+
+
+_ENQUEUE = _Script(_Scripts.ENQUEUE)
+_LEASE = _Script(_Scripts.LEASE)
+_FAIL = _Script(_Scripts.FAIL)
+_RENEW = _Script(_Scripts.RENEW)
 
 
 # --------------------------------------------------------------------------- records
@@ -404,7 +437,7 @@ class FairQueue:
         _check_int("max_attempts", max_attempts, minimum=1)
         _check_int("max_dead_letters", max_dead_letters, minimum=1)
         _check_int("completion_log", completion_log, minimum=0)
-        if not callable(getattr(redis_client, "register_script", None)):
+        if not callable(getattr(redis_client, "execute_command", None)):
             raise TypeError(
                 f"redis_client must be a redis-py client (redis.Redis or RedisCluster), "
                 f"got {type(redis_client).__name__}")
@@ -418,13 +451,7 @@ class FairQueue:
         self.max_dead_letters = max_dead_letters
         self.completion_log = completion_log
         self.prefix = f"buttress:{{{name}}}:"
-        self._keys = [self.prefix + k for k in
-                      ("meta", "ring", "deficit", "weights", "leases", "depth", "dead", "done",
-                       "wake")]
-        self._enqueue_script = redis_client.register_script(_Scripts.ENQUEUE)
-        self._lease_script = redis_client.register_script(_Scripts.LEASE)
-        self._fail_script = redis_client.register_script(_Scripts.FAIL)
-        self._renew_script = redis_client.register_script(_Scripts.RENEW)
+        self._meta = self.prefix + "meta"
         if weights is not None:
             self.set_weights(weights)
 
@@ -474,8 +501,8 @@ class FairQueue:
             raise ValueError(f"payload must be JSON-serialisable: {exc}") from None
         sheddable = "1" if priority < self.shed_priority else "0"
         with self._store():
-            reply = self._enqueue_script(keys=self._keys, args=[
-                self.prefix, tenant, task_name, payload_json, _number_text(priority),
+            reply = _ENQUEUE(self.redis, self._meta, [
+                tenant, task_name, payload_json, _number_text(priority),
                 _number_text(-priority), deadline_ms, sheddable, self.high_water,
                 self.low_water])
         status = _text(reply[0])
@@ -503,7 +530,7 @@ class FairQueue:
             checked[tenant] = _number_text(weight)
         if checked:
             with self._store():
-                self.redis.hset(self._keys[3], mapping=checked)
+                self.redis.hset(self.prefix + "weights", mapping=checked)
 
     # ---------------------------------------------------------------- consumers
 
@@ -526,31 +553,29 @@ class FairQueue:
         if not isinstance(reason, str):
             raise TypeError(f"reason must be a str, got {reason!r}")
         with self._store():
-            reply = self._fail_script(keys=self._keys, args=[
-                self.prefix, self.max_attempts, self.max_dead_letters, task.id, task.token,
-                reason, "1" if retry else "0"])
+            reply = _FAIL(self.redis, self._meta, [
+                self.max_attempts, self.max_dead_letters, task.id, task.token, reason,
+                "1" if retry else "0"])
         return _text(reply)
 
     def renew(self, tasks: Iterable[LeasedTask]) -> int:
         """Extend the leases of tasks still owned by their tokens; return how many."""
-        args: list[Any] = [self.prefix, self.lease_ms]
+        args: list[Any] = [self.lease_ms]
         for task in tasks:
             args += [task.id, task.token]
-        if len(args) == 2:
+        if len(args) == 1:
             return 0
         with self._store():
-            return int(self._renew_script(keys=self._keys, args=args))
+            return int(_RENEW(self.redis, self._meta, args))
 
     # ---------------------------------------------------------------- inspection
 
     def stats(self) -> dict[str, Any]:
         """Depth per tenant and priority, state, lease and dead-letter counts, counters."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self._keys[0])
-        pipe.hgetall(self._keys[5])
-        pipe.zcard(self._keys[4])
-        pipe.llen(self._keys[6])
-        pipe.llen(self._keys[1])
+        for command, key in (("hgetall", "meta"), ("hgetall", "depth"), ("zcard", "leases"),
+                             ("llen", "dead"), ("llen", "ring")):
+            getattr(pipe, command)(self.prefix + key)
         with self._store():
             meta_raw, depth_raw, leased, dead, active = pipe.execute()
         meta = {_text(k): _text(v) for k, v in meta_raw.items()}
@@ -583,7 +608,7 @@ class FairQueue:
         _check_int("limit", limit, minimum=1)
 
         with self._store():
-            ids = self.redis.lrange(self._keys[6], 0, limit - 1)
+            ids = self.redis.lrange(self.prefix + "dead", 0, limit - 1)
             pipe = self.redis.pipeline(transaction=False)
             for task_id in ids:
                 pipe.hgetall(self.prefix + "task:" + _text(task_id))
@@ -610,7 +635,7 @@ class FairQueue:
         """Acknowledged ``(tenant, task id)`` pairs in ack order (needs ``completion_log``)."""
         end = -1 if limit is None else limit - 1
         with self._store():
-            raw = self.redis.lrange(self._keys[7], 0, end)
+            raw = self.redis.lrange(self.prefix + "done", 0, end)
         pairs = []
         for entry in raw:
             tenant, _, task_id = _text(entry).rpartition("\n")
@@ -628,13 +653,13 @@ class FairQueue:
     ) -> tuple[list[str], list[LeasedTask]]:
         """One round trip: ack ``acks``, then lease up to ``count`` tasks."""
         token = os.urandom(8).hex()
-        args: list[Any] = [self.prefix, self.lease_ms, self.max_attempts, self.max_dead_letters,
+        args: list[Any] = [self.lease_ms, self.max_attempts, self.max_dead_letters,
                            self.completion_log, token, owner, count, 0]
         for task in acks:
             args += [task.id, task.token]
-        args[8] = (len(args) - 9) // 2
+        args[7] = (len(args) - 8) // 2
         with self._store():
-            reply = self._lease_script(keys=self._keys, args=args)
+            reply = _LEASE(self.redis, self._meta, args)
         stale = [_text(i) for i in reply[0]]
         tasks = [
             LeasedTask(
@@ -651,16 +676,14 @@ class FairQueue:
     def _wait_for_work(self, timeout: float) -> None:
         """Block up to ``timeout`` seconds until an enqueue leaves a wake token."""
         with self._store():
-            self.redis.blpop([self._keys[8]], timeout=timeout)
+            self.redis.blpop([self.prefix + "wake"], timeout=timeout)
 
     @contextlib.contextmanager
     def _store(self) -> Iterator[None]:
         """Turn Redis connection failures into StoreUnavailable (nothing was done)."""
-        import redis.exceptions as errors
-
         try:
             yield
-        except (errors.ConnectionError, errors.TimeoutError) as exc:
+        except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailable(
                 f"Redis unreachable for queue {self.name!r}: {exc}") from exc
 
