@@ -173,6 +173,9 @@ class Implementation:
     def pause(self) -> None:
         for process in self.processes:
             process.send_signal(signal.SIGSTOP)
+        # SIGSTOP takes effect asynchronously: wait until every process is really stopped.
+        _wait(lambda: all(_stopped(p.pid) for p in self.processes), 10,
+              f"{self.label} workers to stop")
 
     def resume(self) -> None:
         for process in self.processes:
@@ -190,15 +193,18 @@ class Implementation:
         self.enqueue_rt.append((self.counters.count(self.producer_slot) - before) / n)
 
     def prepare_drain(self, n: int) -> int:
+        """Enqueue ``n`` tasks with the workers paused; return the completion count to reach."""
         self.prepare_enqueue()
+        target = self.completed() + n  # counted before enqueueing, so it is always reachable
         for i in range(n):
             self.enqueue(i)
-        return self.completed() + n
+        return target
 
     def timed_drain(self, target: int) -> None:
         before = self.counters.total(self.worker_slots)
         self.resume()
-        _wait(lambda: self.completed() >= target, 600, f"{self.label} drain", interval=0.001)
+        _wait(lambda: self.completed() >= target, 120,
+              lambda: f"{self.label} drain: {self.completed()} of {target} done", interval=0.001)
         self.drain_rt.append(self.counters.total(self.worker_slots) - before)
 
     def close(self) -> None:
@@ -350,12 +356,25 @@ def _enqueue_work(impl: Implementation, case: Any, n: int) -> Callable[[None], N
     return work
 
 
-def _wait(condition: Callable[[], bool], timeout: float, what: str,
+def _stopped(pid: int) -> bool:
+    """True when every thread of ``pid`` is stopped (Linux /proc; elsewhere assume so)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] != "T":
+                    return False
+    except FileNotFoundError:
+        return True
+    return True
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str | Callable[[], str],
           interval: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            description = what() if callable(what) else what
+            raise TimeoutError(f"timed out after {timeout}s waiting for {description}")
         time.sleep(interval)
 
 
