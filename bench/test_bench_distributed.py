@@ -28,7 +28,7 @@ def implementations() -> Iterator[dict[str, suite.Implementation]]:
             module = suite.PEER_MODULES.get(label)
             if module:
                 pytest.importorskip(module)
-            built[label] = cls(url, f"pytest-bench-{label.split()[0]}", counters,
+            built[label] = cls(url, f"pytest-bench-{label.replace(' ', '-')}", counters,
                                index * (suite.WORKERS + 1))
         try:
             yield built

@@ -149,16 +149,15 @@ class _Scripts:
     ENQUEUE = _COMMON_LUA + """
 local now = now_ms()
 local high, low = tonumber(ARGV[8]), tonumber(ARGV[9])
-local depth = tonumber(redis.call('HGET', META, 'depth')) or 0
-local leased_total = tonumber(redis.call('HGET', META, 'leased_total')) or 0
-local shedding = redis.call('HGET', META, 'state') == 'shedding'
+local m = redis.call('HMGET', META, 'depth', 'leased_total', 'state', 'shed_since', 'shed_leased')
+local depth, leased_total = tonumber(m[1]) or 0, tonumber(m[2]) or 0
+local shedding, since = m[3] == 'shedding', tonumber(m[4]) or now
 local function enter_shedding()
   redis.call('HSET', META, 'state', 'shedding', 'shed_since', now, 'shed_leased', leased_total)
   redis.call('HINCRBY', META, 'shed_entries', 1)
-  shedding = true
+  shedding, since, m[5] = true, now, leased_total
 end
 if shedding and depth <= low then
-  local since = tonumber(redis.call('HGET', META, 'shed_since')) or now
   redis.call('HSET', META, 'state', 'normal')
   redis.call('HINCRBY', META, 'shedding_ms', now - since)
   shedding = false
@@ -168,8 +167,7 @@ end
 if shedding and ARGV[7] == '1' then
   redis.call('HINCRBY', META, 'rejected', 1)
   -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
-  local since = tonumber(redis.call('HGET', META, 'shed_since')) or now
-  local drained = leased_total - (tonumber(redis.call('HGET', META, 'shed_leased')) or 0)
+  local drained = leased_total - (tonumber(m[5]) or leased_total)
   local retry_ms = 1000
   if drained > 0 and now > since then
     retry_ms = (depth - low) * (now - since) / drained
@@ -795,8 +793,9 @@ class Worker:
     # ---------------------------------------------------------------- internals
 
     def _serve(self) -> None:
-        done: list[LeasedTask] = []
+        done: list[LeasedTask] = []  # finished, to acknowledge with the next call
         failures = 0
+        give_up_at = math.inf
         while not self._halt.is_set():
             draining = self._draining.is_set()
             if draining and not done:
@@ -807,6 +806,15 @@ class Worker:
             except StoreUnavailable as exc:
                 failures += 1
                 self._count("store_errors")
+                if draining:
+                    # Do not hang a shutdown on an outage: once the leases have expired
+                    # the acks would be stale anyway, and the tasks are redelivered.
+                    give_up_at = min(give_up_at, time.monotonic() + self.queue.lease_ms / 1000)
+                    if time.monotonic() > give_up_at:
+                        logger.warning("worker %s: Redis still unreachable; %d finished task(s) "
+                                       "not acknowledged will be redelivered", self.name,
+                                       len(done))
+                        return
                 self._backoff(failures, exc)
                 continue
             if failures:
