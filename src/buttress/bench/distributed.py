@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import buttress
 from buttress.bench import BenchSession
 
 ORDER = 60
@@ -157,13 +158,23 @@ class Implementation:
     def start(self) -> None:
         if self.processes:
             return
+        # The workers import this same buttress, installed or not.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
         for slot in self.worker_slots:
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "buttress.bench.distributed", self.label, self.url,
                  self.queue, self.counters.path, str(slot)],
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent))
-        _wait(lambda: all(self.counters.ready(s) for s in self.worker_slots), 60,
+                env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_die_with_parent))
+        _wait(lambda: all(self.counters.ready(s) for s in self.worker_slots)
+              or any(p.poll() is not None for p in self.processes), 60,
               f"{self.label} workers to start")
+        failed = [p.returncode for p in self.processes if p.poll() is not None]
+        if failed:
+            self.close()
+            raise RuntimeError(f"{self.label} worker processes exited with {failed}")
         self.clear()
         # Warm up: every worker reaches its loop, scripts are loaded, connections open.
         start = self.completed()
