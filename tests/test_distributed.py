@@ -312,7 +312,7 @@ def test_expired_deadline_is_dead_lettered_not_run(redis_client, unique_name):
 
 
 def test_shedding_hysteresis(redis_client, unique_name):
-    queue = make_queue(redis_client, unique_name, high_water=10, low_water=5, shed_priority=1)
+    queue = make_queue(redis_client, unique_name, high_water=10, low_water=5, shed_below=1)
     for i in range(10):
         queue.enqueue("t", i, tenant=f"t{i % 3}")
     assert queue.stats()["state"] == "shedding"  # depth reached high_water
@@ -324,12 +324,18 @@ def test_shedding_hysteresis(redis_client, unique_name):
     queue.lease(5)  # depth 6: still above low_water, still shedding
     with pytest.raises(Rejected):
         queue.enqueue("t", "low", tenant="t1")
-    queue.lease(1)  # depth 5 == low_water: the next enqueue finds the queue drained
+    assert queue.stats()["state"] == "shedding"
+    queue.lease(1)  # depth 5 == low_water: back to normal, evaluated by the lease script
+    assert queue.stats()["state"] == "normal"
     queue.enqueue("t", "readmitted", tenant="t1")
     stats = queue.stats()
     assert stats["state"] == "normal"
     assert (stats["rejected"], stats["shed_entries"], stats["depth"]) == (2, 1, 6)
     assert stats["shedding_seconds"] >= 0
+
+
+def test_low_water_defaults_to_half_of_high_water(redis_client, unique_name):
+    assert make_queue(redis_client, unique_name, high_water=9, low_water=None).low_water == 4
 
 
 def test_retry_after_follows_the_drain_rate(redis_client, unique_name):

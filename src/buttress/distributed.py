@@ -28,7 +28,7 @@ the hash tag ``{name}`` so the scripts run on Redis Cluster.  Guarantees:
 * **Backpressure.** The in-process scheduler's hysteresis, kept in Redis: the
   queue enters SHEDDING when its ready depth reaches ``high_water`` and returns
   to NORMAL when it has fallen to ``low_water``; while SHEDDING, enqueues with
-  ``priority < shed_priority`` raise :class:`buttress.Rejected`.
+  ``priority < shed_below`` raise :class:`buttress.Rejected`.
 
 Payloads are JSON: no pickled code travels through Redis.  The algorithm, its
 cost and the starvation bound are in ``docs/distributed.md``.
@@ -125,6 +125,30 @@ local function make_ready(id, tenant, score, priority)
   end
 end
 
+-- The backpressure hysteresis, the same rule as the in-process TaskScheduler, applied
+-- after every change of the ready depth: normal -> shedding when depth >= high_water,
+-- shedding -> normal when depth <= low_water.  Returns true while shedding.
+local function update_state(depth, high, low, now)
+  local m = redis.call('HMGET', META, 'state', 'shed_since', 'leased_total')
+  if m[1] == 'shedding' then
+    if depth > low then return true end
+    redis.call('HSET', META, 'state', 'normal')
+    redis.call('HINCRBY', META, 'shedding_ms', now - (tonumber(m[2]) or now))
+  elseif depth >= high then
+    redis.call('HSET', META, 'state', 'shedding', 'shed_since', now,
+      'shed_leased', tonumber(m[3]) or 0)
+    redis.call('HINCRBY', META, 'shed_entries', 1)
+    return true
+  end
+  return false
+end
+
+-- Workers do not know the producers' water marks: the last enqueue stored them.
+local function update_state_from_meta(now)
+  local m = redis.call('HMGET', META, 'high_water', 'low_water', 'depth')
+  if m[1] then update_state(tonumber(m[3]) or 0, tonumber(m[1]), tonumber(m[2]), now) end
+end
+
 local function dead_letter(id, reason, now, max_dead)
   local key = task_key(id)
   redis.call('HSET', key, 'reason', reason, 'dead_at', now)
@@ -149,39 +173,27 @@ class _Scripts:
     ENQUEUE = _COMMON_LUA + """
 local now = now_ms()
 local high, low = tonumber(ARGV[8]), tonumber(ARGV[9])
-local m = redis.call('HMGET', META, 'depth', 'leased_total', 'state', 'shed_since', 'shed_leased')
-local depth, leased_total = tonumber(m[1]) or 0, tonumber(m[2]) or 0
-local shedding, since = m[3] == 'shedding', tonumber(m[4]) or now
-local function enter_shedding()
-  redis.call('HSET', META, 'state', 'shedding', 'shed_since', now, 'shed_leased', leased_total)
-  redis.call('HINCRBY', META, 'shed_entries', 1)
-  shedding, since, m[5] = true, now, leased_total
-end
-if shedding and depth <= low then
-  redis.call('HSET', META, 'state', 'normal')
-  redis.call('HINCRBY', META, 'shedding_ms', now - since)
-  shedding = false
-elseif not shedding and depth >= high then
-  enter_shedding()
-end
-if shedding and ARGV[7] == '1' then
+redis.call('HSET', META, 'high_water', high, 'low_water', low)
+local depth = tonumber(redis.call('HGET', META, 'depth')) or 0
+if update_state(depth, high, low, now) and ARGV[7] == '1' then
   redis.call('HINCRBY', META, 'rejected', 1)
   -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
-  local drained = leased_total - (tonumber(m[5]) or leased_total)
+  local m = redis.call('HMGET', META, 'shed_since', 'shed_leased', 'leased_total')
+  local elapsed = now - (tonumber(m[1]) or now)
+  local drained = (tonumber(m[3]) or 0) - (tonumber(m[2]) or 0)
   local retry_ms = 1000
-  if drained > 0 and now > since then
-    retry_ms = (depth - low) * (now - since) / drained
+  if drained > 0 and elapsed > 0 then
+    retry_ms = math.min(60000, math.max(10, math.max(1, depth - low) * elapsed / drained))
   end
-  return {'rejected', math.floor(math.min(math.max(retry_ms, 10), 60000)), depth}
+  return {'rejected', math.floor(retry_ms), depth}
 end
 local id = string.format('%015d', redis.call('HINCRBY', META, 'seq', 1))
 redis.call('HSET', task_key(id), 'name', ARGV[2], 'payload', ARGV[3], 'tenant', ARGV[1],
   'priority', ARGV[4], 'score', ARGV[5], 'deadline', ARGV[6], 'attempts', 0, 'enqueued_at', now)
 make_ready(id, ARGV[1], ARGV[5], ARGV[4])
 redis.call('HINCRBY', META, 'enqueued', 1)
-depth = depth + 1
-if not shedding and depth >= high then enter_shedding() end
-return {'ok', id, depth}
+update_state(depth + 1, high, low, now)
+return {'ok', id, depth + 1}
 """
 
     # LEASE: acknowledge finished tasks, reclaim expired leases, then lease up to
@@ -284,6 +296,7 @@ while #out - 1 < count and visits < """ + str(_MAX_VISITS) + """ do
   end
 end
 if redis.call('LLEN', RING) == 0 then redis.call('DEL', WAKE) end
+update_state_from_meta(now)
 return out
 """
 
@@ -307,6 +320,7 @@ redis.call('HINCRBY', META, 'failed', 1)
 if ARGV[6] == '1' and tonumber(t[5]) < tonumber(ARGV[1]) then
   redis.call('HINCRBY', META, 'retried', 1)
   make_ready(id, t[2], t[3], t[4])
+  update_state_from_meta(now)
   return 'retried'
 end
 dead_letter(id, ARGV[5], now, tonumber(ARGV[2]))
@@ -391,18 +405,21 @@ class DeadLetter:
 class FairQueue:
     """A multi-tenant task queue in Redis, served fairly by deficit round robin.
 
-    ``high_water`` / ``low_water`` set the backpressure hysteresis on the number
-    of *ready* (queued, not leased) tasks; ``shed_priority``: while SHEDDING,
-    enqueues with a lower priority are refused.  ``lease_ms`` is how long a
-    worker owns a delivered task before it is redelivered; ``max_attempts``
+    ``high_water`` / ``low_water`` (default ``high_water // 2``) set the
+    backpressure hysteresis on the number of *ready* (queued, not leased) tasks;
+    ``shed_below``: while SHEDDING, enqueues with a lower priority are refused.
+    ``lease_ms`` is how long a worker owns a delivered task before it is
+    redelivered; ``max_attempts``
     bounds deliveries before a task is dead-lettered.  ``weights`` (tenant ->
     positive number, default 1) are stored in Redis, shared by every process
     using the queue; the last writer wins.  ``completion_log`` > 0 keeps the last
     that many acknowledged ``(tenant, id)`` pairs for audit
     (:meth:`completions`).
 
-    Producers and workers of one queue should be built with the same settings:
-    each process passes its own water marks and lease length to the scripts.
+    The water marks are producer settings (each enqueue stores them in Redis for
+    the workers' scripts); ``lease_ms``, ``max_attempts``, ``max_dead_letters``
+    and ``completion_log`` are worker settings.  Processes in the same role
+    should agree on them.
     """
 
     def __init__(
@@ -411,10 +428,10 @@ class FairQueue:
         name: str,
         *,
         high_water: int = 10_000,
-        low_water: int = 5_000,
+        low_water: int | None = None,
         lease_ms: int = 30_000,
         weights: Mapping[str, float] | None = None,
-        shed_priority: int | float = 1,
+        shed_below: int | float = 1,
         max_attempts: int = 3,
         max_dead_letters: int = 10_000,
         completion_log: int = 0,
@@ -425,13 +442,15 @@ class FairQueue:
             raise ValueError(
                 f"name must not contain '{{' or '}}' (it is the hash tag), got {name!r}")
         _check_int("high_water", high_water, minimum=1)
+        if low_water is None:
+            low_water = high_water // 2
         _check_int("low_water", low_water, minimum=0)
         if low_water >= high_water:
             raise ValueError(
                 f"low_water must be < high_water, got low_water={low_water!r}, "
                 f"high_water={high_water!r}")
         _check_int("lease_ms", lease_ms, minimum=1)
-        _check_priority("shed_priority", shed_priority)
+        _check_priority("shed_below", shed_below)
         _check_int("max_attempts", max_attempts, minimum=1)
         _check_int("max_dead_letters", max_dead_letters, minimum=1)
         _check_int("completion_log", completion_log, minimum=0)
@@ -444,7 +463,7 @@ class FairQueue:
         self.high_water = high_water
         self.low_water = low_water
         self.lease_ms = lease_ms
-        self.shed_priority = shed_priority
+        self.shed_below = shed_below
         self.max_attempts = max_attempts
         self.max_dead_letters = max_dead_letters
         self.completion_log = completion_log
@@ -471,7 +490,7 @@ class FairQueue:
         the tenant.  ``deadline``: Unix time (``time.time()`` scale, compared
         with the Redis server's clock) after which the task is not started but
         dead-lettered as expired.  Raises :class:`buttress.Rejected` while the
-        queue is SHEDDING and ``priority < shed_priority``, and
+        queue is SHEDDING and ``priority < shed_below``, and
         :class:`buttress.StoreUnavailable` when Redis cannot be reached.
         """
         if not isinstance(task_name, str) or not task_name:
@@ -497,7 +516,7 @@ class FairQueue:
             raise TypeError(f"payload must be JSON-serialisable: {exc}") from None
         except ValueError as exc:
             raise ValueError(f"payload must be JSON-serialisable: {exc}") from None
-        sheddable = "1" if priority < self.shed_priority else "0"
+        sheddable = "1" if priority < self.shed_below else "0"
         with self._store():
             reply = _ENQUEUE(self.redis, self._meta, [
                 tenant, task_name, payload_json, _number_text(priority),
@@ -508,7 +527,7 @@ class FairQueue:
             raise Rejected(
                 f"queue {self.name!r} is shedding (ready depth {int(reply[2])} reached "
                 f"high_water={self.high_water}; priority {priority!r} < "
-                f"shed_priority={self.shed_priority!r})",
+                f"shed_below={self.shed_below!r})",
                 state="shedding", retry_after=int(reply[1]) / 1000.0)
         return _text(reply[1])
 
