@@ -469,3 +469,51 @@ def _try_enqueue(queue: FairQueue, payload: int) -> bool:
     except StoreUnavailable:
         return False
     return True
+
+
+def test_runs_on_redis_cluster(tmp_path):
+    """A one-node Redis Cluster: scripts, pipelines and the worker go through RedisCluster."""
+    from redis.cluster import RedisCluster
+
+    config = {"cluster-enabled": "yes", "cluster-config-file": str(tmp_path / "nodes.conf")}
+    with RedisServer(config=config) as server:
+        plain = redis.Redis.from_url(server.url)
+        plain.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
+        wait_until(lambda: plain.cluster("info")["cluster_state"] == "ok", timeout=20,
+                   message="cluster state ok")
+        client = RedisCluster(host=server.host, port=server.port)
+        queue = make_queue(client, "clustered", max_attempts=1)
+        for i in range(6):
+            queue.enqueue("t", i, tenant="ab"[i % 2])
+        tasks = queue.lease(3)
+        assert [t.tenant for t in tasks] == ["a", "b", "a"]
+        assert queue.ack(tasks[0]) is True
+        assert queue.fail(tasks[1], "no") == "dead"
+        assert [d.payload for d in queue.dead_letters()] == [1]
+        done: list[int] = []
+        worker = Worker(queue, {"t": done.append})
+        thread = run_in_thread(worker)
+        wait_until(lambda: len(done) == 3, timeout=10, message="worker on the cluster")
+        worker.stop()
+        thread.join(10)
+        stats = queue.stats()
+        assert (stats["completed"], stats["dead"], stats["leased"]) == (4, 1, 1)
+        client.close()
+
+
+def test_drain_does_not_hang_on_an_outage():
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url, socket_connect_timeout=1,
+                                      retry=Retry(NoBackoff(), 0))
+        queue = make_queue(client, "outage-drain", lease_ms=1000)
+        release = threading.Event()
+        worker = Worker(queue, {"t": lambda payload: release.wait(10)})
+        thread = run_in_thread(worker)
+        queue.enqueue("t", 1, tenant="a")
+        wait_until(lambda: worker.stats()["running"] == 1, timeout=10, message="task running")
+        server.stop()
+        worker.stop(drain=True)
+        release.set()  # the task finishes, but its ack cannot be delivered
+        thread.join(15)
+        assert not thread.is_alive()  # gave up after about lease_ms, did not hang
+        assert worker.stats()["completed"] == 1 and worker.stats()["store_errors"] >= 1
