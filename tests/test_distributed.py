@@ -242,10 +242,10 @@ def test_late_ack_from_an_expired_lease_cannot_complete_a_retaken_task(redis_cli
 
 
 def test_renew_keeps_a_lease_alive(redis_client, unique_name):
-    queue = make_queue(redis_client, unique_name, lease_ms=300)
+    queue = make_queue(redis_client, unique_name, lease_ms=1000)
     queue.enqueue("t", 1, tenant="a")
     task = queue.lease()[0]
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 1.5  # outlives the lease unless renewed
     while time.monotonic() < deadline:
         assert queue.renew([task]) == 1
         assert queue.lease() == []  # still ours, not redelivered
@@ -423,12 +423,12 @@ def test_stop_with_drain_finishes_and_acks_running_tasks(redis_client, unique_na
 
 
 def test_long_handler_keeps_its_lease(redis_client, unique_name):
-    queue = make_queue(redis_client, unique_name, lease_ms=300)
+    queue = make_queue(redis_client, unique_name, lease_ms=1000)
     calls = Counter[int]()
 
     def slow(payload: int) -> None:
         calls[payload] += 1
-        time.sleep(1.0)  # more than three lease lengths: renewals keep it ours
+        time.sleep(2.0)  # two lease lengths: renewals (every lease_ms / 3) keep it ours
 
     worker = Worker(queue, {"slow": slow}, concurrency=2)
     thread = run_in_thread(worker)

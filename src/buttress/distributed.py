@@ -72,333 +72,6 @@ _MAX_VISITS = 10_000
 _MIN_WEIGHT = 0.01
 _MAX_PRIORITY = 2**53  # scores are doubles: larger integers would lose their order
 
-
-# --------------------------------------------------------------------------- scripts
-#
-# Every script gets one declared key, KEYS[1] = "buttress:{<name>}:meta", and
-# builds the queue's other key names from its prefix "buttress:{<name>}:":
-#   meta     hash: seq, depth, state, shed_since, counters
-#   ring     list: tenants with ready work, in DRR order (head = current turn)
-#   deficit  hash: tenant -> DRR deficit counter
-#   weights  hash: tenant -> weight (quantum per turn); absent = 1
-#   leases   zset: task id, score = lease expiry (ms, Redis server time)
-#   depth    hash: "tenant\npriority" -> ready tasks
-#   dead     list: dead-lettered task ids, newest first
-#   done     list: "tenant\nid" of acknowledged tasks (only if completion_log > 0)
-#   wake     list: tokens that wake idle workers blocked in BLPOP
-#   t:<tenant>  zset: the tenant's ready task ids, score = -priority
-#   task:<id>   hash: name, payload, tenant, priority, score, deadline, attempts, lease, ...
-# Which tenant and task keys a call touches is only known inside the script (DRR
-# picks the tenant), so they cannot all be declared; every one carries the hash
-# tag {<name>}, so all live in KEYS[1]'s Redis Cluster slot, which is what
-# Redis Cluster requires of a script.  (One declared key also keeps each call
-# small: the enqueue is one EVALSHA of 8 arguments.)
-#
-# Task ids are zero-padded sequence numbers: members with equal score (equal
-# priority) sort by id, which is FIFO order.
-
-_COMMON_LUA = """
-local META = KEYS[1]
-local PREFIX = string.sub(META, 1, -5)  -- strip "meta"
-local RING, DEFICIT, WEIGHTS = PREFIX .. 'ring', PREFIX .. 'deficit', PREFIX .. 'weights'
-local LEASES, DEPTH, DEAD = PREFIX .. 'leases', PREFIX .. 'depth', PREFIX .. 'dead'
-local DONE, WAKE = PREFIX .. 'done', PREFIX .. 'wake'
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
-local function task_key(id) return PREFIX .. 'task:' .. id end
-local function tenant_key(tenant) return PREFIX .. 't:' .. tenant end
-
--- Put a task into its tenant's queue; a tenant that had no ready work joins the ring's tail.
-local function make_ready(id, tenant, score, priority)
-  local q = tenant_key(tenant)
-  if redis.call('ZADD', q, score, id) == 1 and redis.call('ZCARD', q) == 1 then
-    redis.call('RPUSH', RING, tenant)
-  end
-  redis.call('HINCRBY', DEPTH, tenant .. '\\n' .. priority, 1)
-  redis.call('HINCRBY', META, 'depth', 1)
-  if redis.call('LLEN', WAKE) < """ + str(_MAX_WAKE_TOKENS) + """ then
-    redis.call('RPUSH', WAKE, '1')
-  end
-end
-
--- The backpressure hysteresis, the same rule as the in-process TaskScheduler, applied
--- after every change of the ready depth: normal -> shedding when depth >= high_water,
--- shedding -> normal when depth <= low_water.  Returns true while shedding.
-local function update_state(depth, high, low, now)
-  local m = redis.call('HMGET', META, 'state', 'shed_since', 'leased_total')
-  if m[1] == 'shedding' then
-    if depth > low then return true end
-    redis.call('HSET', META, 'state', 'normal')
-    redis.call('HINCRBY', META, 'shedding_ms', now - (tonumber(m[2]) or now))
-  elseif depth >= high then
-    redis.call('HSET', META, 'state', 'shedding', 'shed_since', now,
-      'shed_leased', tonumber(m[3]) or 0)
-    redis.call('HINCRBY', META, 'shed_entries', 1)
-    return true
-  end
-  return false
-end
-
--- Workers do not know the producers' water marks: the last enqueue stored them.
-local function update_state_from_meta(now)
-  local m = redis.call('HMGET', META, 'high_water', 'low_water', 'depth')
-  if m[1] then update_state(tonumber(m[3]) or 0, tonumber(m[1]), tonumber(m[2]), now) end
-end
-
-local function dead_letter(id, reason, now, max_dead)
-  local key = task_key(id)
-  redis.call('HSET', key, 'reason', reason, 'dead_at', now)
-  redis.call('HDEL', key, 'lease', 'owner')
-  redis.call('LPUSH', DEAD, id)
-  redis.call('HINCRBY', META, 'dead', 1)
-  if redis.call('LLEN', DEAD) > max_dead then
-    redis.call('DEL', task_key(redis.call('RPOP', DEAD)))
-  end
-end
-"""
-
-
-class _Scripts:
-    """The Lua scripts of a queue (named constants; KEYS[1] is the meta key, see above)."""
-
-    # ENQUEUE: admit one task unless SHEDDING refuses it; evaluates the hysteresis.
-    # ARGV: 1 tenant, 2 task name, 3 payload (JSON text), 4 priority (text),
-    #       5 score (-priority), 6 deadline ms ("" = none), 7 sheddable "1"/"0",
-    #       8 high_water, 9 low_water
-    # Returns {"ok", id, depth} or {"rejected", retry_after_ms, depth}.
-    ENQUEUE = _COMMON_LUA + """
-local now = now_ms()
-local high, low = tonumber(ARGV[8]), tonumber(ARGV[9])
-redis.call('HSET', META, 'high_water', high, 'low_water', low)
-local depth = tonumber(redis.call('HGET', META, 'depth')) or 0
-if update_state(depth, high, low, now) and ARGV[7] == '1' then
-  redis.call('HINCRBY', META, 'rejected', 1)
-  -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
-  local m = redis.call('HMGET', META, 'shed_since', 'shed_leased', 'leased_total')
-  local elapsed = now - (tonumber(m[1]) or now)
-  local drained = (tonumber(m[3]) or 0) - (tonumber(m[2]) or 0)
-  local retry_ms = 1000
-  if drained > 0 and elapsed > 0 then
-    retry_ms = math.min(60000, math.max(10, math.max(1, depth - low) * elapsed / drained))
-  end
-  return {'rejected', math.floor(retry_ms), depth}
-end
-local id = string.format('%015d', redis.call('HINCRBY', META, 'seq', 1))
-redis.call('HSET', task_key(id), 'name', ARGV[2], 'payload', ARGV[3], 'tenant', ARGV[1],
-  'priority', ARGV[4], 'score', ARGV[5], 'deadline', ARGV[6], 'attempts', 0, 'enqueued_at', now)
-make_ready(id, ARGV[1], ARGV[5], ARGV[4])
-redis.call('HINCRBY', META, 'enqueued', 1)
-update_state(depth + 1, high, low, now)
-return {'ok', id, depth + 1}
-"""
-
-    # LEASE: acknowledge finished tasks, reclaim expired leases, then lease up to
-    # `count` tasks by deficit round robin -- one round trip for a worker's whole cycle.
-    # ARGV: 1 lease_ms, 2 max_attempts, 3 max_dead_letters, 4 completion_log,
-    #       5 token (new delivery token), 6 owner (worker name), 7 count, 8 n_acks,
-    #       then n_acks pairs (task id, its delivery token)
-    # Returns {stale_ack_ids, task, task, ...}; task = {id, name, payload, tenant,
-    #         priority, attempts, deadline}.
-    LEASE = _COMMON_LUA + """
-local now = now_ms()
-local lease_ms, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
-local max_dead, done_max = tonumber(ARGV[3]), tonumber(ARGV[4])
-local token, owner, count, n_acks = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-
--- 1. Acknowledgements, each owner-checked by its delivery token.
-local stale = {}
-for i = 0, n_acks - 1 do
-  local id, tok = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
-  local key = task_key(id)
-  local t = redis.call('HMGET', key, 'lease', 'tenant')
-  if t[1] == tok then
-    redis.call('ZREM', LEASES, id)
-    redis.call('DEL', key)
-    redis.call('HINCRBY', META, 'completed', 1)
-    if done_max > 0 then
-      redis.call('RPUSH', DONE, t[2] .. '\\n' .. id)
-      if redis.call('LLEN', DONE) > done_max then redis.call('LPOP', DONE) end
-    end
-  else
-    stale[#stale + 1] = id
-    redis.call('HINCRBY', META, 'stale_acks', 1)
-  end
-end
-
--- 2. Expired leases: back to the front of their tenant's queue, or dead after the last attempt.
-local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, """ + str(
-        _RECLAIM_PER_CALL) + """)
-for _, id in ipairs(expired) do
-  redis.call('ZREM', LEASES, id)
-  local key = task_key(id)
-  local t = redis.call('HMGET', key, 'tenant', 'score', 'priority', 'attempts')
-  if t[1] then
-    redis.call('HDEL', key, 'lease', 'owner')
-    redis.call('HINCRBY', META, 'redelivered', 1)
-    if tonumber(t[4]) >= max_attempts then
-      dead_letter(id, 'lease expired on attempt ' .. t[4] .. ' of ' .. max_attempts ..
-        ' (worker lost or handler slower than lease_ms)', now, max_dead)
-    else
-      make_ready(id, t[1], t[2], t[3])
-    end
-  end
-end
-
--- 3. Deficit round robin.  The ring's head is the tenant whose turn it is; a turn
--- starts (deficit < 1) by adding its quantum (weight), each lease costs 1, and the
--- tenant goes to the tail when its deficit is spent or leaves when it has no work.
-local out = {stale}
-local visits = 0
-while #out - 1 < count and visits < """ + str(_MAX_VISITS) + """ do
-  visits = visits + 1
-  local tenant = redis.call('LINDEX', RING, 0)
-  if not tenant then break end
-  local deficit = tonumber(redis.call('HGET', DEFICIT, tenant)) or 0
-  if deficit < 1 then
-    deficit = deficit + (tonumber(redis.call('HGET', WEIGHTS, tenant)) or 1)
-  end
-  local q = tenant_key(tenant)
-  if deficit >= 1 then
-    local popped = redis.call('ZPOPMIN', q)
-    local id = popped[1]
-    if id then
-      local key = task_key(id)
-      local t = redis.call('HMGET', key, 'name', 'payload', 'priority', 'deadline', 'attempts')
-      if t[1] then
-        local field = tenant .. '\\n' .. t[3]
-        if redis.call('HINCRBY', DEPTH, field, -1) <= 0 then redis.call('HDEL', DEPTH, field) end
-        redis.call('HINCRBY', META, 'depth', -1)
-        if t[4] ~= '' and tonumber(t[4]) <= now then
-          redis.call('HINCRBY', META, 'expired', 1)
-          dead_letter(id, 'expired: deadline passed before the task started', now, max_dead)
-        else
-          deficit = deficit - 1
-          local attempts = tonumber(t[5]) + 1
-          redis.call('HSET', key, 'attempts', attempts, 'lease', token, 'owner', owner,
-            'leased_at', now)
-          redis.call('ZADD', LEASES, now + lease_ms, id)
-          redis.call('HINCRBY', META, 'leased_total', 1)
-          out[#out + 1] = {id, t[1], t[2], tenant, t[3], attempts, t[4]}
-        end
-      end
-    end
-  end
-  if redis.call('ZCARD', q) == 0 then
-    redis.call('LPOP', RING)
-    redis.call('HDEL', DEFICIT, tenant)
-  else
-    redis.call('HSET', DEFICIT, tenant, deficit)
-    if deficit < 1 then redis.call('RPUSH', RING, redis.call('LPOP', RING)) end
-  end
-end
-if redis.call('LLEN', RING) == 0 then redis.call('DEL', WAKE) end
-update_state_from_meta(now)
-return out
-"""
-
-    # FAIL: owner-checked; retry (back to the front of its tenant's queue) while
-    # attempts < max_attempts and the failure is retryable, else dead-letter.
-    # ARGV: 1 max_attempts, 2 max_dead_letters, 3 task id, 4 token,
-    #       5 reason, 6 retryable "1"/"0"
-    # Returns "retried", "dead" or "stale".
-    FAIL = _COMMON_LUA + """
-local now = now_ms()
-local id, key = ARGV[3], task_key(ARGV[3])
-local t = redis.call('HMGET', key, 'lease', 'tenant', 'score', 'priority', 'attempts')
-if t[1] ~= ARGV[4] then
-  redis.call('HINCRBY', META, 'stale_acks', 1)
-  return 'stale'
-end
-redis.call('ZREM', LEASES, id)
-redis.call('HDEL', key, 'lease', 'owner')
-redis.call('HSET', key, 'last_error', ARGV[5])
-redis.call('HINCRBY', META, 'failed', 1)
-if ARGV[6] == '1' and tonumber(t[5]) < tonumber(ARGV[1]) then
-  redis.call('HINCRBY', META, 'retried', 1)
-  make_ready(id, t[2], t[3], t[4])
-  update_state_from_meta(now)
-  return 'retried'
-end
-dead_letter(id, ARGV[5], now, tonumber(ARGV[2]))
-return 'dead'
-"""
-
-    # RENEW: extend the leases still held by their tokens (long-running handlers).
-    # ARGV: 1 lease_ms, then pairs (task id, token).  Returns how many renewed.
-    RENEW = _COMMON_LUA + """
-local now, renewed = now_ms(), 0
-for i = 2, #ARGV, 2 do
-  if redis.call('HGET', task_key(ARGV[i]), 'lease') == ARGV[i + 1] then
-    redis.call('ZADD', LEASES, now + tonumber(ARGV[1]), ARGV[i])
-    renewed = renewed + 1
-  end
-end
-return renewed
-"""
-
-
-class _Script:
-    """A Lua script run by EVALSHA, loaded into the server on first use (or after a restart)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    def __call__(self, client: Any, meta_key: str, args: list[Any]) -> Any:
-        # execute_command directly: redis-py's Script wrapper costs ~15 us per call.
-        try:
-            return client.execute_command("EVALSHA", self.sha, 1, meta_key, *args)
-        except NoScriptError:
-            client.script_load(self.source)
-            return client.execute_command("EVALSHA", self.sha, 1, meta_key, *args)
-
-
-_ENQUEUE = _Script(_Scripts.ENQUEUE)
-_LEASE = _Script(_Scripts.LEASE)
-_FAIL = _Script(_Scripts.FAIL)
-_RENEW = _Script(_Scripts.RENEW)
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class LeasedTask:
-    """A task delivered to a worker under a lease (``token`` proves ownership)."""
-
-    id: str
-    task_name: str
-    payload_json: str
-    tenant: str
-    priority: int | float
-    attempts: int
-    deadline: float | None
-    token: str
-
-    def payload(self) -> Any:
-        """The decoded JSON payload."""
-        return json.loads(self.payload_json)
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A task that will not run again, and why."""
-
-    id: str
-    task_name: str
-    tenant: str
-    priority: int | float
-    payload: Any
-    attempts: int
-    reason: str
-    last_error: str | None
-    dead_at: float  # Unix time, from the Redis server's clock
-
-
 # --------------------------------------------------------------------------- the queue
 
 
@@ -409,10 +82,10 @@ class FairQueue:
     backpressure hysteresis on the number of *ready* (queued, not leased) tasks;
     ``shed_below``: while SHEDDING, enqueues with a lower priority are refused.
     ``lease_ms`` is how long a worker owns a delivered task before it is
-    redelivered; ``max_attempts``
-    bounds deliveries before a task is dead-lettered.  ``weights`` (tenant ->
-    positive number, default 1) are stored in Redis, shared by every process
-    using the queue; the last writer wins.  ``completion_log`` > 0 keeps the last
+    redelivered; ``max_attempts`` bounds deliveries before a task is
+    dead-lettered.  ``weights`` (tenant -> positive number, default 1) are
+    stored in Redis, shared by every process using the queue; the last writer
+    wins.  ``completion_log`` > 0 keeps the last
     that many acknowledged ``(tenant, id)`` pairs for audit
     (:meth:`completions`).
 
@@ -704,7 +377,6 @@ class FairQueue:
             raise StoreUnavailable(
                 f"Redis unreachable for queue {self.name!r}: {exc}") from exc
 
-
 # --------------------------------------------------------------------------- the worker
 
 
@@ -974,6 +646,329 @@ def load_handlers(spec: str) -> Mapping[str, Callable[[Any], Any]]:
                         f"got {type(target).__name__}")
     return target
 
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class LeasedTask:
+    """A task delivered to a worker under a lease (``token`` proves ownership)."""
+
+    id: str
+    task_name: str
+    payload_json: str
+    tenant: str
+    priority: int | float
+    attempts: int
+    deadline: float | None
+    token: str
+
+    def payload(self) -> Any:
+        """The decoded JSON payload."""
+        return json.loads(self.payload_json)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A task that will not run again, and why."""
+
+    id: str
+    task_name: str
+    tenant: str
+    priority: int | float
+    payload: Any
+    attempts: int
+    reason: str
+    last_error: str | None
+    dead_at: float  # Unix time, from the Redis server's clock
+
+# --------------------------------------------------------------------------- scripts
+#
+# Every script gets one declared key, KEYS[1] = "buttress:{<name>}:meta", and
+# builds the queue's other key names from its prefix "buttress:{<name>}:":
+#   meta     hash: seq, depth, state, shed_since, counters
+#   ring     list: tenants with ready work, in DRR order (head = current turn)
+#   deficit  hash: tenant -> DRR deficit counter
+#   weights  hash: tenant -> weight (quantum per turn); absent = 1
+#   leases   zset: task id, score = lease expiry (ms, Redis server time)
+#   depth    hash: "tenant\npriority" -> ready tasks
+#   dead     list: dead-lettered task ids, newest first
+#   done     list: "tenant\nid" of acknowledged tasks (only if completion_log > 0)
+#   wake     list: tokens that wake idle workers blocked in BLPOP
+#   t:<tenant>  zset: the tenant's ready task ids, score = -priority
+#   task:<id>   hash: name, payload, tenant, priority, score, deadline, attempts, lease, ...
+# Which tenant and task keys a call touches is only known inside the script (DRR
+# picks the tenant), so they cannot all be declared; every one carries the hash
+# tag {<name>}, so all live in KEYS[1]'s Redis Cluster slot, which is what
+# Redis Cluster requires of a script.  (One declared key also keeps each call
+# small: the enqueue is one EVALSHA of 8 arguments.)
+#
+# Task ids are zero-padded sequence numbers: members with equal score (equal
+# priority) sort by id, which is FIFO order.
+
+_COMMON_LUA = """
+local META = KEYS[1]
+local PREFIX = string.sub(META, 1, -5)  -- strip "meta"
+local RING, DEFICIT, WEIGHTS = PREFIX .. 'ring', PREFIX .. 'deficit', PREFIX .. 'weights'
+local LEASES, DEPTH, DEAD = PREFIX .. 'leases', PREFIX .. 'depth', PREFIX .. 'dead'
+local DONE, WAKE = PREFIX .. 'done', PREFIX .. 'wake'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function task_key(id) return PREFIX .. 'task:' .. id end
+local function tenant_key(tenant) return PREFIX .. 't:' .. tenant end
+
+-- Put a task into its tenant's queue; a tenant that had no ready work joins the ring's tail.
+local function make_ready(id, tenant, score, priority)
+  local q = tenant_key(tenant)
+  if redis.call('ZADD', q, score, id) == 1 and redis.call('ZCARD', q) == 1 then
+    redis.call('RPUSH', RING, tenant)
+  end
+  redis.call('HINCRBY', DEPTH, tenant .. '\\n' .. priority, 1)
+  redis.call('HINCRBY', META, 'depth', 1)
+  if redis.call('LLEN', WAKE) < """ + str(_MAX_WAKE_TOKENS) + """ then
+    redis.call('RPUSH', WAKE, '1')
+  end
+end
+
+-- The backpressure hysteresis, the same rule as the in-process TaskScheduler, applied
+-- after every change of the ready depth: normal -> shedding when depth >= high_water,
+-- shedding -> normal when depth <= low_water.  Returns true while shedding.
+local function update_state(depth, high, low, now)
+  local m = redis.call('HMGET', META, 'state', 'shed_since', 'leased_total')
+  if m[1] == 'shedding' then
+    if depth > low then return true end
+    redis.call('HSET', META, 'state', 'normal')
+    redis.call('HINCRBY', META, 'shedding_ms', now - (tonumber(m[2]) or now))
+  elseif depth >= high then
+    redis.call('HSET', META, 'state', 'shedding', 'shed_since', now,
+      'shed_leased', tonumber(m[3]) or 0)
+    redis.call('HINCRBY', META, 'shed_entries', 1)
+    return true
+  end
+  return false
+end
+
+-- Workers do not know the producers' water marks: the last enqueue stored them.
+local function update_state_from_meta(now)
+  local m = redis.call('HMGET', META, 'high_water', 'low_water', 'depth')
+  if m[1] then update_state(tonumber(m[3]) or 0, tonumber(m[1]), tonumber(m[2]), now) end
+end
+
+local function dead_letter(id, reason, now, max_dead)
+  local key = task_key(id)
+  redis.call('HSET', key, 'reason', reason, 'dead_at', now)
+  redis.call('HDEL', key, 'lease', 'owner')
+  redis.call('LPUSH', DEAD, id)
+  redis.call('HINCRBY', META, 'dead', 1)
+  if redis.call('LLEN', DEAD) > max_dead then
+    redis.call('DEL', task_key(redis.call('RPOP', DEAD)))
+  end
+end
+"""
+
+
+class _Scripts:
+    """The Lua scripts of a queue (named constants; KEYS[1] is the meta key, see above)."""
+
+    # ENQUEUE: admit one task unless SHEDDING refuses it; evaluates the hysteresis.
+    # ARGV: 1 tenant, 2 task name, 3 payload (JSON text), 4 priority (text),
+    #       5 score (-priority), 6 deadline ms ("" = none), 7 sheddable "1"/"0",
+    #       8 high_water, 9 low_water
+    # Returns {"ok", id, depth} or {"rejected", retry_after_ms, depth}.
+    ENQUEUE = _COMMON_LUA + """
+local now = now_ms()
+local high, low = tonumber(ARGV[8]), tonumber(ARGV[9])
+redis.call('HSET', META, 'high_water', high, 'low_water', low)
+local depth = tonumber(redis.call('HGET', META, 'depth')) or 0
+if update_state(depth, high, low, now) and ARGV[7] == '1' then
+  redis.call('HINCRBY', META, 'rejected', 1)
+  -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
+  local m = redis.call('HMGET', META, 'shed_since', 'shed_leased', 'leased_total')
+  local elapsed = now - (tonumber(m[1]) or now)
+  local drained = (tonumber(m[3]) or 0) - (tonumber(m[2]) or 0)
+  local retry_ms = 1000
+  if drained > 0 and elapsed > 0 then
+    retry_ms = math.min(60000, math.max(10, math.max(1, depth - low) * elapsed / drained))
+  end
+  return {'rejected', math.floor(retry_ms), depth}
+end
+local id = string.format('%015d', redis.call('HINCRBY', META, 'seq', 1))
+redis.call('HSET', task_key(id), 'name', ARGV[2], 'payload', ARGV[3], 'tenant', ARGV[1],
+  'priority', ARGV[4], 'score', ARGV[5], 'deadline', ARGV[6], 'attempts', 0, 'enqueued_at', now)
+make_ready(id, ARGV[1], ARGV[5], ARGV[4])
+redis.call('HINCRBY', META, 'enqueued', 1)
+update_state(depth + 1, high, low, now)
+return {'ok', id, depth + 1}
+"""
+
+    # LEASE: acknowledge finished tasks, reclaim expired leases, then lease up to
+    # `count` tasks by deficit round robin -- one round trip for a worker's whole cycle.
+    # ARGV: 1 lease_ms, 2 max_attempts, 3 max_dead_letters, 4 completion_log,
+    #       5 token (new delivery token), 6 owner (worker name), 7 count, 8 n_acks,
+    #       then n_acks pairs (task id, its delivery token)
+    # Returns {stale_ack_ids, task, task, ...}; task = {id, name, payload, tenant,
+    #         priority, attempts, deadline}.
+    LEASE = _COMMON_LUA + """
+local now = now_ms()
+local lease_ms, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_dead, done_max = tonumber(ARGV[3]), tonumber(ARGV[4])
+local token, owner, count, n_acks = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+
+-- 1. Acknowledgements, each owner-checked by its delivery token.
+local stale = {}
+for i = 0, n_acks - 1 do
+  local id, tok = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
+  local key = task_key(id)
+  local t = redis.call('HMGET', key, 'lease', 'tenant')
+  if t[1] == tok then
+    redis.call('ZREM', LEASES, id)
+    redis.call('DEL', key)
+    redis.call('HINCRBY', META, 'completed', 1)
+    if done_max > 0 then
+      redis.call('RPUSH', DONE, t[2] .. '\\n' .. id)
+      if redis.call('LLEN', DONE) > done_max then redis.call('LPOP', DONE) end
+    end
+  else
+    stale[#stale + 1] = id
+    redis.call('HINCRBY', META, 'stale_acks', 1)
+  end
+end
+
+-- 2. Expired leases: back to the front of their tenant's queue, or dead after the last attempt.
+local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, """ + str(
+        _RECLAIM_PER_CALL) + """)
+for _, id in ipairs(expired) do
+  redis.call('ZREM', LEASES, id)
+  local key = task_key(id)
+  local t = redis.call('HMGET', key, 'tenant', 'score', 'priority', 'attempts')
+  if t[1] then
+    redis.call('HDEL', key, 'lease', 'owner')
+    redis.call('HINCRBY', META, 'redelivered', 1)
+    if tonumber(t[4]) >= max_attempts then
+      dead_letter(id, 'lease expired on attempt ' .. t[4] .. ' of ' .. max_attempts ..
+        ' (worker lost or handler slower than lease_ms)', now, max_dead)
+    else
+      make_ready(id, t[1], t[2], t[3])
+    end
+  end
+end
+
+-- 3. Deficit round robin.  The ring's head is the tenant whose turn it is; a turn
+-- starts (deficit < 1) by adding its quantum (weight), each lease costs 1, and the
+-- tenant goes to the tail when its deficit is spent or leaves when it has no work.
+local out = {stale}
+local visits = 0
+while #out - 1 < count and visits < """ + str(_MAX_VISITS) + """ do
+  visits = visits + 1
+  local tenant = redis.call('LINDEX', RING, 0)
+  if not tenant then break end
+  local deficit = tonumber(redis.call('HGET', DEFICIT, tenant)) or 0
+  if deficit < 1 then
+    deficit = deficit + (tonumber(redis.call('HGET', WEIGHTS, tenant)) or 1)
+  end
+  local q = tenant_key(tenant)
+  if deficit >= 1 then
+    local popped = redis.call('ZPOPMIN', q)
+    local id = popped[1]
+    if id then
+      local key = task_key(id)
+      local t = redis.call('HMGET', key, 'name', 'payload', 'priority', 'deadline', 'attempts')
+      if t[1] then
+        local field = tenant .. '\\n' .. t[3]
+        if redis.call('HINCRBY', DEPTH, field, -1) <= 0 then redis.call('HDEL', DEPTH, field) end
+        redis.call('HINCRBY', META, 'depth', -1)
+        if t[4] ~= '' and tonumber(t[4]) <= now then
+          redis.call('HINCRBY', META, 'expired', 1)
+          dead_letter(id, 'expired: deadline passed before the task started', now, max_dead)
+        else
+          deficit = deficit - 1
+          local attempts = tonumber(t[5]) + 1
+          redis.call('HSET', key, 'attempts', attempts, 'lease', token, 'owner', owner,
+            'leased_at', now)
+          redis.call('ZADD', LEASES, now + lease_ms, id)
+          redis.call('HINCRBY', META, 'leased_total', 1)
+          out[#out + 1] = {id, t[1], t[2], tenant, t[3], attempts, t[4]}
+        end
+      end
+    end
+  end
+  if redis.call('ZCARD', q) == 0 then
+    redis.call('LPOP', RING)
+    redis.call('HDEL', DEFICIT, tenant)
+  else
+    redis.call('HSET', DEFICIT, tenant, deficit)
+    if deficit < 1 then redis.call('RPUSH', RING, redis.call('LPOP', RING)) end
+  end
+end
+if redis.call('LLEN', RING) == 0 then redis.call('DEL', WAKE) end
+update_state_from_meta(now)
+return out
+"""
+
+    # FAIL: owner-checked; retry (back to the front of its tenant's queue) while
+    # attempts < max_attempts and the failure is retryable, else dead-letter.
+    # ARGV: 1 max_attempts, 2 max_dead_letters, 3 task id, 4 token,
+    #       5 reason, 6 retryable "1"/"0"
+    # Returns "retried", "dead" or "stale".
+    FAIL = _COMMON_LUA + """
+local now = now_ms()
+local id, key = ARGV[3], task_key(ARGV[3])
+local t = redis.call('HMGET', key, 'lease', 'tenant', 'score', 'priority', 'attempts')
+if t[1] ~= ARGV[4] then
+  redis.call('HINCRBY', META, 'stale_acks', 1)
+  return 'stale'
+end
+redis.call('ZREM', LEASES, id)
+redis.call('HDEL', key, 'lease', 'owner')
+redis.call('HSET', key, 'last_error', ARGV[5])
+redis.call('HINCRBY', META, 'failed', 1)
+if ARGV[6] == '1' and tonumber(t[5]) < tonumber(ARGV[1]) then
+  redis.call('HINCRBY', META, 'retried', 1)
+  make_ready(id, t[2], t[3], t[4])
+  update_state_from_meta(now)
+  return 'retried'
+end
+dead_letter(id, ARGV[5], now, tonumber(ARGV[2]))
+return 'dead'
+"""
+
+    # RENEW: extend the leases still held by their tokens (long-running handlers).
+    # ARGV: 1 lease_ms, then pairs (task id, token).  Returns how many renewed.
+    RENEW = _COMMON_LUA + """
+local now, renewed = now_ms(), 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HGET', task_key(ARGV[i]), 'lease') == ARGV[i + 1] then
+    redis.call('ZADD', LEASES, now + tonumber(ARGV[1]), ARGV[i])
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+
+class _Script:
+    """A Lua script run by EVALSHA, loaded into the server on first use (or after a restart)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, client: Any, meta_key: str, args: list[Any]) -> Any:
+        # execute_command directly: redis-py's Script wrapper costs ~15 us per call.
+        try:
+            return client.execute_command("EVALSHA", self.sha, 1, meta_key, *args)
+        except NoScriptError:
+            client.script_load(self.source)
+            return client.execute_command("EVALSHA", self.sha, 1, meta_key, *args)
+
+
+_ENQUEUE = _Script(_Scripts.ENQUEUE)
+_LEASE = _Script(_Scripts.LEASE)
+_FAIL = _Script(_Scripts.FAIL)
+_RENEW = _Script(_Scripts.RENEW)
 
 # --------------------------------------------------------------------------- helpers
 
