@@ -275,7 +275,7 @@ class FairQueue:
             by_tenant.setdefault(tenant, {})[_parse_number(priority)] = int(value)
         state = meta.get("state", "normal")
         shedding_ms = int(meta.get("shedding_ms", 0))
-        counters = ("enqueued", "rejected", "completed", "failed", "retried", "redelivered",
+        counters = ("rejected", "completed", "failed", "retried", "redelivered",
                     "expired", "dead", "stale_acks", "shed_entries")
         return {
             "queue": self.name,
@@ -291,6 +291,7 @@ class FairQueue:
             "low_water": self.low_water,
             "shedding_seconds": shedding_ms / 1000.0,
             **{name: int(meta.get(name, 0)) for name in counters},
+            "enqueued": int(meta.get("seq", 0)),  # every admitted task takes a sequence number
         }
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
@@ -735,26 +736,27 @@ end
 
 -- The backpressure hysteresis, the same rule as the in-process TaskScheduler, applied
 -- after every change of the ready depth: normal -> shedding when depth >= high_water,
--- shedding -> normal when depth <= low_water.  Returns true while shedding.
-local function update_state(depth, high, low, now)
-  local m = redis.call('HMGET', META, 'state', 'shed_since', 'leased_total')
-  if m[1] == 'shedding' then
-    if depth > low then return true end
+-- shedding -> normal when depth <= low_water.  `state` is the stored state (false =
+-- normal); returns the state after the rule.  No writes unless the state changes.
+local function update_state(state, depth, high, low, now)
+  if state == 'shedding' then
+    if depth > low then return 'shedding' end
+    local since = tonumber(redis.call('HGET', META, 'shed_since')) or now
     redis.call('HSET', META, 'state', 'normal')
-    redis.call('HINCRBY', META, 'shedding_ms', now - (tonumber(m[2]) or now))
+    redis.call('HINCRBY', META, 'shedding_ms', now - since)
   elseif depth >= high then
-    redis.call('HSET', META, 'state', 'shedding', 'shed_since', now,
-      'shed_leased', tonumber(m[3]) or 0)
+    local leased = tonumber(redis.call('HGET', META, 'leased_total')) or 0
+    redis.call('HSET', META, 'state', 'shedding', 'shed_since', now, 'shed_leased', leased)
     redis.call('HINCRBY', META, 'shed_entries', 1)
-    return true
+    return 'shedding'
   end
-  return false
+  return 'normal'
 end
 
 -- Workers do not know the producers' water marks: the last enqueue stored them.
 local function update_state_from_meta(now)
-  local m = redis.call('HMGET', META, 'high_water', 'low_water', 'depth')
-  if m[1] then update_state(tonumber(m[3]) or 0, tonumber(m[1]), tonumber(m[2]), now) end
+  local m = redis.call('HMGET', META, 'high_water', 'low_water', 'depth', 'state')
+  if m[1] then update_state(m[4], tonumber(m[3]) or 0, tonumber(m[1]), tonumber(m[2]), now) end
 end
 
 local function dead_letter(id, reason, now, max_dead)
@@ -781,14 +783,18 @@ class _Scripts:
     ENQUEUE = _COMMON_LUA + """
 local now = now_ms()
 local high, low = tonumber(ARGV[8]), tonumber(ARGV[9])
-redis.call('HSET', META, 'high_water', high, 'low_water', low)
-local depth = tonumber(redis.call('HGET', META, 'depth')) or 0
-if update_state(depth, high, low, now) and ARGV[7] == '1' then
+local m = redis.call('HMGET', META, 'depth', 'state', 'high_water', 'low_water')
+if m[3] ~= ARGV[8] or m[4] ~= ARGV[9] then
+  redis.call('HSET', META, 'high_water', ARGV[8], 'low_water', ARGV[9])
+end
+local depth = tonumber(m[1]) or 0
+local state = update_state(m[2], depth, high, low, now)
+if state == 'shedding' and ARGV[7] == '1' then
   redis.call('HINCRBY', META, 'rejected', 1)
   -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
-  local m = redis.call('HMGET', META, 'shed_since', 'shed_leased', 'leased_total')
-  local elapsed = now - (tonumber(m[1]) or now)
-  local drained = (tonumber(m[3]) or 0) - (tonumber(m[2]) or 0)
+  local r = redis.call('HMGET', META, 'shed_since', 'shed_leased', 'leased_total')
+  local elapsed = now - (tonumber(r[1]) or now)
+  local drained = (tonumber(r[3]) or 0) - (tonumber(r[2]) or 0)
   local retry_ms = 1000
   if drained > 0 and elapsed > 0 then
     retry_ms = math.min(60000, math.max(10, math.max(1, depth - low) * elapsed / drained))
@@ -799,8 +805,7 @@ local id = string.format('%015d', redis.call('HINCRBY', META, 'seq', 1))
 redis.call('HSET', task_key(id), 'name', ARGV[2], 'payload', ARGV[3], 'tenant', ARGV[1],
   'priority', ARGV[4], 'score', ARGV[5], 'deadline', ARGV[6], 'attempts', 0, 'enqueued_at', now)
 make_ready(id, ARGV[1], ARGV[5], ARGV[4])
-redis.call('HINCRBY', META, 'enqueued', 1)
-update_state(depth + 1, high, low, now)
+update_state(state, depth + 1, high, low, now)
 return {'ok', id, depth + 1}
 """
 
