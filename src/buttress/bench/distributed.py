@@ -18,9 +18,11 @@ Peers, each in its fastest configuration that still delivers every task:
   is empty; the at most 4 tasks still running then (a no-op each) are not
   waited for, which flatters huey slightly.
 
-ours: ``buttress`` is a FairQueue with 3 tenants (tasks spread round robin) and
-one Worker per process, default settings (prefetch 1, so a worker holds one
-lease at a time).
+Ours: ``buttress`` is a FairQueue with 3 tenants (tasks spread round robin) and
+one Worker per process with default settings (prefetch 1: a worker holds one
+lease at a time, and acknowledges it with its next lease call, so one round trip
+per task); the targets are judged on it.  ``buttress prefetch=8`` leases 8 tasks
+per round trip, to show what batching buys.
 
 Round trips are counted on the client side by a redis-py connection class that
 counts requests sent (a pipeline or a script call is one); worker processes
