@@ -150,6 +150,32 @@ def test_flooding_tenant_does_not_delay_a_newcomer(redis_client, unique_name):
     assert "small" in got  # served within one round, not after the 97 queued ahead
 
 
+def test_concurrent_leases_never_double_serve(redis_url, unique_name):
+    producer = redis.Redis.from_url(redis_url)
+    queue = make_queue(producer, unique_name)
+    ids = {queue.enqueue("t", i, tenant=f"t{i % 5}", priority=i % 3) for i in range(600)}
+    leased: list[list[str]] = []
+
+    def consume() -> None:
+        client = redis.Redis.from_url(redis_url)
+        mine = make_queue(client, unique_name)
+        got: list[str] = []
+        while batch := mine.lease(3):
+            got += [t.id for t in batch]
+        leased.append(got)
+        client.close()
+
+    threads = [threading.Thread(target=consume) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    everything = [task_id for got in leased for task_id in got]
+    assert len(everything) == len(set(everything)) == 600
+    assert set(everything) == ids
+    producer.close()
+
+
 class DrrModel:
     """Deficit round robin in plain Python: the oracle for the Lua script."""
 
