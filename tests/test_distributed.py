@@ -311,6 +311,20 @@ def test_failures_retry_then_dead_letter_with_the_reason(redis_client, unique_na
     assert (stats["failed"], stats["retried"], stats["dead"], stats["dead_letters"]) == (3, 2, 1, 1)
 
 
+def test_a_dead_letter_can_be_retried(redis_client, unique_name):
+    queue = make_queue(redis_client, unique_name, max_attempts=1)
+    task_id = queue.enqueue("t", {"n": 1}, tenant="a", priority=3)
+    queue.fail(queue.lease()[0], "broken dependency")
+    assert queue.retry_dead_letter(task_id) is True
+    assert queue.retry_dead_letter(task_id) is False  # no longer dead-lettered
+    assert queue.dead_letters() == []
+    [task] = queue.lease()
+    assert (task.id, task.attempts, task.priority, task.payload()) == (task_id, 1, 3, {"n": 1})
+    assert queue.ack(task)
+    stats = queue.stats()
+    assert (stats["dead"], stats["revived"], stats["completed"]) == (1, 1, 1)
+
+
 def test_dead_letter_list_is_bounded(redis_client, unique_name):
     queue = make_queue(redis_client, unique_name, max_dead_letters=3)
     for i in range(5):

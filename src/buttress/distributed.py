@@ -276,7 +276,7 @@ class FairQueue:
         state = meta.get("state", "normal")
         shedding_ms = int(meta.get("shedding_ms", 0))
         counters = ("rejected", "completed", "failed", "retried", "redelivered",
-                    "expired", "dead", "stale_acks", "shed_entries")
+                    "expired", "dead", "revived", "stale_acks", "shed_entries")
         return {
             "queue": self.name,
             "state": state,
@@ -321,6 +321,16 @@ class FairQueue:
                 dead_at=int(record.get("dead_at", 0)) / 1000.0,
             ))
         return letters
+
+    def retry_dead_letter(self, task_id: str) -> bool:
+        """Queue a dead-lettered task again (attempts reset); False if it is not dead-lettered.
+
+        Admission control does not apply: the task was admitted once already.
+        """
+        if not isinstance(task_id, str) or not task_id:
+            raise TypeError(f"task_id must be a non-empty str, got {task_id!r}")
+        with self._store():
+            return bool(_REVIVE(self.redis, self._meta, [task_id]))
 
     def completions(self, limit: int | None = None) -> list[tuple[str, str]]:
         """Acknowledged ``(tenant, task id)`` pairs in ack order (needs ``completion_log``)."""
@@ -953,6 +963,22 @@ end
 return renewed
 """
 
+    # REVIVE: put a dead-lettered task back in its tenant's queue with a fresh attempt count.
+    # ARGV: 1 task id.  Returns 1, or 0 if the id is not in the dead-letter list.
+    REVIVE = _COMMON_LUA + """
+local id = ARGV[1]
+if redis.call('LREM', DEAD, 1, id) == 0 then return 0 end
+local key = task_key(id)
+local t = redis.call('HMGET', key, 'tenant', 'score', 'priority')
+if not t[1] then return 0 end
+redis.call('HDEL', key, 'reason', 'dead_at', 'last_error')
+redis.call('HSET', key, 'attempts', 0)
+make_ready(id, t[1], t[2], t[3])
+redis.call('HINCRBY', META, 'revived', 1)
+update_state_from_meta(now_ms())
+return 1
+"""
+
 
 class _Script:
     """A Lua script run by EVALSHA, loaded into the server on first use (or after a restart)."""
@@ -974,6 +1000,7 @@ _ENQUEUE = _Script(_Scripts.ENQUEUE)
 _LEASE = _Script(_Scripts.LEASE)
 _FAIL = _Script(_Scripts.FAIL)
 _RENEW = _Script(_Scripts.RENEW)
+_REVIVE = _Script(_Scripts.REVIVE)
 
 # --------------------------------------------------------------------------- helpers
 
