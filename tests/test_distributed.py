@@ -296,7 +296,7 @@ def test_lease_expiring_on_the_last_attempt_dead_letters(redis_client, unique_na
 
 
 def test_failures_retry_then_dead_letter_with_the_reason(redis_client, unique_name):
-    queue = make_queue(redis_client, unique_name, max_attempts=3)
+    queue = make_queue(redis_client, unique_name, max_attempts=3, retry_delay_ms=0)
     task_id = queue.enqueue("t", {"n": 7}, tenant="a", priority=2)
     outcomes = []
     for _ in range(3):
@@ -309,6 +309,25 @@ def test_failures_retry_then_dead_letter_with_the_reason(redis_client, unique_na
     assert (letter.payload, letter.attempts, letter.reason) == ({"n": 7}, 3, "attempt 3 broke")
     stats = queue.stats()
     assert (stats["failed"], stats["retried"], stats["dead"], stats["dead_letters"]) == (3, 2, 1, 1)
+
+
+def test_retries_wait_their_delay_doubling_per_attempt(redis_client, unique_name):
+    queue = make_queue(redis_client, unique_name, max_attempts=3, retry_delay_ms=300)
+    queue.enqueue("t", "flaky", tenant="a")
+    queue.enqueue("t", "steady", tenant="a")
+    first = queue.lease()[0]
+    failed_at = time.monotonic()
+    assert queue.fail(first, "try again") == "retried"
+    assert queue.stats()["delayed_retries"] == 1
+    assert [t.payload() for t in queue.lease(5)] == ["steady"]  # the retry is not due yet
+    second = wait_until(lambda: queue.lease(), timeout=10, message="retry after its delay")[0]
+    assert time.monotonic() - failed_at >= 0.25  # Redis time vs ours: a little slack
+    assert (second.payload(), second.attempts) == ("flaky", 2)
+    failed_at = time.monotonic()
+    queue.fail(second, "again")
+    third = wait_until(lambda: queue.lease(), timeout=10, message="second retry")[0]
+    assert time.monotonic() - failed_at >= 0.55  # 300 ms doubled
+    assert third.attempts == 3 and queue.stats()["delayed_retries"] == 0
 
 
 def test_a_dead_letter_can_be_retried(redis_client, unique_name):
@@ -413,7 +432,7 @@ def run_in_thread(worker: Worker) -> threading.Thread:
 
 
 def test_worker_dead_letters_unknown_tasks_and_keeps_running(redis_client, unique_name):
-    queue = make_queue(redis_client, unique_name, max_attempts=2)
+    queue = make_queue(redis_client, unique_name, max_attempts=2, retry_delay_ms=50)
     seen: list[Any] = []
 
     def fragile(payload: Any) -> None:

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="lease length before redelivery (default 30000)")
     worker.add_argument("--max-attempts", type=int, default=3, metavar="N",
                         help="deliveries before a failing task is dead-lettered (default 3)")
+    worker.add_argument("--retry-delay-ms", type=int, default=1_000, metavar="MS",
+                        help="delay before retrying a failed task, doubled per attempt "
+                        "(default 1000)")
     worker.add_argument("--completion-log", type=int, default=0, metavar="N",
                         help="keep the last N acknowledged tasks in Redis (default 0: off)")
     worker.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -80,7 +83,8 @@ def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     try:
         handlers = load_handlers(args.handlers)
         queue = FairQueue(redis.Redis.from_url(args.redis), args.queue, lease_ms=args.lease_ms,
-                          max_attempts=args.max_attempts, completion_log=args.completion_log)
+                          max_attempts=args.max_attempts, retry_delay_ms=args.retry_delay_ms,
+                          completion_log=args.completion_log)
         worker = Worker(queue, handlers, concurrency=args.concurrency, prefetch=args.prefetch)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         parser.error(f"worker: {exc}")

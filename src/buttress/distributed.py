@@ -71,6 +71,7 @@ _RECLAIM_PER_CALL = 100
 _MAX_VISITS = 10_000
 _MIN_WEIGHT = 0.01
 _MAX_PRIORITY = 2**53  # scores are doubles: larger integers would lose their order
+_MAX_RETRY_DELAY_MS = 3_600_000
 
 # --------------------------------------------------------------------------- the queue
 
@@ -83,15 +84,15 @@ class FairQueue:
     ``shed_below``: while SHEDDING, enqueues with a lower priority are refused.
     ``lease_ms`` is how long a worker owns a delivered task before it is
     redelivered; ``max_attempts`` bounds deliveries before a task is
-    dead-lettered.  ``weights`` (tenant -> positive number, default 1) are
-    stored in Redis, shared by every process using the queue; the last writer
-    wins.  ``completion_log`` > 0 keeps the last
-    that many acknowledged ``(tenant, id)`` pairs for audit
-    (:meth:`completions`).
+    dead-lettered, and a failed delivery is retried after ``retry_delay_ms``,
+    doubled per attempt.  ``weights`` (tenant -> positive number, default 1)
+    are stored in Redis, shared by every process using the queue; the last
+    writer wins.  ``completion_log`` > 0 keeps the last that many acknowledged
+    ``(tenant, id)`` pairs for audit (:meth:`completions`).
 
     The water marks are producer settings (each enqueue stores them in Redis for
-    the workers' scripts); ``lease_ms``, ``max_attempts``, ``max_dead_letters``
-    and ``completion_log`` are worker settings.  Processes in the same role
+    the workers' scripts); ``lease_ms``, ``max_attempts``, ``retry_delay_ms``,
+    ``max_dead_letters`` and ``completion_log`` are worker settings.  Processes in the same role
     should agree on them.
     """
 
@@ -106,6 +107,7 @@ class FairQueue:
         weights: Mapping[str, float] | None = None,
         shed_below: int | float = 1,
         max_attempts: int = 3,
+        retry_delay_ms: int = 1_000,
         max_dead_letters: int = 10_000,
         completion_log: int = 0,
     ) -> None:
@@ -125,6 +127,7 @@ class FairQueue:
         _check_int("lease_ms", lease_ms, minimum=1)
         _check_priority("shed_below", shed_below)
         _check_int("max_attempts", max_attempts, minimum=1)
+        _check_int("retry_delay_ms", retry_delay_ms, minimum=0)
         _check_int("max_dead_letters", max_dead_letters, minimum=1)
         _check_int("completion_log", completion_log, minimum=0)
         if not callable(getattr(redis_client, "execute_command", None)):
@@ -138,6 +141,7 @@ class FairQueue:
         self.lease_ms = lease_ms
         self.shed_below = shed_below
         self.max_attempts = max_attempts
+        self.retry_delay_ms = retry_delay_ms
         self.max_dead_letters = max_dead_letters
         self.completion_log = completion_log
         self.prefix = f"buttress:{{{name}}}:"
@@ -239,13 +243,16 @@ class FairQueue:
 
         The task is retried while ``retry`` and it has had fewer than
         ``max_attempts`` deliveries, otherwise dead-lettered with ``reason``.
+        A retry waits ``retry_delay_ms``, doubled for each earlier attempt
+        (capped at an hour), then rejoins the front of its tenant's queue.
         """
         if not isinstance(reason, str):
             raise TypeError(f"reason must be a str, got {reason!r}")
+        delay_ms = min(_MAX_RETRY_DELAY_MS, self.retry_delay_ms * 2 ** max(0, task.attempts - 1))
         with self._store():
             reply = _FAIL(self.redis, self._meta, [
                 self.max_attempts, self.max_dead_letters, task.id, task.token, reason,
-                "1" if retry else "0"])
+                "1" if retry else "0", delay_ms])
         return _text(reply)
 
     def renew(self, tasks: Iterable[LeasedTask]) -> int:
@@ -264,10 +271,10 @@ class FairQueue:
         """Depth per tenant and priority, state, lease and dead-letter counts, counters."""
         pipe = self.redis.pipeline(transaction=False)
         for command, key in (("hgetall", "meta"), ("hgetall", "depth"), ("zcard", "leases"),
-                             ("llen", "dead"), ("llen", "ring")):
+                             ("zcard", "delayed"), ("llen", "dead"), ("llen", "ring")):
             getattr(pipe, command)(self.prefix + key)
         with self._store():
-            meta_raw, depth_raw, leased, dead, active = pipe.execute()
+            meta_raw, depth_raw, leased, delayed, dead, active = pipe.execute()
         meta = {_text(k): _text(v) for k, v in meta_raw.items()}
         by_tenant: dict[str, dict[int | float, int]] = {}
         for field, value in depth_raw.items():
@@ -285,6 +292,7 @@ class FairQueue:
             "depth_by_tenant_priority": {t: dict(sorted(p.items(), reverse=True))
                                          for t, p in sorted(by_tenant.items())},
             "leased": int(leased),
+            "delayed_retries": int(delayed),
             "dead_letters": int(dead),
             "active_tenants": int(active),
             "high_water": self.high_water,
@@ -701,6 +709,7 @@ class DeadLetter:
 #   deficit  hash: tenant -> DRR deficit counter
 #   weights  hash: tenant -> weight (quantum per turn); absent = 1
 #   leases   zset: task id, score = lease expiry (ms, Redis server time)
+#   delayed  zset: failed task id waiting to be retried, score = when (ms)
 #   depth    hash: "tenant\npriority" -> ready tasks
 #   dead     list: dead-lettered task ids, newest first
 #   done     list: "tenant\nid" of acknowledged tasks (only if completion_log > 0)
@@ -721,7 +730,7 @@ local META = KEYS[1]
 local PREFIX = string.sub(META, 1, -5)  -- strip "meta"
 local RING, DEFICIT, WEIGHTS = PREFIX .. 'ring', PREFIX .. 'deficit', PREFIX .. 'weights'
 local LEASES, DEPTH, DEAD = PREFIX .. 'leases', PREFIX .. 'depth', PREFIX .. 'dead'
-local DONE, WAKE = PREFIX .. 'done', PREFIX .. 'wake'
+local DONE, WAKE, DELAYED = PREFIX .. 'done', PREFIX .. 'wake', PREFIX .. 'delayed'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -871,7 +880,16 @@ for _, id in ipairs(expired) do
   end
 end
 
--- 3. Deficit round robin.  The ring's head is the tenant whose turn it is; a turn
+-- 3. Retries whose delay is over join their tenant's queue (ahead of newer tasks).
+local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, """ + str(
+        _RECLAIM_PER_CALL) + """)
+for _, id in ipairs(due) do
+  redis.call('ZREM', DELAYED, id)
+  local t = redis.call('HMGET', task_key(id), 'tenant', 'score', 'priority')
+  if t[1] then make_ready(id, t[1], t[2], t[3]) end
+end
+
+-- 4. Deficit round robin.  The ring's head is the tenant whose turn it is; a turn
 -- starts (deficit < 1) by adding its quantum (weight), each lease costs 1, and the
 -- tenant goes to the tail when its deficit is spent or leaves when it has no work.
 local out = {stale}
@@ -923,10 +941,11 @@ update_state_from_meta(now)
 return out
 """
 
-    # FAIL: owner-checked; retry (back to the front of its tenant's queue) while
-    # attempts < max_attempts and the failure is retryable, else dead-letter.
+    # FAIL: owner-checked; retry while attempts < max_attempts and the failure is
+    # retryable -- after `delay` ms in the delayed set, or at once back to the front of
+    # its tenant's queue -- else dead-letter.
     # ARGV: 1 max_attempts, 2 max_dead_letters, 3 task id, 4 token,
-    #       5 reason, 6 retryable "1"/"0"
+    #       5 reason, 6 retryable "1"/"0", 7 retry delay ms
     # Returns "retried", "dead" or "stale".
     FAIL = _COMMON_LUA + """
 local now = now_ms()
@@ -942,8 +961,12 @@ redis.call('HSET', key, 'last_error', ARGV[5])
 redis.call('HINCRBY', META, 'failed', 1)
 if ARGV[6] == '1' and tonumber(t[5]) < tonumber(ARGV[1]) then
   redis.call('HINCRBY', META, 'retried', 1)
-  make_ready(id, t[2], t[3], t[4])
-  update_state_from_meta(now)
+  if tonumber(ARGV[7]) > 0 then
+    redis.call('ZADD', DELAYED, now + tonumber(ARGV[7]), id)
+  else
+    make_ready(id, t[2], t[3], t[4])
+    update_state_from_meta(now)
+  end
   return 'retried'
 end
 dead_letter(id, ARGV[5], now, tonumber(ARGV[2]))
