@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from buttress.bench.distributed import process_stopped
 from buttress.distributed import FairQueue
 from conftest import wait_until
 
@@ -30,13 +31,37 @@ class WorkerPool:
     """``n`` worker processes serving one queue."""
 
     def __init__(self, redis_url: str, queue: str, n: int, *extra: str) -> None:
-        env = dict(os.environ, BUTTRESS_TEST_REDIS_URL=redis_url,
-                   PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-        command = [sys.executable, "-m", "buttress", "worker", "--redis", redis_url,
-                   "--queue", queue, "--handlers", HANDLERS, "--completion-log", "100000",
-                   *extra]
-        self.processes = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
-                          for _ in range(n)]
+        self.env = dict(os.environ, BUTTRESS_TEST_REDIS_URL=redis_url, PYTHONPATH=os.pathsep.join(
+            [TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+        self.command = [sys.executable, "-m", "buttress", "worker", "--redis", redis_url,
+                        "--queue", queue, "--handlers", HANDLERS, "--completion-log", "100000",
+                        *extra]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.add(n)
+
+    def add(self, n: int) -> None:
+        self.processes += [subprocess.Popen(self.command, env=self.env, stderr=subprocess.PIPE)
+                           for _ in range(n)]
+
+    def start_together(self, redis_client, queue: str) -> None:
+        """Wait until every worker idles on ``queue``, then pause them all.
+
+        ``resume()`` then releases them at once: no early starter gets a head start.
+        """
+        def idle_workers() -> bool:
+            idle = {c["name"] for c in redis_client.client_list()
+                    if c["name"].startswith(f"buttress-worker:{queue}:") and c["cmd"] == "blpop"}
+            return len(idle) == len(self.processes)
+
+        wait_until(idle_workers, timeout=60, message="every worker idle")
+        for process in self.processes:
+            process.send_signal(signal.SIGSTOP)
+        wait_until(lambda: all(process_stopped(p.pid) for p in self.processes), timeout=10,
+                   message="workers stopped")
+
+    def resume(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGCONT)
 
     def terminate_and_wait(self, timeout: float = 30) -> list[int | None]:
         """SIGTERM (drain) every live worker; return the exit codes."""
@@ -56,6 +81,7 @@ class WorkerPool:
     def kill(self) -> None:
         for process in self.processes:
             if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
                 process.kill()
             process.wait()
             if process.stderr is not None:
@@ -105,18 +131,20 @@ def enqueue_interleaved(queue: FairQueue, ratio: dict[str, int], rounds: int,
 def measure_shares(redis_client, redis_url, pools, name, *, weights, ratio, rounds):
     queue = FairQueue(redis_client, name, high_water=100_000, low_water=50_000,
                       lease_ms=10_000, weights=weights)
+    pool = WorkerPool(redis_url, name, 4)
+    pools.append(pool)
+    pool.start_together(redis_client, name)
     log = name + ":executions"
     enqueued = enqueue_interleaved(queue, ratio, rounds, log)
     total = sum(enqueued.values())
-    pool = WorkerPool(redis_url, name, 4)
-    pools.append(pool)
+    pool.resume()
     wait_until(lambda: queue.stats()["completed"] == total, timeout=90,
                message=f"{total} completions")
     assert pool.terminate_and_wait() == [0, 0, 0, 0]
     window = backlogged_window(queue.completions(), enqueued)
     assert len(window) >= 300
     workers = {e.split(b":")[1] for e in redis_client.lrange(log, 0, len(window))}
-    assert len(workers) >= 2  # several processes really competed for the tenants' tasks
+    assert len(workers) >= 3  # the processes really competed (a starved one may miss out)
     counts = Counter(window)
     return {t: counts[t] / len(window) for t in sorted(ratio)}
 
@@ -157,17 +185,20 @@ def test_kill_9_worker_holding_leases_loses_nothing(redis_client, redis_url, poo
     log = unique_name + ":executions"
     ids = [queue.enqueue("work", {"n": n, "sleep": 0.02, "log": log}, tenant=f"t{n % 3}")
            for n in range(240)]
-    pool = WorkerPool(redis_url, unique_name, 4, "--concurrency", "2", "--lease-ms", "1500",
+    # The victim starts first, so it is surely working when the others join.
+    pool = WorkerPool(redis_url, unique_name, 1, "--concurrency", "2", "--lease-ms", "1500",
                       "--max-attempts", "5")
     pools.append(pool)
     victim = pool.processes[0]
 
     def victim_holds_leases() -> dict[str, int]:
-        held = {t: pid for t, pid in lease_owners(redis_client, unique_name).items()
+        return {t: pid for t, pid in lease_owners(redis_client, unique_name).items()
                 if pid == victim.pid}
-        return held if queue.stats()["completed"] >= 20 else {}
 
-    held = wait_until(victim_holds_leases, timeout=30, message="victim holding leases")
+    wait_until(victim_holds_leases, timeout=30, message="victim working")
+    pool.add(3)
+    held = wait_until(lambda: queue.stats()["completed"] >= 20 and victim_holds_leases(),
+                      timeout=30, message="victim holding leases after 20 completions")
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
     wait_until(lambda: queue.stats()["completed"] == len(ids), timeout=60,

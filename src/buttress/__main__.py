@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -82,7 +83,10 @@ def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
     try:
         handlers = load_handlers(args.handlers)
-        queue = FairQueue(redis.Redis.from_url(args.redis), args.queue, lease_ms=args.lease_ms,
+        # Named connections: CLIENT LIST shows which workers serve which queue.
+        client_name = "buttress-worker:" + "_".join(f"{args.queue}:{os.getpid()}".split())
+        client = redis.Redis.from_url(args.redis, client_name=client_name)
+        queue = FairQueue(client, args.queue, lease_ms=args.lease_ms,
                           max_attempts=args.max_attempts, retry_delay_ms=args.retry_delay_ms,
                           completion_log=args.completion_log)
         worker = Worker(queue, handlers, concurrency=args.concurrency, prefetch=args.prefetch)

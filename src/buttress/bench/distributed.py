@@ -188,7 +188,7 @@ class Implementation:
         for process in self.processes:
             process.send_signal(signal.SIGSTOP)
         # SIGSTOP takes effect asynchronously: wait until every process is really stopped.
-        _wait(lambda: all(_stopped(p.pid) for p in self.processes), 10,
+        _wait(lambda: all(process_stopped(p.pid) for p in self.processes), 10,
               f"{self.label} workers to stop")
 
     def resume(self) -> None:
@@ -384,7 +384,7 @@ def _enqueue_work(impl: Implementation, case: Any, n: int) -> Callable[[None], N
     return work
 
 
-def _stopped(pid: int) -> bool:
+def process_stopped(pid: int) -> bool:
     """True when every thread of ``pid`` is stopped (Linux /proc; elsewhere assume so)."""
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
