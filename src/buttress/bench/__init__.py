@@ -200,6 +200,14 @@ class BenchSession:
             self._redis_url = self._stack.enter_context(redis_url())
         return self._redis_url
 
+    def on_close(self, callback: Callable[..., Any], /, *args: Any) -> None:
+        """Call ``callback(*args)`` when the run ends, before the session's Redis stops.
+
+        Callbacks run last-registered first, so a suite's workers and connections
+        are closed before the server they talk to.
+        """
+        self._stack.callback(callback, *args)
+
     def close(self) -> None:
         self._stack.close()
 

@@ -14,7 +14,6 @@ measured against the prediction, go to the notes).
 
 from __future__ import annotations
 
-import atexit
 import os
 import sqlite3
 import statistics
@@ -250,8 +249,8 @@ def _guard_case(session: BenchSession) -> None:
     lookups = 50_000 if session.quick else 200_000
     directory = tempfile.TemporaryDirectory(prefix="buttress-bench-bloom-")
     db = sqlite3.connect(os.path.join(directory.name, "store.db"), check_same_thread=False)
-    atexit.register(directory.cleanup)
-    atexit.register(db.close)  # runs first: LIFO
+    session.on_close(directory.cleanup)
+    session.on_close(db.close)  # runs first: LIFO
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("CREATE TABLE users (id TEXT PRIMARY KEY, name TEXT)")
     with db:

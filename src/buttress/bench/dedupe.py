@@ -172,7 +172,7 @@ def _redis_single_case(session: BenchSession, client: Any, singles: int,
 def _sqlite_case(session: BenchSession, total: int,
                  batches: Callable[[], list[list[Message]]]) -> None:
     directory = tempfile.mkdtemp(prefix="buttress-bench-dedupe-")
-    session._stack.callback(shutil.rmtree, directory, True)
+    session.on_close(shutil.rmtree, directory, True)
     files = itertools.count()
 
     def new_store() -> SQLiteStore:
@@ -187,7 +187,7 @@ def _sqlite_case(session: BenchSession, total: int,
         """
         def setup() -> tuple[Any, Any]:
             store = new_store()
-            session._stack.callback(store.close)
+            session.on_close(store.close)
             return make(store), inputs()
 
         def work(prepared: tuple[Any, Any]) -> None:
@@ -202,7 +202,7 @@ def _sqlite_case(session: BenchSession, total: int,
     def raw(store: SQLiteStore) -> Callable[[list[Message]], None]:
         # The store made the table and index; the baseline gets its own plain connection.
         conn = sqlite3.connect(store.path, isolation_level=None)
-        session._stack.callback(conn.close)
+        session.on_close(conn.close)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return lambda batch: insert_or_ignore(conn, batch)

@@ -32,7 +32,6 @@ process by hand with ``python -m buttress.bench.distributed IMPL URL QUEUE``.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import mmap
 import os
@@ -344,13 +343,9 @@ def register(session: BenchSession) -> None:
         if impl.label != OURS_PREFETCH:  # same enqueue as "buttress"
             enqueue.add(impl.label, _enqueue_work(impl, enqueue, n), items=n,
                         setup=impl.prepare_enqueue)
-    # Stop the workers before the session stops its Redis (its exit stack is LIFO).
-    stack = getattr(session, "_stack", None)
+    # Stop the workers before the session stops its Redis.
     for impl in impls:
-        if stack is not None:
-            stack.callback(impl.close)
-        else:
-            atexit.register(impl.close)
+        session.on_close(impl.close)
     for case in (drain, enqueue):
         for label, reason in skipped:
             case.skip(label, reason)
