@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -94,7 +94,7 @@ def make_handlers(client: redis.Redis, queue_name: str, *, charge_ms: float,
         if result.status in (DedupeStatus.PROCESSED, DedupeStatus.DUPLICATE):
             return  # charged, now or before: acknowledge the task
         if result.status is DedupeStatus.FAILED:
-            raise result.error  # type: ignore[misc]  # the charge raised: let the queue retry
+            raise result.error  # the charge raised: let the queue retry
         if result.status is DedupeStatus.IN_PROGRESS:
             raise PaymentInProgress(payload["payment_id"])  # retried after retry_delay_ms
         # CONFLICT: the same payment id with a different payload is a producer bug;
@@ -132,17 +132,21 @@ def run_worker(url: str, queue_name: str, *, charge_ms: float, prefetch: int,
 
 def run_demo(url: str, *, payments: int, workers: int, prefetch: int, charge_ms: float,
              dedupe: bool, timeout: float) -> bool:
-    """Enqueue, serve, kill a worker, drain, check the ledger; True if each payment is charged once."""
+    """Enqueue, serve, kill a worker, drain, check the ledger.
+
+    Return True if every payment is in the ledger exactly once.
+    """
     client = redis.Redis.from_url(url)
     queue_name = f"payments-{os.urandom(4).hex()}"
     keys = Keys(queue_name)
     queue = make_queue(client, queue_name)
 
-    expected = {}
+    expected: dict[str, dict[str, Any]] = {}
     enqueued = 0
     for n in range(payments):
-        payment = {"payment_id": f"pay-{n:05d}", "amount_cents": 100 + n, "currency": "EUR"}
-        expected[payment["payment_id"]] = payment
+        payment_id = f"pay-{n:05d}"  # the idempotency key, chosen by the producer
+        payment = {"payment_id": payment_id, "amount_cents": 100 + n, "currency": "EUR"}
+        expected[payment_id] = payment
         for _ in range(2 if n % 10 == 0 else 1):  # every tenth: the producer retried
             queue.enqueue("pay", payment, tenant=TENANTS[n % len(TENANTS)])
             enqueued += 1
@@ -186,9 +190,11 @@ def run_demo(url: str, *, payments: int, workers: int, prefetch: int, charge_ms:
                 proc.kill()
                 proc.wait()
 
-    charges = Counter(json.loads(entry)["payment_id"] for entry in client.lrange(keys.ledger, 0, -1))
-    outcomes = {k.decode(): int(v) for k, v in client.hgetall(keys.outcomes).items()}
-    twice = sorted(pid for pid, n in charges.items() if n > 1)
+    ledger = cast("list[bytes]", client.lrange(keys.ledger, 0, -1))
+    charges: Counter[str] = Counter(json.loads(entry)["payment_id"] for entry in ledger)
+    outcomes_raw = cast("dict[bytes, bytes]", client.hgetall(keys.outcomes))
+    outcomes = {key.decode(): int(value) for key, value in outcomes_raw.items()}
+    twice = sorted(payment_id for payment_id, n in charges.items() if n > 1)
     missing = sorted(set(expected) - set(charges))
     print(f"enqueued {enqueued} tasks for {payments} payments "
           f"({enqueued - payments} duplicate enqueues); killed worker {victim.pid} with SIGKILL")
@@ -219,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", help="worker role: the Redis URL")
     parser.add_argument("--queue", help="worker role: the queue name")
     args = parser.parse_args(argv)
+    if not 0 < args.charge_ms <= DEDUPE_LEASE * 500:
+        # The dedupe lease must outlast a charge, or a redelivery could take it over mid-way.
+        parser.error(f"--charge-ms must be in (0, {DEDUPE_LEASE * 500:g}], got {args.charge_ms}")
     logging.basicConfig(level=logging.ERROR)  # the demo's handled failures are expected
 
     if args.role == "worker":
