@@ -119,7 +119,7 @@ class Keys:
 
 def make_queue(client: redis.Redis, queue_name: str) -> FairQueue:
     return FairQueue(client, queue_name, lease_ms=LEASE_MS, max_attempts=10,
-                     retry_delay_ms=100, completion_log=0)
+                     retry_delay_ms=100)
 
 
 def run_worker(url: str, queue_name: str, *, charge_ms: float, prefetch: int,
