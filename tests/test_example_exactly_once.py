@@ -21,10 +21,10 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "exactly_once_payments.py"
 PAYMENTS = 60
 DUPLICATE_ENQUEUES = PAYMENTS // 10  # the example enqueues every tenth payment twice
-# A charge takes 100 ms, so the SIGKILL, sent when the victim starts its second
+# A charge takes 300 ms, so the SIGKILL, sent when the victim starts its second
 # payment, lands during that charge's gateway call, not in the microseconds between
 # the ledger write and the dedupe "done" write (the window dedupe cannot close).
-ARGS = ["--payments", str(PAYMENTS), "--workers", "3", "--prefetch", "4", "--charge-ms", "100",
+ARGS = ["--payments", str(PAYMENTS), "--workers", "3", "--prefetch", "4", "--charge-ms", "300",
         "--timeout", "60"]
 
 
