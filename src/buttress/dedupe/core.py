@@ -13,7 +13,8 @@ Two modes, chosen per Deduplicator:
     before the handler runs and is the only write.  A later delivery of the
     same id within ``ttl`` is a duplicate.  If the handler raises, or the
     process dies after the claim, the message is **not** retried: it may be
-    lost, never run twice.  One store round trip per message (or per batch).
+    lost, never run twice.  One store round trip per message (or per batch);
+    on Redis a single message already seen costs a second one (see step 3).
 
 ``effectively_once``
     The claim is a short *lease* (``lease`` seconds).  The handler runs, then
@@ -30,10 +31,12 @@ The race between two consumers A and B on the same id, step by step:
 
 1. A and B each receive message ``m`` (a redelivery, or two consumer groups).
 2. Both validate ``m`` and fingerprint its payload locally; nothing is shared yet.
-3. Both send a claim.  The store serialises them (Redis runs scripts one at a
-   time; SQLite's ``BEGIN IMMEDIATE`` takes the single write lock).  Say A's
-   lands first: ``SET NX`` (or ``INSERT OR IGNORE``) creates A's record with
-   A's token and attempt 1.
+3. Both send a claim.  The store serialises them (Redis runs commands and
+   scripts one at a time; SQLite's ``BEGIN IMMEDIATE`` takes the single write
+   lock).  Say A's lands first: ``SET NX`` (or ``INSERT OR IGNORE``) creates A's
+   record with A's token and attempt 1.  (A single at_most_once message on
+   Redis is claimed by a bare ``SET NX PX``; B's, failing, is followed by the
+   claim script, which reads A's record for step 4.)
 4. B's claim finds A's record.  Same fingerprint: B gets ``duplicate`` (done,
    or any claim in at_most_once) or ``in_progress`` (A's lease is live);
    another fingerprint: ``conflict``.  B does not run the handler; it may ack
