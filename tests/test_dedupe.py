@@ -411,6 +411,54 @@ def test_the_portable_encoder_gives_the_same_json_as_the_fast_one(monkeypatch):
         assert "".join(portable(payload, 0)) == "".join(fast(payload, 0))
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(-(10**40), 10**40)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.tuples(children, children)
+    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=30)
+
+
+@settings(max_examples=300)
+@given(payload=json_values)
+def test_the_native_fingerprint_agrees_with_json(payload):
+    from buttress._canonical import canonical_xxh64
+    from buttress.dedupe import core
+
+    def unexpected(value: Any) -> int:
+        raise AssertionError(f"a plain payload fell back to json: {value!r}")
+
+    assert canonical_xxh64(payload, unexpected) == core._json_fingerprint(payload)
+
+
+class Code(int):
+    pass
+
+
+def test_the_native_fingerprint_leaves_anything_unusual_to_json():
+    from buttress._canonical import canonical_xxh64
+    from buttress.dedupe import core
+
+    escapes = "".join(map(chr, range(0x20))) + '"\\\x7f é ☃ 𝄞'
+    assert canonical_xxh64({"k": escapes, escapes: [escapes]}, None) == \
+        core._json_fingerprint({"k": escapes, escapes: [escapes]})
+    big = {"x": "y" * 5000, "n": list(range(300))}  # past the stack buffer
+    assert canonical_xxh64(big, None) == core._json_fingerprint(big)
+    deep: Any = 1
+    for _ in range(200):
+        deep = [deep]
+    for unusual in [{1: "int key"}, {None: 1, "a": 2}, {"a": Code(3)}, [DedupeStatus.FAILED],
+                    {"a": {"b": deep}}, {"s": type("S", (str,), {})("sub")}]:
+        seen: list[Any] = []
+        fell_back = canonical_xxh64(unusual, lambda value: seen.append(value) or 7)
+        assert fell_back == 7 and seen == [unusual]
+    assert fingerprint({1: "int key"}) == core._json_fingerprint({1: "int key"})
+    assert fingerprint({"a": {"b": deep}}) == core._json_fingerprint({"a": {"b": deep}})
+    for bad in [{"x": float("nan")}, [float("inf")], "\ud800"]:
+        with pytest.raises(TypeError, match="payload"):
+            fingerprint(bad)
+
+
 def test_an_unreachable_store_raises_store_unavailable_and_runs_nothing(unreachable_store):
     handler = Recorder()
     for mode in MODES:
