@@ -256,11 +256,7 @@ class Deduplicator:
             raise TypeError(f"messages must be an iterable of (msg_id, payload) pairs: {exc}") \
                 from exc
         payloads = [payload for _, payload in pairs]
-        short = _SHORT_ID
-        for msg_id in ids:
-            if type(msg_id) is not str or not msg_id or len(msg_id) > short \
-                    or not msg_id.isascii():
-                _check_id(msg_id)  # the slow, explaining check; most ids skip it
+        _check_ids(ids)
         fingerprints = _fingerprints(payloads)
         if not ids:
             return []
@@ -304,11 +300,12 @@ class Deduplicator:
         token = os.urandom(8).hex()  # one owner per claim call; takeovers replace it
         codes = self.store.claim(ids, fingerprints, token=token, lease_ms=self._lease_ms,
                                  ttl_ms=self._ttl_ms)
-        tally = Counter(codes)
-        if len(tally) == 1 and 1 in tally:
+        if codes.count(1) == len(codes):
             # The common case, every id new: no status to decide per message.
+            tally = Counter({1: len(codes)})
             results, failed = self._run_handlers(ids, payloads, codes)
         else:
+            tally = Counter(codes)
             results, failed = [], 0
             for msg_id, payload, code in zip(ids, payloads, codes, strict=True):
                 if code > 0:
@@ -393,6 +390,18 @@ class Deduplicator:
 
     def __repr__(self) -> str:
         return f"Deduplicator(mode={self.mode!r}, ttl={self.ttl}, store={self.store!r})"
+
+
+def _check_ids(ids: list[str]) -> None:
+    """``_check_id`` on each id; the common case (short ASCII strs) is checked in bulk."""
+    try:
+        if not ids or ("".join(ids).isascii() and min(map(len, ids)) > 0
+                       and max(map(len, ids)) <= _SHORT_ID):
+            return
+    except TypeError:
+        pass  # a non-str id: the loop below says which
+    for msg_id in ids:
+        _check_id(msg_id)
 
 
 def _check_id(msg_id: object) -> None:
