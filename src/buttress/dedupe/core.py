@@ -60,8 +60,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from buttress._canonical import canonical_xxh64
 from buttress._hash import xxh64
@@ -91,9 +90,8 @@ class DedupeStatus(enum.Enum):
     CONFLICT = "conflict"  # the id is known with a different payload; handler not run
 
 
-@dataclass(frozen=True, slots=True)
-class DedupeResult:
-    """The outcome for one message.
+class DedupeResult(NamedTuple):
+    """The outcome for one message, a frozen value.
 
     Truthy exactly when the handler ran and returned in this call (status
     ``PROCESSED``); ``handler_ran`` also counts a handler that raised.
@@ -102,6 +100,9 @@ class DedupeResult:
     ``fenced`` (effectively_once): the handler ran, but its lease had lapsed
     and another consumer took the message over, so this call could not mark
     it done; expect the new owner to run it as well.
+
+    A NamedTuple rather than a frozen dataclass: one is built per message, and a
+    tuple is built in C, about 6x cheaper (0.07 against 0.45 µs).
     """
 
     msg_id: str
@@ -333,13 +334,16 @@ class Deduplicator:
 
         Returns the results and how many failed.
         """
-        handler, result, processed = self.handler, DedupeResult, DedupeStatus.PROCESSED
+        handler, processed = self.handler, DedupeStatus.PROCESSED
+        # tuple.__new__ straight: the NamedTuple's own __new__ is a Python function.
+        new, result = tuple.__new__, DedupeResult
         results: list[DedupeResult] = []
         failed = 0
         append = results.append
         for msg_id, payload, attempt in zip(ids, payloads, attempts, strict=True):
             try:
-                append(result(msg_id, processed, handler(msg_id, payload), None, attempt))
+                append(new(result, (msg_id, processed, handler(msg_id, payload), None, attempt,
+                                    False)))
             except Exception as exc:
                 logger.warning("handler failed on message %r (attempt %d): %r",
                                msg_id, attempt, exc)
