@@ -6,6 +6,7 @@ test_dedupe_stores.py; multi-process races and kill -9 in test_dedupe_processes.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import uuid
@@ -411,12 +412,15 @@ def test_the_portable_encoder_gives_the_same_json_as_the_fast_one(monkeypatch):
         assert "".join(portable(payload, 0)) == "".join(fast(payload, 0))
 
 
+def json_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.lists(children, max_size=5), st.tuples(children, children),
+                     st.dictionaries(st.text(max_size=8), children, max_size=5))
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.integers(-(10**40), 10**40)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: st.lists(children, max_size=5) | st.tuples(children, children)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
-    max_leaves=30)
+    json_containers, max_leaves=30)
 
 
 @settings(max_examples=300)
@@ -435,6 +439,11 @@ class Code(int):
     pass
 
 
+def record_and_answer(seen: list[Any], answer: int, value: Any) -> int:
+    seen.append(value)
+    return answer
+
+
 def test_the_native_fingerprint_leaves_anything_unusual_to_json():
     from buttress._canonical import canonical_xxh64
     from buttress.dedupe import core
@@ -450,7 +459,7 @@ def test_the_native_fingerprint_leaves_anything_unusual_to_json():
     for unusual in [{1: "int key"}, {None: 1, "a": 2}, {"a": Code(3)}, [DedupeStatus.FAILED],
                     {"a": {"b": deep}}, {"s": type("S", (str,), {})("sub")}]:
         seen: list[Any] = []
-        fell_back = canonical_xxh64(unusual, lambda value: seen.append(value) or 7)
+        fell_back = canonical_xxh64(unusual, functools.partial(record_and_answer, seen, 7))
         assert fell_back == 7 and seen == [unusual]
     assert fingerprint({1: "int key"}) == core._json_fingerprint({1: "int key"})
     assert fingerprint({"a": {"b": deep}}) == core._json_fingerprint({"a": {"b": deep}})
