@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 import uuid
 from collections import Counter
@@ -466,6 +467,29 @@ def test_the_native_fingerprint_leaves_anything_unusual_to_json():
     for bad in [{"x": float("nan")}, [float("inf")], "\ud800"]:
         with pytest.raises(TypeError, match="payload"):
             fingerprint(bad)
+
+
+def _child_token(queue: Any) -> None:
+    from buttress.dedupe import core
+
+    queue.put(core._new_token())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_owner_tokens_are_unique_per_call_and_not_repeated_by_a_forked_child():
+    import multiprocessing
+
+    from buttress.dedupe import core
+
+    tokens = {core._new_token() for _ in range(1000)}
+    assert len(tokens) == 1000
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_token, args=(queue,))
+    child.start()
+    token = queue.get(timeout=30)
+    child.join(30)
+    assert token not in tokens and token[:16] != core._new_token()[:16]
 
 
 def test_an_unreachable_store_raises_store_unavailable_and_runs_nothing(unreachable_store):

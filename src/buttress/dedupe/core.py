@@ -53,6 +53,7 @@ The race between two consumers A and B on the same id, step by step:
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import logging
 import math
@@ -224,7 +225,7 @@ class Deduplicator:
         # call's cost is held against one bare SET NX PX round trip.
         _check_id(msg_id)
         fingerprints = [fingerprint(payload)]
-        token = os.urandom(8).hex()  # one owner per claim call; takeovers replace it
+        token = _new_token()  # one owner per claim call; takeovers replace it
         code = self.store.claim([msg_id], fingerprints, token=token, lease_ms=self._lease_ms,
                                 ttl_ms=self._ttl_ms)[0]
         if code > 0:
@@ -298,7 +299,7 @@ class Deduplicator:
 
     def _process(self, ids: list[str], payloads: list[Any],
                  fingerprints: list[int]) -> list[DedupeResult]:
-        token = os.urandom(8).hex()  # one owner per claim call; takeovers replace it
+        token = _new_token()  # one owner per claim call; takeovers replace it
         codes = self.store.claim(ids, fingerprints, token=token, lease_ms=self._lease_ms,
                                  ttl_ms=self._ttl_ms)
         if codes.count(1) == len(codes):
@@ -394,6 +395,32 @@ class Deduplicator:
 
     def __repr__(self) -> str:
         return f"Deduplicator(mode={self.mode!r}, ttl={self.ttl}, store={self.store!r})"
+
+
+class _TokenSource:
+    """Owner tokens, unique per claim call: a random per-process prefix and a counter.
+
+    A token is a fence, not a secret: it must differ between any two claim
+    calls anywhere, and it need not be unguessable.  One ``os.urandom`` per
+    process (re-drawn in a forked child, which would otherwise repeat its
+    parent's tokens) instead of one per call: a system call per message costs
+    more than the rest of the Python work of a single ``process_message``.
+    """
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_new_token = _TokenSource()
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork to guard against
+    os.register_at_fork(after_in_child=_new_token.renew)
 
 
 def _check_ids(ids: list[str]) -> None:
