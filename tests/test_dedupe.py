@@ -6,7 +6,9 @@ test_dedupe_stores.py; multi-process races and kill -9 in test_dedupe_processes.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import threading
 import uuid
 from collections import Counter
@@ -409,6 +411,85 @@ def test_the_portable_encoder_gives_the_same_json_as_the_fast_one(monkeypatch):
     for payload in [{"b": [1, 2.5, None, True], "a": {"é": "☃"}}, "text", 7, [], {"k": -0.0},
                     {"nested": [{"z": 1, "y": [1e300, -1e-300]}]}]:
         assert "".join(portable(payload, 0)) == "".join(fast(payload, 0))
+
+
+def json_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.lists(children, max_size=5), st.tuples(children, children),
+                     st.dictionaries(st.text(max_size=8), children, max_size=5))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(-(10**40), 10**40)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    json_containers, max_leaves=30)
+
+
+@settings(max_examples=300)
+@given(payload=json_values)
+def test_the_native_fingerprint_agrees_with_json(payload):
+    from buttress._canonical import canonical_xxh64
+    from buttress.dedupe import core
+
+    def unexpected(value: Any) -> int:
+        raise AssertionError(f"a plain payload fell back to json: {value!r}")
+
+    assert canonical_xxh64(payload, unexpected) == core._json_fingerprint(payload)
+
+
+class Code(int):
+    pass
+
+
+def record_and_answer(seen: list[Any], answer: int, value: Any) -> int:
+    seen.append(value)
+    return answer
+
+
+def test_the_native_fingerprint_leaves_anything_unusual_to_json():
+    from buttress._canonical import canonical_xxh64
+    from buttress.dedupe import core
+
+    escapes = "".join(map(chr, range(0x20))) + '"\\\x7f é ☃ 𝄞'
+    assert canonical_xxh64({"k": escapes, escapes: [escapes]}, None) == \
+        core._json_fingerprint({"k": escapes, escapes: [escapes]})
+    big = {"x": "y" * 5000, "n": list(range(300))}  # past the stack buffer
+    assert canonical_xxh64(big, None) == core._json_fingerprint(big)
+    deep: Any = 1
+    for _ in range(200):
+        deep = [deep]
+    for unusual in [{1: "int key"}, {None: 1, "a": 2}, {"a": Code(3)}, [DedupeStatus.FAILED],
+                    {"a": {"b": deep}}, {"s": type("S", (str,), {})("sub")}]:
+        seen: list[Any] = []
+        fell_back = canonical_xxh64(unusual, functools.partial(record_and_answer, seen, 7))
+        assert fell_back == 7 and seen == [unusual]
+    assert fingerprint({1: "int key"}) == core._json_fingerprint({1: "int key"})
+    assert fingerprint({"a": {"b": deep}}) == core._json_fingerprint({"a": {"b": deep}})
+    for bad in [{"x": float("nan")}, [float("inf")], "\ud800"]:
+        with pytest.raises(TypeError, match="payload"):
+            fingerprint(bad)
+
+
+def _child_token(queue: Any) -> None:
+    from buttress.dedupe import core
+
+    queue.put(core._new_token())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_owner_tokens_are_unique_per_call_and_not_repeated_by_a_forked_child():
+    import multiprocessing
+
+    from buttress.dedupe import core
+
+    tokens = {core._new_token() for _ in range(1000)}
+    assert len(tokens) == 1000
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_token, args=(queue,))
+    child.start()
+    token = queue.get(timeout=30)
+    child.join(30)
+    assert token not in tokens and token[:16] != core._new_token()[:16]
 
 
 def test_an_unreachable_store_raises_store_unavailable_and_runs_nothing(unreachable_store):

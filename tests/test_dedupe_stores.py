@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from buttress import DedupeStatus, Deduplicator, RedisStore, SQLiteStore
+from buttress.dedupe import ClaimRecord, fingerprint
+from buttress.dedupe.redis_store import NEVER_MS
 from buttress.errors import StoreUnavailable
 from buttress.testing import RedisServer
 from conftest import wait_until
@@ -225,6 +227,30 @@ def test_redis_keys_share_one_hash_tag_and_expire_natively(redis_client, unique_
     # A claim that is never completed lives for the TTL too, not forever.
     store.claim(["c"], [1], token="t", lease_ms=5_000, ttl_ms=60_000)
     assert 55_000 < redis_client.pttl(f"{{{unique_name}}}:c") <= 60_000
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_a_single_at_most_once_claim_is_one_bare_set_nx(redis_client, unique_name, partitions):
+    store = RedisStore(redis_client, namespace=unique_name, partitions=partitions)
+    dedupe = Deduplicator(no_op, store, ttl=60)
+    assert dedupe.process_message("a", {"n": 1})
+    assert store.stats()["set_claims"] == 1 and store.stats()["script_calls"] == 0
+    record = dedupe.lookup("a")
+    assert record is not None and record.state == "claimed" and record.attempt == 1
+    assert record.lease_until_ms == NEVER_MS  # outlives the record: no clock involved
+    assert 55_000 < redis_client.pttl(store.key("a")) <= 60_000
+    # The key exists: SET NX fails and the claim script reads the record.
+    assert dedupe.process_message("a", {"n": 1}).status is DedupeStatus.DUPLICATE
+    assert dedupe.process_message("a", {"n": 2}).status is DedupeStatus.CONFLICT
+    assert store.stats()["set_claims"] == 3 and store.stats()["script_calls"] == 2
+    # The batch script writes the same record, and the single path reads it.
+    dedupe.process_batch([("b", 1), ("c", 2)])
+    assert dedupe.lookup("b") == ClaimRecord("b", "claimed", 1, fingerprint(1),
+                                             dedupe.lookup("c").token, NEVER_MS)
+    assert dedupe.process_message("b", 1).status is DedupeStatus.DUPLICATE
+    # An effectively_once consumer on the same records sees a lease that never lapses.
+    leased = Deduplicator(no_op, store, ttl=60, mode="effectively_once", lease=1)
+    assert leased.process_message("a", {"n": 1}).status is DedupeStatus.IN_PROGRESS
 
 
 def test_redis_partitions_spread_keys_over_hash_tags(redis_client, unique_name):

@@ -6,8 +6,9 @@ in batches of 1,000 (a typical consumer read, e.g. XREADGROUP COUNT 1000):
 - Redis ``process_batch`` against a plain redis-py pipeline of ``SET NX PX`` for
   the same ids (the usual hand-rolled dedupe); target: at least 2x throughput.
 - one ``process_message`` against one bare ``SET NX PX`` round trip; target:
-  at most 1.3x the time (at_most_once is one round trip; effectively_once is
-  two, claim and done, and is shown for comparison).
+  at most 1.3x the time (at_most_once claims a new id with that same command,
+  its record as the value; effectively_once is two script calls, claim and
+  done, and is shown for comparison).
 - SQLite ``process_batch`` against a raw ``executemany`` of ``INSERT OR IGNORE``
   in one transaction per batch, into the same table with the same PRAGMAs;
   target: within 1.5x.

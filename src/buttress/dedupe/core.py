@@ -13,7 +13,8 @@ Two modes, chosen per Deduplicator:
     before the handler runs and is the only write.  A later delivery of the
     same id within ``ttl`` is a duplicate.  If the handler raises, or the
     process dies after the claim, the message is **not** retried: it may be
-    lost, never run twice.  One store round trip per message (or per batch).
+    lost, never run twice.  One store round trip per message (or per batch);
+    on Redis a single message already seen costs a second one (see step 3).
 
 ``effectively_once``
     The claim is a short *lease* (``lease`` seconds).  The handler runs, then
@@ -30,10 +31,12 @@ The race between two consumers A and B on the same id, step by step:
 
 1. A and B each receive message ``m`` (a redelivery, or two consumer groups).
 2. Both validate ``m`` and fingerprint its payload locally; nothing is shared yet.
-3. Both send a claim.  The store serialises them (Redis runs scripts one at a
-   time; SQLite's ``BEGIN IMMEDIATE`` takes the single write lock).  Say A's
-   lands first: ``SET NX`` (or ``INSERT OR IGNORE``) creates A's record with
-   A's token and attempt 1.
+3. Both send a claim.  The store serialises them (Redis runs commands and
+   scripts one at a time; SQLite's ``BEGIN IMMEDIATE`` takes the single write
+   lock).  Say A's lands first: ``SET NX`` (or ``INSERT OR IGNORE``) creates A's
+   record with A's token and attempt 1.  (A single at_most_once message on
+   Redis is claimed by a bare ``SET NX PX``; B's, failing, is followed by the
+   claim script, which reads A's record for step 4.)
 4. B's claim finds A's record.  Same fingerprint: B gets ``duplicate`` (done,
    or any claim in at_most_once) or ``in_progress`` (A's lease is live);
    another fingerprint: ``conflict``.  B does not run the handler; it may ack
@@ -50,6 +53,7 @@ The race between two consumers A and B on the same id, step by step:
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import logging
 import math
@@ -57,9 +61,9 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from buttress._canonical import canonical_xxh64
 from buttress._hash import xxh64
 from buttress.dedupe.store import (
     CLAIM_CONFLICT,
@@ -87,9 +91,8 @@ class DedupeStatus(enum.Enum):
     CONFLICT = "conflict"  # the id is known with a different payload; handler not run
 
 
-@dataclass(frozen=True, slots=True)
-class DedupeResult:
-    """The outcome for one message.
+class DedupeResult(NamedTuple):
+    """The outcome for one message, a frozen value.
 
     Truthy exactly when the handler ran and returned in this call (status
     ``PROCESSED``); ``handler_ran`` also counts a handler that raised.
@@ -98,6 +101,9 @@ class DedupeResult:
     ``fenced`` (effectively_once): the handler ran, but its lease had lapsed
     and another consumer took the message over, so this call could not mark
     it done; expect the new owner to run it as well.
+
+    A NamedTuple rather than a frozen dataclass: one is built per message, and a
+    tuple is built in C, about 6x cheaper (0.07 against 0.45 µs).
     """
 
     msg_id: str
@@ -116,19 +122,31 @@ class DedupeResult:
 
 
 def fingerprint(payload: Any) -> int:
-    """XXH64 (uint64) of ``payload``'s canonical JSON; TypeError if it has none."""
+    """XXH64 (uint64) of ``payload``'s canonical JSON; TypeError if it has none.
+
+    Canonical JSON is ``json.dumps(payload, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False, allow_nan=False)``, hashed as UTF-8.  Plain payloads (dicts
+    with str keys, lists, tuples, str, int, float, bool, None) are hashed by
+    ``buttress._canonical`` without building the JSON text; anything else goes
+    through ``json`` itself (:func:`_json_fingerprint`, the twin).
+    """
     try:
-        return xxh64("".join(_canonical_chunks(payload, 0)))
+        return canonical_xxh64(payload, _json_fingerprint)
     except (TypeError, ValueError, RecursionError) as exc:  # NaN, cycles, lone surrogates
         raise TypeError(f"payload cannot be serialised to canonical JSON for its "
                         f"fingerprint: {exc}") from exc
 
 
+def _json_fingerprint(payload: Any) -> int:
+    """``fingerprint`` through ``json``: any payload json can encode, at about twice the cost."""
+    return xxh64("".join(_canonical_chunks(payload, 0)))
+
+
 def _fingerprints(payloads: list[Any]) -> list[int]:
     """``fingerprint`` of each payload (one try for the whole list: this is the hot path)."""
     try:
-        join, encode = "".join, _canonical_chunks
-        return [xxh64(join(encode(payload, 0))) for payload in payloads]
+        fast, slow = canonical_xxh64, _json_fingerprint
+        return [fast(payload, slow) for payload in payloads]
     except (TypeError, ValueError, RecursionError):
         for position, payload in enumerate(payloads):
             try:
@@ -207,7 +225,7 @@ class Deduplicator:
         # call's cost is held against one bare SET NX PX round trip.
         _check_id(msg_id)
         fingerprints = [fingerprint(payload)]
-        token = os.urandom(8).hex()  # one owner per claim call; takeovers replace it
+        token = _new_token()  # one owner per claim call; takeovers replace it
         code = self.store.claim([msg_id], fingerprints, token=token, lease_ms=self._lease_ms,
                                 ttl_ms=self._ttl_ms)[0]
         if code > 0:
@@ -240,11 +258,7 @@ class Deduplicator:
             raise TypeError(f"messages must be an iterable of (msg_id, payload) pairs: {exc}") \
                 from exc
         payloads = [payload for _, payload in pairs]
-        short = _SHORT_ID
-        for msg_id in ids:
-            if type(msg_id) is not str or not msg_id or len(msg_id) > short \
-                    or not msg_id.isascii():
-                _check_id(msg_id)  # the slow, explaining check; most ids skip it
+        _check_ids(ids)
         fingerprints = _fingerprints(payloads)
         if not ids:
             return []
@@ -285,14 +299,15 @@ class Deduplicator:
 
     def _process(self, ids: list[str], payloads: list[Any],
                  fingerprints: list[int]) -> list[DedupeResult]:
-        token = os.urandom(8).hex()  # one owner per claim call; takeovers replace it
+        token = _new_token()  # one owner per claim call; takeovers replace it
         codes = self.store.claim(ids, fingerprints, token=token, lease_ms=self._lease_ms,
                                  ttl_ms=self._ttl_ms)
-        tally = Counter(codes)
-        if len(tally) == 1 and 1 in tally:
+        if codes.count(1) == len(codes):
             # The common case, every id new: no status to decide per message.
+            tally = Counter({1: len(codes)})
             results, failed = self._run_handlers(ids, payloads, codes)
         else:
+            tally = Counter(codes)
             results, failed = [], 0
             for msg_id, payload, code in zip(ids, payloads, codes, strict=True):
                 if code > 0:
@@ -320,13 +335,16 @@ class Deduplicator:
 
         Returns the results and how many failed.
         """
-        handler, result, processed = self.handler, DedupeResult, DedupeStatus.PROCESSED
+        handler, processed = self.handler, DedupeStatus.PROCESSED
+        # tuple.__new__ straight: the NamedTuple's own __new__ is a Python function.
+        new, result = tuple.__new__, DedupeResult
         results: list[DedupeResult] = []
         failed = 0
         append = results.append
         for msg_id, payload, attempt in zip(ids, payloads, attempts, strict=True):
             try:
-                append(result(msg_id, processed, handler(msg_id, payload), None, attempt))
+                append(new(result, (msg_id, processed, handler(msg_id, payload), None, attempt,
+                                    False)))
             except Exception as exc:
                 logger.warning("handler failed on message %r (attempt %d): %r",
                                msg_id, attempt, exc)
@@ -377,6 +395,44 @@ class Deduplicator:
 
     def __repr__(self) -> str:
         return f"Deduplicator(mode={self.mode!r}, ttl={self.ttl}, store={self.store!r})"
+
+
+class _TokenSource:
+    """Owner tokens, unique per claim call: a random per-process prefix and a counter.
+
+    A token is a fence, not a secret: it must differ between any two claim
+    calls anywhere, and it need not be unguessable.  One ``os.urandom`` per
+    process (re-drawn in a forked child, which would otherwise repeat its
+    parent's tokens) instead of one per call: a system call per message costs
+    more than the rest of the Python work of a single ``process_message``.
+    """
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_new_token = _TokenSource()
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork to guard against
+    os.register_at_fork(after_in_child=_new_token.renew)
+
+
+def _check_ids(ids: list[str]) -> None:
+    """``_check_id`` on each id; the common case (short ASCII strs) is checked in bulk."""
+    try:
+        if not ids or ("".join(ids).isascii() and min(map(len, ids)) > 0
+                       and max(map(len, ids)) <= _SHORT_ID):
+            return
+    except TypeError:
+        pass  # a non-str id: the loop below says which
+    for msg_id in ids:
+        _check_id(msg_id)
 
 
 def _check_id(msg_id: object) -> None:

@@ -9,6 +9,15 @@ server; lease times come from the server clock, so consumers' clocks do not
 matter) registered once and called by EVALSHA; redis-py reloads a script when
 the server answers NOSCRIPT (after a restart or SCRIPT FLUSH).
 
+One claim is not a script: a single id whose lease outlives its record
+(``lease_ms >= ttl_ms``, as in at_most_once) is claimed with a plain
+``SET key value NX PX ttl``, the same command a hand-rolled dedupe sends.  Such
+a lease can never lapse before Redis deletes the record, so it needs no clock:
+its ``lease_until_ms`` is :data:`NEVER_MS`, here and in the script alike.  Only
+when SET NX finds the key taken does a second round trip, the claim script,
+read the record and decide (duplicate, in progress, conflict, takeover; or a
+fresh claim if the record expired in between).
+
 Keys are ``{namespace}:<msg_id>``: the braces are a hash tag, so every key a
 script touches lives in one Redis Cluster slot.  With ``partitions=N`` the tag
 becomes ``{namespace:p}`` (``p`` from the id's XXH64) to spread a namespace over
@@ -26,7 +35,7 @@ from buttress._hash import xxh64
 from buttress.dedupe.store import ClaimRecord
 from buttress.errors import StoreUnavailable
 
-__all__ = ["RedisStore"]
+__all__ = ["NEVER_MS", "RedisStore"]
 
 logger = logging.getLogger("buttress.dedupe")
 
@@ -34,6 +43,7 @@ T = TypeVar("T")
 
 
 _ONE = ord("1")  # an "applied" flag in FINISH_SCRIPT's reply
+NEVER_MS = 9_999_999_999_999  # lease_until_ms of a claim whose lease outlives its record
 
 
 def _merge(answers: list[tuple[list[int] | None, list[T]]], size: int) -> list[T]:
@@ -59,18 +69,21 @@ class RedisStore:
     """
 
     # KEYS[i]: record key of message i (one hash tag, so one slot).
-    # ARGV[1]: owner token of this claim call; ARGV[2]: lease in ms; ARGV[3]: record TTL in ms;
+    # ARGV[1]: owner token of this claim call; ARGV[2]: lease in ms (>= the TTL: never lapses,
+    # written as NEVER_MS, as the single-claim SET NX path writes it); ARGV[3]: record TTL in ms;
     # ARGV[4]: the payload fingerprints, 16 hex digits per key, concatenated in KEYS order (one
     # argument, not one per key: packing arguments is most of a batch's client-side cost).
     # Returns one code per key, comma-separated: n > 0 claimed by this call as attempt n (n > 1:
     # taken over after attempt n - 1's lease lapsed); 0 duplicate (done); -1 in progress
     # (another owner's lease is live); -2 conflict (the record holds another fingerprint).
-    # SET NX decides every race: of two consumers claiming one id, exactly one SET NX succeeds.
+    # SET NX decides every race: of two consumers claiming one id, exactly one SET NX succeeds,
+    # whether it came from this script or bare (RedisStore._set_claim): Redis runs one at a time.
     CLAIM_SCRIPT = """
 local now_parts = redis.call('TIME')
 local now = now_parts[1] * 1000 + math.floor(now_parts[2] / 1000)
 local token, ttl, fingerprints = ARGV[1], ARGV[3], ARGV[4]
 local lease_until = string.format('%d', now + tonumber(ARGV[2]))
+if tonumber(ARGV[2]) >= tonumber(ttl) then lease_until = 'NEVER_MS' end
 local fresh_head, fresh_tail = 'c|1|' .. lease_until .. '|', '|' .. token
 local codes = {}
 for i, key in ipairs(KEYS) do
@@ -95,7 +108,7 @@ for i, key in ipairs(KEYS) do
   end
 end
 return table.concat(codes, ',')
-"""
+""".replace("NEVER_MS", str(NEVER_MS))
 
     # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[2]: the transition, 'd' to
     # mark done (kept ARGV[3] ms) or 'c' to release (lease ended, TTL kept, ARGV[3] unused);
@@ -149,6 +162,7 @@ return table.concat(applied)
         self._claim = client.register_script(self.CLAIM_SCRIPT)
         self._finish = client.register_script(self.FINISH_SCRIPT)
         self._script_calls = 0
+        self._set_claims = 0  # single claims sent as a plain SET NX PX
         self._owns_client = False  # close() closes only a client this store created
         self._prefix = f"{{{namespace}}}:".encode()
 
@@ -174,6 +188,9 @@ return table.concat(applied)
 
     def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
               lease_ms: int, ttl_ms: int) -> list[int]:
+        if len(msg_ids) == 1 and lease_ms >= ttl_ms and self._set_claim(
+                msg_ids[0], fingerprints[0], token, ttl_ms):
+            return [1]
         answers = []
         for keys, positions in self._groups(msg_ids):
             chosen = fingerprints if positions is None else [fingerprints[i] for i in positions]
@@ -182,6 +199,16 @@ return table.concat(applied)
             reply = self._run(self._claim, keys, [token, lease_ms, ttl_ms, packed])
             answers.append((positions, list(map(int, reply.split(b",")))))
         return _merge(answers, len(msg_ids))
+
+    def _set_claim(self, msg_id: str, fingerprint: int, token: str, ttl_ms: int) -> bool:
+        """Claim one id with a plain SET NX PX; False if its key exists (the script decides)."""
+        key = self._prefix + msg_id.encode() if self.partitions == 1 else self.key(msg_id)
+        self._set_claims += 1
+        try:
+            return bool(self.client.set(key, f"c|1|{NEVER_MS}|{fingerprint:016x}|{token}",
+                                        nx=True, px=ttl_ms))
+        except self._unavailable as exc:
+            raise self._unreachable(exc) from exc
 
     def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
                  ttl_ms: int) -> list[bool]:
@@ -209,7 +236,7 @@ return table.concat(applied)
 
     def stats(self) -> dict[str, Any]:
         return {"store": "redis", "namespace": self.namespace, "partitions": self.partitions,
-                "script_calls": self._script_calls}
+                "script_calls": self._script_calls, "set_claims": self._set_claims}
 
     def close(self) -> None:
         """Close the client if this store made it (``from_url``); one you passed stays open."""

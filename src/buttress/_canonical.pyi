@@ -1,0 +1,4 @@
+from collections.abc import Callable
+from typing import Any
+
+def canonical_xxh64(payload: Any, fallback: Callable[[Any], int]) -> int: ...
