@@ -157,6 +157,10 @@ def _enqueue_at_depth(session: BenchSession) -> None:
     fill_priorities = [rng.randrange(100) for _ in range(100_000)]
     new_priorities = [rng.randrange(100) for _ in range(calls)]
     urgent = [100 + i for i in range(calls)]  # each outranks everything queued: evicts
+    # The two depths differ in depth alone: the same fill priorities, the same
+    # calls, every one evicting.  At 100k the victims and the lower heap levels
+    # are cold, as they are in a real deep queue; that, not the algorithm, is
+    # the difference this case measures (docs/scheduler.md takes it apart).
 
     def filled(depth: int, *, at_limit: bool) -> TaskScheduler:
         # No workers: the queue stays at its depth while enqueue is timed.
