@@ -68,22 +68,17 @@ def register(session: Any) -> None:
     client = LoadClient()
     atexit.register(client.close)
     for flavor in flavors:
-        servers = {BUTTRESS: ServerProcess(flavor, tracked=True),
-                   BARE: ServerProcess(flavor, tracked=False),
-                   BARE_AGAIN: ServerProcess(flavor, tracked=False)}
-        for server in servers.values():
-            atexit.register(server.close)
-            client.run(server.port, 1000, CONCURRENCY)  # first requests: imports, caches
         for requests, connections, title in (
             (throughput_n, CONCURRENCY, f"{CONCURRENCY} keep-alive connections"),
             (latency_n, 1, "1 connection, one request at a time (latency)"),
         ):
             case = session.case("shutdown", f"{flavor}: {requests:,} requests, {title}",
                                 unit="request", repeats=repeats)
-            for name, server in servers.items():
-                case.add(name, _load(client, server.port, requests, connections),
-                         setup=_warm_up(client, server.port, connections), items=requests,
-                         note=NOTES[name])
+            for name in (BUTTRESS, BARE, BARE_AGAIN):
+                side = _Side(client, flavor, tracked=name == BUTTRESS, connections=connections)
+                atexit.register(side.close)
+                case.add(name, _load(client, requests, connections), setup=side.prepare,
+                         items=requests, note=NOTES[name])
             case.target(BUTTRESS, BARE, max_ratio=1.05)
 
 
@@ -137,18 +132,38 @@ def _no_close() -> None:
     return None
 
 
-def _load(client: LoadClient, port: int, requests: int, connections: int) -> Any:
-    return lambda _warmed: client.run(port, requests, connections)
+def _load(client: LoadClient, requests: int, connections: int) -> Any:
+    return lambda port: client.run(port, requests, connections)
 
 
-def _warm_up(client: LoadClient, port: int, connections: int) -> Any:
-    """Untimed load just before a timed run: every side starts equally warm.
+class _Side:
+    """One implementation's server process, made ready (untimed) before each timed run."""
 
-    Without it the server timed first in each round has sat idle while the
-    others ran (cold caches, a parked thread, a slower CPU clock) and pays for
-    it in the first few hundred requests.
-    """
-    return lambda: client.run(port, WARM_UP * connections, connections)
+    def __init__(self, client: LoadClient, flavor: str, *, tracked: bool,
+                 connections: int) -> None:
+        self.client = client
+        self.flavor = flavor
+        self.tracked = tracked
+        self.connections = connections
+        self.server: ServerProcess | None = None
+
+    def prepare(self) -> int:
+        """The port to time, after a warm-up burst on it (the process starts on first use).
+
+        The warm-up makes every side start equally warm: otherwise the server timed
+        first in each round has sat idle while the others ran (cold caches, a parked
+        thread, a slower CPU clock) and pays for it in its first requests.
+        """
+        if self.server is None:
+            self.server = ServerProcess(self.flavor, tracked=self.tracked)
+            self.client.run(self.server.port, 1000, CONCURRENCY)  # imports, first requests
+        self.client.run(self.server.port, WARM_UP * self.connections, self.connections)
+        return self.server.port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
 
 # -- the helper processes, seen from the benchmark ------------------------------------
