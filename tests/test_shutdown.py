@@ -119,6 +119,36 @@ def test_the_lifecycle_moves_forward_and_the_probes_follow_it():
     assert controller.stats()["drain_reason"] == "test"
 
 
+def test_request_counting_is_exact_across_threads_and_reads():
+    # Counting takes no lock (see GracefulShutdown.__init__): check it loses nothing.
+    controller = GracefulShutdown()
+    threads, per_thread = 8, 5_000
+    barrier = threading.Barrier(threads)
+
+    def requests() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            controller.request_started()
+            controller.request_finished()
+
+    workers = [threading.Thread(target=requests) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    while any(worker.is_alive() for worker in workers):
+        assert 0 <= controller.in_flight <= threads
+        controller.stats()  # reading the total while requests are counted
+    for worker in workers:
+        worker.join()
+    assert controller.in_flight == 0
+    assert controller.stats()["requests_total"] == threads * per_thread
+    assert controller.stats()["requests_total"] == threads * per_thread  # reads add nothing
+    controller.request_started()
+    controller.request_finished(aborted=True)
+    stats = controller.stats()
+    assert stats["requests_total"] == threads * per_thread + 1
+    assert stats["requests_aborted"] == 1 and stats["in_flight"] == 0
+
+
 def test_probe_paths_are_configurable_and_validated():
     controller = GracefulShutdown(probe_paths=ProbePaths(live="/health", ready="/ready",
                                                          drain="/drain"))

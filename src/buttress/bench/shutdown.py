@@ -1,8 +1,9 @@
 """Suite ``shutdown``: what in-flight tracking costs a live HTTP service.
 
-For each flavor two servers run side by side, each in its own process: the
-bare application, and the same application behind the buttress middleware
-(in-flight counting, probes, ``Connection: close`` while draining).  Both run
+For each flavor three servers run side by side, each in its own process: the
+bare application, the same application behind the buttress middleware
+(in-flight counting, probes, ``Connection: close`` while draining), and a
+second bare one whose ratio to the first is the run's noise floor.  All run
 on the same server code (``WSGIServer``, or uvicorn through ``ASGIServer``),
 so the difference is the tracking alone.  A separate client process puts the
 load on them over keep-alive connections with a minimal raw-socket HTTP client
@@ -12,6 +13,10 @@ load on them over keep-alive connections with a minimal raw-socket HTTP client
   is 1 / throughput);
 * latency: one connection, one request at a time (time per request is the
   round-trip latency).
+
+Each timed run is preceded by an untimed warm-up burst on the same server, and
+the runs of the three servers are interleaved, many times over; the median
+decides.
 
 The promise: at most 5% more time per request than the bare app.  Two more
 cases time the middleware alone, in process, with no sockets: its absolute
@@ -36,7 +41,14 @@ from typing import IO, Any
 ORDER = 40
 
 FLAVORS = ("wsgi", "asgi")
+BUTTRESS = "buttress"
 BARE = "bare app"
+# A second, identical bare server: the noise floor.  Its ratio to BARE is what
+# "no difference at all" measures in this run.
+BARE_AGAIN = "bare app again"
+NOTES = {BUTTRESS: "in-flight tracking + probes", BARE: "",
+         BARE_AGAIN: "a second bare process: the noise floor"}
+WARM_UP = 100  # requests per connection just before each timed run (not timed)
 CONCURRENCY = 8
 REQUEST = b"GET /work HTTP/1.1\r\nHost: bench\r\n\r\n"
 BODY = b"done\n"
@@ -48,34 +60,26 @@ def register(session: Any) -> None:
         session.notes.append("shutdown: uvicorn is not installed; the ASGI flavor is skipped")
     else:
         flavors = FLAVORS
-    # Many short runs, interleaved: bursts of load from other processes hit both sides alike.
-    throughput_n = 1500 if session.quick else 3000
-    latency_n = 800 if session.quick else 1500
-    repeats = 9 if session.quick else 15
+    # Many short runs, interleaved: bursts of load from other processes hit all sides alike.
+    throughput_n = 3000 if session.quick else 6000
+    latency_n = 1500 if session.quick else 3000
+    repeats = 11 if session.quick else 21
     _in_process_cost(session, flavors)
     client = LoadClient()
     atexit.register(client.close)
     for flavor in flavors:
-        bare, tracked = ServerProcess(flavor, tracked=False), ServerProcess(flavor, tracked=True)
-        atexit.register(bare.close)
-        atexit.register(tracked.close)
-        for server in (bare, tracked):  # warm both up before any timing
-            client.run(server.port, 500, CONCURRENCY)
-
-        case = session.case("shutdown", f"{flavor}: {throughput_n:,} requests, "
-                            f"{CONCURRENCY} keep-alive connections", unit="request",
-                            repeats=repeats)
-        case.add("buttress", _load(client, tracked.port, throughput_n, CONCURRENCY),
-                 items=throughput_n, note="in-flight tracking + probes")
-        case.add(BARE, _load(client, bare.port, throughput_n, CONCURRENCY), items=throughput_n)
-        case.target("buttress", BARE, max_ratio=1.05)
-
-        case = session.case("shutdown", f"{flavor}: {latency_n:,} sequential requests, "
-                            "1 connection (latency)", unit="request", repeats=repeats)
-        case.add("buttress", _load(client, tracked.port, latency_n, 1), items=latency_n,
-                 note="in-flight tracking + probes")
-        case.add(BARE, _load(client, bare.port, latency_n, 1), items=latency_n)
-        case.target("buttress", BARE, max_ratio=1.05)
+        for requests, connections, title in (
+            (throughput_n, CONCURRENCY, f"{CONCURRENCY} keep-alive connections"),
+            (latency_n, 1, "1 connection, one request at a time (latency)"),
+        ):
+            case = session.case("shutdown", f"{flavor}: {requests:,} requests, {title}",
+                                unit="request", repeats=repeats)
+            for name in (BUTTRESS, BARE, BARE_AGAIN):
+                side = _Side(client, flavor, tracked=name == BUTTRESS, connections=connections)
+                atexit.register(side.close)
+                case.add(name, _load(client, requests, connections), setup=side.prepare,
+                         items=requests, note=NOTES[name])
+            case.target(BUTTRESS, BARE, max_ratio=1.05)
 
 
 def _in_process_cost(session: Any, flavors: tuple[str, ...]) -> None:
@@ -128,8 +132,38 @@ def _no_close() -> None:
     return None
 
 
-def _load(client: LoadClient, port: int, requests: int, connections: int) -> Any:
-    return lambda: client.run(port, requests, connections)
+def _load(client: LoadClient, requests: int, connections: int) -> Any:
+    return lambda port: client.run(port, requests, connections)
+
+
+class _Side:
+    """One implementation's server process, made ready (untimed) before each timed run."""
+
+    def __init__(self, client: LoadClient, flavor: str, *, tracked: bool,
+                 connections: int) -> None:
+        self.client = client
+        self.flavor = flavor
+        self.tracked = tracked
+        self.connections = connections
+        self.server: ServerProcess | None = None
+
+    def prepare(self) -> int:
+        """The port to time, after a warm-up burst on it (the process starts on first use).
+
+        The warm-up makes every side start equally warm: otherwise the server timed
+        first in each round has sat idle while the others ran (cold caches, a parked
+        thread, a slower CPU clock) and pays for it in its first requests.
+        """
+        if self.server is None:
+            self.server = ServerProcess(self.flavor, tracked=self.tracked)
+            self.client.run(self.server.port, 1000, CONCURRENCY)  # imports, first requests
+        self.client.run(self.server.port, WARM_UP * self.connections, self.connections)
+        return self.server.port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
 
 # -- the helper processes, seen from the benchmark ------------------------------------

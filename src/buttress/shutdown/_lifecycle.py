@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import itertools
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -276,7 +278,6 @@ class _Record:
     """What happened, for stats() and the drain-status endpoint."""
 
     was_ready: bool = False
-    requests_total: int = 0
     requests_aborted: int = 0
     drain_reason: str = ""
     drain_started: float | None = None  # time.monotonic()
@@ -330,11 +331,14 @@ class GracefulShutdown:
         self.force_signals = tuple(force_signals)
         # Reentrant: a signal handler runs on the main thread, maybe while it holds the lock.
         self._lock = threading.RLock()
-        # Request counting has its own plain lock (cheaper, taken on every request); the
-        # signal handler never takes it, so it cannot deadlock the main thread.
-        self._count_lock = threading.Lock()
+        # Requests are counted on every request, from any thread, without a lock (taking
+        # one twice per request cost more than the rest of the tracking): deque.append/pop
+        # and next() on itertools.count are each one atomic call in C.  One token in
+        # _active per request in flight; _started counts requests, read by _requests_total.
+        self._active: deque[None] = deque()
+        self._started = itertools.count()
+        self._started_reads = 0
         self._state = State.STARTING
-        self._in_flight = 0
         self._record = _Record()
         # A plain attribute, not a property: every response reads it.
         self.draining = False  # True from the moment a drain begins
@@ -349,7 +353,7 @@ class GracefulShutdown:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._active)
 
     def mark_ready(self) -> None:
         """STARTING -> READY: startup is complete, readiness turns true."""
@@ -369,21 +373,27 @@ class GracefulShutdown:
             self._record.drain_reason = reason
             self._record.drain_started = time.monotonic()
         logger.info("draining (%s): readiness is now false, %d request(s) in flight",
-                    reason, self._in_flight)
+                    reason, self.in_flight)
         return True
 
     # -- requests (called by the middleware, on any thread) ----------------------------
 
     def request_started(self) -> None:
-        with self._count_lock:
-            self._in_flight += 1
-            self._record.requests_total += 1
+        self._active.append(None)
+        next(self._started)
 
     def request_finished(self, *, aborted: bool = False) -> None:
-        with self._count_lock:
-            self._in_flight -= 1
-            if aborted:
+        self._active.pop()
+        if aborted:  # rare: only at the drain deadline
+            with self._lock:
                 self._record.requests_aborted += 1
+
+    def _requests_total(self) -> int:
+        with self._lock:
+            # Reading the count with next() advances it too: take the reads back off.
+            total = next(self._started) - self._started_reads
+            self._started_reads += 1
+        return total
 
     # -- probes -------------------------------------------------------------------
 
@@ -405,7 +415,7 @@ class GracefulShutdown:
         started = self._record.drain_started
         return {
             "state": self._state.value,
-            "in_flight": self._in_flight,
+            "in_flight": self.in_flight,
             "draining_for": None if started is None else round(time.monotonic() - started, 3),
             "requests_aborted": self._record.requests_aborted,
         }
@@ -487,7 +497,7 @@ class GracefulShutdown:
             return
         if signum in self.force_signals:
             logger.warning("%s while draining: forcing exit with code %d, %d request(s) "
-                           "dropped", name, self.forced_exit_code, self._in_flight)
+                           "dropped", name, self.forced_exit_code, self.in_flight)
             for handler in logging.getLogger().handlers + logger.handlers:
                 handler.flush()
             os._exit(self.forced_exit_code)
@@ -531,7 +541,7 @@ class GracefulShutdown:
             threading.Event().wait(budget.drain_delay)
         server.stop_accepting()
         logger.info("listener closed; waiting up to %.3gs for %d request(s)",
-                    budget.drain_timeout, self._in_flight)
+                    budget.drain_timeout, self.in_flight)
         drained = server.wait_idle(budget.drain_timeout)
         if not drained:
             cut = server.abort()
@@ -566,8 +576,8 @@ class GracefulShutdown:
         started, finished = record.drain_started, record.drain_finished
         return {
             "state": self._state.value,
-            "in_flight": self._in_flight,
-            "requests_total": record.requests_total,
+            "in_flight": self.in_flight,
+            "requests_total": self._requests_total(),
             "requests_aborted": record.requests_aborted,
             "drain_reason": record.drain_reason,
             "drained": record.drained,
