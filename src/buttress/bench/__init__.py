@@ -2,7 +2,7 @@
 
 Every public submodule of ``buttress.bench`` is a component suite with a
 ``register(session)`` function.  A suite adds *cases*; a case times several
-implementations of the same work on the same data, interleaving their repeats
+implementations of the same work on the same data, interleaving their repeats (in a rotating order)
 so machine noise hits them alike, and reports each one's median time per item
 and its ratio to buttress.  *Targets* state the speedup buttress promises over
 a baseline; the table says for each whether this run met it, with the figure.
@@ -130,8 +130,11 @@ class Case:
 
     def execute(self) -> None:
         """Run every implementation ``repeats`` times, interleaved, then judge the targets."""
-        for _ in range(self.repeats):
-            for row in self.rows:
+        for repeat in range(self.repeats):
+            # Rotate the order each repeat so no implementation always runs first
+            # (after an idle spell) or last (after the others warmed the caches).
+            shift = repeat % len(self.rows) if self.rows else 0
+            for row in self.rows[shift:] + self.rows[:shift]:
                 work, setup = self._work[row.implementation]
                 row.samples.append(_time_once(work, setup) / row.items)
         for row in self.rows:

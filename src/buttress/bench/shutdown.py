@@ -29,7 +29,6 @@ Also runnable directly: ``python -m buttress.bench.shutdown serve ...`` and
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import socket
 import subprocess
@@ -66,7 +65,7 @@ def register(session: Any) -> None:
     repeats = 11 if session.quick else 21
     _in_process_cost(session, flavors)
     client = LoadClient()
-    atexit.register(client.close)
+    session.on_close(client.close)
     for flavor in flavors:
         for requests, connections, title in (
             (throughput_n, CONCURRENCY, f"{CONCURRENCY} keep-alive connections"),
@@ -76,7 +75,7 @@ def register(session: Any) -> None:
                                 unit="request", repeats=repeats)
             for name in (BUTTRESS, BARE, BARE_AGAIN):
                 side = _Side(client, flavor, tracked=name == BUTTRESS, connections=connections)
-                atexit.register(side.close)
+                session.on_close(side.close)
                 case.add(name, _load(client, requests, connections), setup=side.prepare,
                          items=requests, note=NOTES[name])
             case.target(BUTTRESS, BARE, max_ratio=1.05)
