@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 from hypothesis import HealthCheck, settings
 
 from buttress.testing import REDIS_URL_ENV, RedisServer
@@ -57,7 +58,6 @@ def redis_url(redis_server: RedisServer | None) -> str:
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[object]:
     """A redis-py client on the test Redis (decode_responses off)."""
-    redis = pytest.importorskip("redis")
     client = redis.Redis.from_url(redis_url)
     try:
         yield client

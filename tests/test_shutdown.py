@@ -491,7 +491,6 @@ async def echo_path_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 def test_asgi_middleware_and_driver_in_process():
-    pytest.importorskip("uvicorn")
     from buttress.shutdown import ASGIMiddleware, ASGIServer
 
     controller = GracefulShutdown(ShutdownBudget(drain_delay=0, drain_timeout=5))

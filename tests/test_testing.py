@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import redis
 
 from buttress.testing import RedisServer, find_redis_server, free_port
-
-redis = pytest.importorskip("redis")
 
 
 def test_session_server_is_real_redis(redis_client):
