@@ -13,6 +13,7 @@ import redis
 
 from buttress import DedupeStatus, Deduplicator, RedisStore
 from buttress.testing import RedisServer
+from conftest import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -56,11 +57,8 @@ def cluster() -> Iterator[Any]:
         for index, node in enumerate(nodes):
             last = SLOTS - 1 if index == len(nodes) - 1 else (index + 1) * share - 1
             node.execute_command("CLUSTER", "ADDSLOTS", *range(index * share, last + 1))
-        deadline = time.monotonic() + 30
-        while not all(node.cluster("info")["cluster_state"] == "ok" for node in nodes):
-            if time.monotonic() > deadline:
-                pytest.fail("the test cluster never reached cluster_state:ok")
-            time.sleep(0.05)
+        wait_until(lambda: all(node.cluster("info")["cluster_state"] == "ok" for node in nodes),
+                   timeout=30, interval=0.05, message="the test cluster to reach cluster_state:ok")
         client = RedisCluster(host="127.0.0.1", port=servers[0].port)
         yield client
         client.close()
