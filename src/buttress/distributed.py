@@ -57,6 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from buttress._validate import require_int
 from buttress.errors import Rejected, StoreUnavailable
 
 __all__ = ["DeadLetter", "FairQueue", "LeasedTask", "Worker", "load_handlers"]
@@ -116,20 +117,20 @@ class FairQueue:
         if "{" in name or "}" in name:
             raise ValueError(
                 f"name must not contain '{{' or '}}' (it is the hash tag), got {name!r}")
-        _check_int("high_water", high_water, minimum=1)
+        require_int("high_water", high_water, minimum=1)
         if low_water is None:
             low_water = high_water // 2
-        _check_int("low_water", low_water, minimum=0)
+        require_int("low_water", low_water, minimum=0)
         if low_water >= high_water:
             raise ValueError(
                 f"low_water must be < high_water, got low_water={low_water!r}, "
                 f"high_water={high_water!r}")
-        _check_int("lease_ms", lease_ms, minimum=1)
+        require_int("lease_ms", lease_ms, minimum=1)
         _check_priority("shed_below", shed_below)
-        _check_int("max_attempts", max_attempts, minimum=1)
-        _check_int("retry_delay_ms", retry_delay_ms, minimum=0)
-        _check_int("max_dead_letters", max_dead_letters, minimum=1)
-        _check_int("completion_log", completion_log, minimum=0)
+        require_int("max_attempts", max_attempts, minimum=1)
+        require_int("retry_delay_ms", retry_delay_ms, minimum=0)
+        require_int("max_dead_letters", max_dead_letters, minimum=1)
+        require_int("completion_log", completion_log, minimum=0)
         if not callable(getattr(redis_client, "execute_command", None)):
             raise TypeError(
                 f"redis_client must be a redis-py client (redis.Redis or RedisCluster), "
@@ -230,7 +231,7 @@ class FairQueue:
 
     def lease(self, count: int = 1, *, owner: str = "") -> list[LeasedTask]:
         """Lease up to ``count`` tasks, fairly across tenants (empty list: nothing ready)."""
-        _check_int("count", count, minimum=1)
+        require_int("count", count, minimum=1)
         return self._lease_and_ack((), count, owner)[1]
 
     def ack(self, task: LeasedTask) -> bool:
@@ -304,7 +305,7 @@ class FairQueue:
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The newest ``limit`` dead-lettered tasks, newest first."""
-        _check_int("limit", limit, minimum=1)
+        require_int("limit", limit, minimum=1)
 
         with self._store():
             ids = self.redis.lrange(self.prefix + "dead", 0, limit - 1)
@@ -433,8 +434,8 @@ class Worker:
             if not isinstance(task_name, str) or not callable(handler):
                 raise TypeError(f"handlers[{task_name!r}] must map a str to a callable, "
                                 f"got {handler!r}")
-        _check_int("concurrency", concurrency, minimum=1)
-        _check_int("prefetch", prefetch, minimum=1)
+        require_int("concurrency", concurrency, minimum=1)
+        require_int("prefetch", prefetch, minimum=1)
         if not isinstance(idle_wait, (int, float)) or not 0 < idle_wait <= 60:
             raise ValueError(f"idle_wait must be in (0, 60] seconds, got {idle_wait!r}")
         self.queue = queue
@@ -1027,12 +1028,6 @@ _REVIVE = _Script(_Scripts.REVIVE)
 
 # --------------------------------------------------------------------------- helpers
 
-
-def _check_int(argument: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{argument} must be >= {minimum}, got {value!r}")
 
 
 def _check_priority(argument: str, value: Any) -> None:

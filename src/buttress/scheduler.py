@@ -48,6 +48,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from buttress._heap import PriorityDeque
+from buttress._validate import require_int
 from buttress.errors import Expired, Rejected, Shed
 
 __all__ = ["PriorityDeque", "TaskHandle", "TaskScheduler"]
@@ -158,14 +159,14 @@ class TaskScheduler:
         on_state_change: Callable[[str, str], Any] | None = None,
         name: str = "buttress-scheduler",
     ) -> None:
-        _require_int("workers", workers, minimum=1)
-        _require_int("high_water", high_water, minimum=1)
+        require_int("workers", workers, minimum=1)
+        require_int("high_water", high_water, minimum=1)
         if low_water is None:
             low_water = high_water // 2
-        _require_int("low_water", low_water, minimum=0)
+        require_int("low_water", low_water, minimum=0)
         if max_size is None:
             max_size = 2 * high_water
-        _require_int("max_size", max_size, minimum=1)
+        require_int("max_size", max_size, minimum=1)
         if low_water >= high_water:
             raise ValueError(f"low_water must be < high_water, got low_water={low_water}, "
                              f"high_water={high_water}")
@@ -558,12 +559,6 @@ def _finish(handle: TaskHandle, status: str, outcome: BaseException) -> None:
     if handle._waiter is not None:
         handle._waiter.set()
 
-
-def _require_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _is_number(value: object) -> bool:
