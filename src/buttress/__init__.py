@@ -13,7 +13,15 @@ import importlib
 from typing import Any
 
 from buttress._version import __version__
-from buttress.errors import ButtressError, Expired, Rejected, Shed, StoreUnavailable
+from buttress.errors import (
+    ButtressError,
+    Expired,
+    FencingRejected,
+    PortInUseError,
+    Rejected,
+    Shed,
+    StoreUnavailable,
+)
 
 # Public name -> module that defines it.
 _LAZY: dict[str, str] = {
@@ -29,7 +37,6 @@ _LAZY: dict[str, str] = {
     "LeaderElection": "buttress.leader",
     "LeaderElector": "buttress.leader",
     "FencedStore": "buttress.leader",
-    "FencingRejected": "buttress.leader",
     "AsyncLeaderElection": "buttress.leader_async",
     "AsyncLeaderElector": "buttress.leader_async",
     "AsyncFencedStore": "buttress.leader_async",
@@ -53,6 +60,8 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "ButtressError",
     "Expired",
+    "FencingRejected",
+    "PortInUseError",
     "Rejected",
     "Shed",
     "StoreUnavailable",

@@ -1,12 +1,23 @@
 """The one exception hierarchy of buttress (re-exported at the top level).
 
 Bad arguments raise plain ``ValueError`` / ``TypeError`` naming the argument
-and the value; everything below describes an outcome the caller must handle.
+and the value (the rule lives in ``buttress._validate``); everything below
+describes an outcome the caller must handle.  Every exception buttress raises
+on purpose derives from :class:`ButtressError`; a few keep a standard base as
+well, so existing ``except OSError`` code still catches them.
 """
 
 from __future__ import annotations
 
-__all__ = ["ButtressError", "Expired", "Rejected", "Shed", "StoreUnavailable"]
+__all__ = [
+    "ButtressError",
+    "Expired",
+    "FencingRejected",
+    "PortInUseError",
+    "Rejected",
+    "Shed",
+    "StoreUnavailable",
+]
 
 
 class ButtressError(Exception):
@@ -43,3 +54,27 @@ class Expired(ButtressError):
 
 class StoreUnavailable(ButtressError):
     """A backing store (Redis, SQLite) could not be reached or used; nothing was done."""
+
+
+class FencingRejected(ButtressError):
+    """A fenced write carried a token older than one the resource already accepted.
+
+    The writer's term is over: a newer leader has written since.  ``token`` is
+    the rejected token, ``highest_token`` the one the resource holds.
+    """
+
+    def __init__(self, resource: str, token: int, highest_token: int) -> None:
+        super().__init__(
+            f"fenced write to {resource!r} rejected: token {token} is older than "
+            f"the highest accepted token {highest_token}"
+        )
+        self.resource = resource
+        self.token = token
+        self.highest_token = highest_token
+
+
+class PortInUseError(ButtressError, OSError):
+    """The port a server was asked to listen on is taken by another socket.
+
+    Also an ``OSError`` (with the ``errno`` of the failed bind), as before.
+    """

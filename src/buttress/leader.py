@@ -46,7 +46,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from buttress.errors import ButtressError, StoreUnavailable
+from buttress.errors import FencingRejected, StoreUnavailable
 
 __all__ = [
     "FencedStore",
@@ -83,23 +83,6 @@ class Term:
     def lease_value(self) -> str:
         """What the lease key holds during this term: ``"<token>:<instance_id>"``."""
         return f"{self.fencing_token}:{self.instance_id}"
-
-
-class FencingRejected(ButtressError):
-    """A fenced write carried a token older than one the resource already accepted.
-
-    The writer's term is over: a newer leader has written since.  ``token`` is
-    the rejected token, ``highest_token`` the one the resource holds.
-    """
-
-    def __init__(self, resource: str, token: int, highest_token: int) -> None:
-        super().__init__(
-            f"fenced write to {resource!r} rejected: token {token} is older than "
-            f"the highest accepted token {highest_token}"
-        )
-        self.resource = resource
-        self.token = token
-        self.highest_token = highest_token
 
 
 # --------------------------------------------------------------------------

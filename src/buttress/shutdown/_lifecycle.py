@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
 
+from buttress.errors import PortInUseError
+
 __all__ = [
     "GRACE_PERIOD_ENV",
     "PRE_STOP_ENV",
@@ -54,10 +56,6 @@ class ExitCode(enum.IntEnum):
     DRAIN_TIMED_OUT = 3  # requests were still running at the drain deadline and were cut
     CLEANUP_FAILED = 4  # a cleanup hook raised or overran its budget
     FORCED = 130  # a second SIGINT: immediate exit, nothing drained (128 + SIGINT)
-
-
-class PortInUseError(OSError):
-    """The port a server was asked to listen on is taken by another socket."""
 
 
 def port_in_use(host: str, port: int, cause: OSError) -> PortInUseError:
