@@ -9,6 +9,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import CancelledError
+from fractions import Fraction
 
 import pytest
 from hypothesis import settings
@@ -170,7 +171,8 @@ def test_cancel_a_queued_task_but_not_a_running_one(make):
     assert gate.entered.wait(10)
     queued = scheduler.enqueue(lambda: "never")
     assert queued.cancel() is True
-    assert queued.cancel() is False
+    assert queued.cancel() is True  # already cancelled: True, as concurrent.futures says
+    assert queued.cancelled() and not running.cancelled()
     assert running.cancel() is False
     with pytest.raises(CancelledError):
         queued.result(0)
@@ -381,7 +383,26 @@ def test_shutdown_from_inside_a_task(make):
     summary = inner.result(10)
     assert summary["state"] == "shutting_down"  # its own worker is still running it
     wait_until(lambda: scheduler.stats()["workers"] == 0, 10, message="workers exit")
+    # Regression: the state used to stay shutting_down for good once the last
+    # worker had exited, unless someone called shutdown() again.
+    wait_until(lambda: scheduler.state == "stopped", 10, message="state becomes stopped")
     assert scheduler.shutdown()["state"] == "stopped"
+
+
+def test_two_tasks_shutting_down_at_once_do_not_deadlock(make):
+    """Regression: each task's shutdown() joined the other's worker thread, for good."""
+    scheduler = make(2).start()
+    both_running = threading.Barrier(2, timeout=10)
+
+    def stop():
+        both_running.wait()  # one task per worker, both inside shutdown() together
+        return scheduler.shutdown(drain=True)
+
+    handles = [scheduler.enqueue(stop) for _ in range(2)]
+    summaries = [handle.result(timeout=20) for handle in handles]
+    assert [s["state"] for s in summaries] == ["shutting_down"] * 2
+    wait_until(lambda: scheduler.state == "stopped", 10, message="state becomes stopped")
+    assert scheduler.stats()["workers"] == 0 and scheduler.stats()["completed"] == 2
 
 
 def test_draining_an_unstarted_scheduler_runs_its_queue(Scheduler):
@@ -472,6 +493,7 @@ def test_bad_configuration(Scheduler, kwargs, error, match):
     ((print, "high"), {}, TypeError, "priority must be an int or a float"),
     ((print, float("nan")), {}, ValueError, "NaN"),
     ((print, 2**60), {}, ValueError, "outside"),
+    ((print, Fraction(10**400, 3)), {}, ValueError, "out of range"),
     ((print,), {"deadline": "soon"}, TypeError, "deadline"),
     ((print,), {"deadline": float("nan")}, ValueError, "deadline"),
 ])
