@@ -192,6 +192,17 @@ class SchedulerCore:
     def has_room(self) -> bool:
         return len(self.queue) < self.max_size
 
+    def would_wait(self, priority: Any) -> bool:
+        """Whether admitting ``priority`` now is a wait for room (rule 2.3, ``block``).
+
+        False whenever the rule refuses first (shutting down, shedding below
+        ``shed_below``) or admits at once.
+        """
+        self.queue.priority_key(priority)  # bad input is an error, not a wait
+        return (self.overflow == "block" and not self.closing
+                and len(self.queue) >= self.max_size
+                and not (self.state is SHEDDING and priority < self.shed_below))
+
     def admit_after_wait(self) -> None:
         """After a ``block`` wait: admit if there is room now, else refuse."""
         if self.closing:

@@ -50,7 +50,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError
 from concurrent.futures._base import (
     CANCELLED_AND_NOTIFIED,
     FINISHED,
@@ -90,7 +89,7 @@ _FUTURE_STATE = {QUEUED: PENDING, RUNNING: FUTURE_RUNNING, CANCELLED: CANCELLED_
                  COMPLETED: FINISHED, FAILED: FINISHED, SHED: FINISHED, EXPIRED: FINISHED}
 
 
-class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
+class TaskHandle(concurrent.futures.Future):
     """The caller's view of one accepted task: a ``concurrent.futures.Future``.
 
     Beyond the Future API: ``status`` (queued, running, completed, failed,
@@ -117,11 +116,13 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
     deadline: float | None
     _status: str
     _cond: threading.Condition | None  # made when someone waits or listens
+    _waiter_list: list[Any]  # concurrent.futures waiters (made with _cond)
+    _callbacks: list[Callable[[Any], object]]  # done callbacks (made with _cond)
     _entry: Any  # the PriorityDeque handle, for cancel()
 
     # enqueue makes a handle with TaskHandle() and sets its fields: object's C
     # __init__ instead of Future's Python one, which would also build a Condition.
-    __init__ = object.__init__  # type: ignore[assignment]
+    __init__ = object.__init__
 
     @property
     def status(self) -> str:
@@ -160,7 +161,7 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
             return None
         if status is CANCELLED:
             raise self._value
-        return self._value  # type: ignore[no-any-return]
+        return self._value
 
     def cancel(self) -> bool:
         """Cancel the task if it is still queued; True also if it was already cancelled."""
@@ -169,7 +170,7 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
             return True
         if status is not QUEUED:
             return False
-        return self._scheduler._cancel(self)  # type: ignore[no-any-return]
+        return self._scheduler._cancel(self)
 
     def add_done_callback(self, fn: Callable[[Any], object]) -> None:
         """Call ``fn(handle)`` when the task ends (now, if it has)."""
@@ -194,12 +195,12 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
 
     # -- what concurrent.futures.wait / as_completed read ----------------------------
 
-    @property  # type: ignore[override]
-    def _state(self) -> str:
+    @property
+    def _state(self) -> str:  # type: ignore[override]
         return _FUTURE_STATE[self._status]
 
-    @property  # type: ignore[override]
-    def _condition(self) -> threading.Condition:
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
         """The handle's condition variable, made on first use (with the listener lists)."""
         cond = self._cond
         if cond is None:
@@ -213,15 +214,15 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
                     cond = self._cond = threading.Condition()
         return cond
 
-    @property  # type: ignore[override]
-    def _waiters(self) -> list[Any]:
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
         self._condition  # noqa: B018 - makes the lists
-        return self._waiter_list  # type: ignore[no-any-return]
+        return self._waiter_list
 
-    @property  # type: ignore[override]
+    @property
     def _done_callbacks(self) -> list[Any]:
         self._condition  # noqa: B018 - makes the lists
-        return self._callbacks  # type: ignore[no-any-return]
+        return self._callbacks
 
     # -- the scheduler's side ------------------------------------------------------------
 
@@ -291,11 +292,11 @@ class SchedulerBase:
 
     @property
     def overflow(self) -> str:
-        return self._core.overflow  # type: ignore[no-any-return]
+        return self._core.overflow
 
     @property
     def name(self) -> str:
-        return self._core.name  # type: ignore[no-any-return]
+        return self._core.name
 
     @property
     def block_timeout(self) -> float:
