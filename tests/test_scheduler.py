@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import random
@@ -18,8 +19,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import buttress
 from buttress import Expired, Rejected, Shed
+from buttress.reference.scheduler import AsyncTaskScheduler as TwinAsyncScheduler
 from buttress.reference.scheduler import TaskScheduler as TwinScheduler
 from buttress.scheduler import TaskScheduler as NativeScheduler
+from buttress.scheduler_async import AsyncTaskScheduler as NativeAsyncScheduler
 from conftest import wait_until
 from test_heap import assert_no_memory_growth
 
@@ -519,65 +522,176 @@ def test_top_level_names():
     assert buttress.reference.TaskScheduler is TwinScheduler
 
 
-# -- stress ------------------------------------------------------------------------
+# -- shared with AsyncTaskScheduler: the stress test and the admission model -------
+#
+# The same checks run against the four schedulers (threads and coroutines, each
+# on the native and the twin deque).  A driver says how work is made and run:
+# callables and threads, or coroutine functions and tasks on one event loop.
+
+class ThreadDriver:
+    """TaskScheduler: tasks are callables, producers are threads."""
+
+    stress_tasks = 50_000  # per producer
+    def __init__(self, cls):
+        self.cls = cls
+
+    def noop_task(self):
+        return lambda: None
+
+    def call(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def stress(self, scheduler, produce, watch_interval):
+        """Run the ``produce`` generators in 8 threads while a watcher snapshots stats()."""
+        snapshots = []
+        watching = threading.Event()
+
+        def watch():
+            while not watching.wait(watch_interval):
+                snapshots.append(scheduler.stats())
+
+        scheduler.start()
+        results = [None] * 8
+        def slow():
+            time.sleep(0.0005)  # the worker is busy; the producers keep the GIL meanwhile
+
+        producers = [threading.Thread(target=lambda n=n: results.__setitem__(
+            n, run_to_end(produce(n, scheduler.enqueue, slow)))) for n in range(8)]
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        for producer in producers:
+            producer.start()
+        for producer in producers:
+            producer.join(120)
+        watching.set()
+        watcher.join(10)
+        summary = scheduler.shutdown(drain=True, timeout=120)
+        return results, snapshots, summary
+
+    def close(self):
+        pass
+
+
+class AsyncDriver:
+    """AsyncTaskScheduler: tasks are coroutine functions, producers are tasks on one loop."""
+
+    stress_tasks = 20_000  # per producer: one thread runs it all, and the overload shows
+    def __init__(self, cls, loop_factory=asyncio.new_event_loop):
+        self.cls = cls
+        self.loop = loop_factory()
+
+    def noop_task(self):
+        return _async_noop
+
+    def call(self, fn, *args, **kwargs):
+        """Call a synchronous method from inside the scheduler's loop."""
+        async def inside():
+            return fn(*args, **kwargs)
+        return self.loop.run_until_complete(inside())
+
+    def stress(self, scheduler, produce, watch_interval):
+        async def slow():
+            await asyncio.sleep(0.0005)
+
+        async def producer(number):
+            # A producer hands the loop over at each yield, as request handlers do.
+            steps = produce(number, scheduler.enqueue, slow)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as end:
+                    return end.value
+                await asyncio.sleep(0)
+
+        async def main():
+            scheduler.start()
+            snapshots = []
+            done = asyncio.Event()
+
+            async def watch():
+                while not done.is_set():
+                    snapshots.append(scheduler.stats())
+                    await asyncio.sleep(watch_interval)
+
+            watcher = asyncio.ensure_future(watch())
+            results = await asyncio.gather(*(producer(n) for n in range(8)))
+            done.set()
+            await watcher
+            summary = await scheduler.shutdown(drain=True, timeout=120)
+            return list(results), snapshots, summary
+
+        return self.loop.run_until_complete(main())
+
+    def close(self):
+        self.loop.close()
+
+
+async def _async_noop():
+    return None
+
+
+def run_to_end(steps):
+    """Run a generator to its end; return what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+DRIVERS = [
+    pytest.param((ThreadDriver, NativeScheduler), id="thread-native"),
+    pytest.param((ThreadDriver, TwinScheduler), id="thread-twin"),
+    pytest.param((AsyncDriver, NativeAsyncScheduler), id="async-native"),
+    pytest.param((AsyncDriver, TwinAsyncScheduler), id="async-twin"),
+]
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request):
+    driver_class, cls = request.param
+    made = driver_class(cls)
+    yield made
+    made.close()
+
 
 @pytest.mark.slow
-def test_stress_eight_producers_accounting_is_exact(Scheduler):
-    """8 producers x 50k tasks against deliberately slow workers."""
-    per_producer = 50_000
+def test_stress_eight_producers_accounting_is_exact(driver):
+    """8 producers x 50k (20k) tasks against deliberately slow worker threads (coroutines)."""
+    per_producer = driver.stress_tasks
     top = 9
-    scheduler = Scheduler(4, high_water=2_000, low_water=500, max_size=4_000, shed_below=5)
-    scheduler.start()
-    outcomes = {"rejected": 0}
-    handles: list[list[buttress.TaskHandle]] = [[] for _ in range(8)]
-    lock = threading.Lock()
+    scheduler = driver.cls(4, high_water=2_000, low_water=500, max_size=4_000, shed_below=5)
+    noop = driver.noop_task()
 
-    def slow():
-        time.sleep(0.0005)  # the worker is busy; the producers keep the GIL meanwhile
-
-    def produce(number):
+    def produce(number, enqueue, slow):
+        """A producer's calls; it yields every 50 (the async driver gives the loop away)."""
         rng = random.Random(number)
         rejected = 0
-        mine = handles[number]
+        mine = []
         for i in range(per_producer):
             priority = rng.randint(0, top)
-            task = slow if i % 5 == 0 else (lambda: None)
             try:
-                mine.append(scheduler.enqueue(task, priority))
+                mine.append(enqueue(slow if i % 5 == 0 else noop, priority))
             except Rejected:
                 rejected += 1
-        with lock:
-            outcomes["rejected"] += rejected
+            if i % 50 == 49:
+                yield
+        return mine, rejected
 
-    snapshots = []
-    watching = threading.Event()
-
-    def watch():  # the identity must hold in every snapshot, not just at the end
-        while not watching.wait(0.01):
-            snapshots.append(scheduler.stats())
-
-    producers = [threading.Thread(target=produce, args=(n,)) for n in range(8)]
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    for producer in producers:
-        producer.start()
-    for producer in producers:
-        producer.join(120)
-    watching.set()
-    watcher.join(10)
+    results, snapshots, summary = driver.stress(scheduler, produce, 0.01)
     assert snapshots
-    for snapshot in snapshots:
+    for snapshot in snapshots:  # the identity holds in every snapshot, not just at the end
         assert_accounting(snapshot)
     assert any(s["state"] == "shedding" for s in snapshots)
-    summary = scheduler.shutdown(drain=True, timeout=120)
     assert not summary["timed_out"]
-    every = [h for mine in handles for h in mine]
+    every = [h for mine, _ in results for h in mine]
+    rejected = sum(r for _, r in results)
     by_status: dict[str, int] = {}
     for handle in every:
         by_status[handle.status] = by_status.get(handle.status, 0) + 1
     calls = 8 * per_producer
-    assert summary["rejected"] == outcomes["rejected"]
-    assert summary["accepted"] == len(every) == calls - outcomes["rejected"]
+    assert summary["rejected"] == rejected
+    assert summary["accepted"] == len(every) == calls - rejected
     for status in ("shed", "expired", "cancelled", "completed", "failed"):
         assert summary[status] == by_status.get(status, 0), status
     assert summary["queued"] == summary["running"] == 0
@@ -595,13 +709,15 @@ class AdmissionModel(RuleBasedStateMachine):
 
     The model is docs/scheduler.md's rule, written out plainly: the Lua copy in
     buttress.distributed follows the same text.  No workers run, so every
-    change of the queue length is one the test makes.
+    change of the queue length is one the test makes.  All four schedulers
+    (threads and coroutines, native and twin deque) take the same steps.
     """
 
     HIGH, LOW, MAX, SHED_BELOW = 6, 2, 9, 3
 
     def __init__(self) -> None:
         super().__init__()
+        self.drivers = []
         self.schedulers = None
         self.queued: list[tuple[int, int]] = []  # (priority, seq) in the model
         self.handles: dict[int, list] = {}
@@ -611,9 +727,13 @@ class AdmissionModel(RuleBasedStateMachine):
     @initialize(overflow=st.sampled_from(["shed_lowest", "reject"]))
     def build(self, overflow):
         self.overflow = overflow
-        self.schedulers = [cls(1, high_water=self.HIGH, low_water=self.LOW, max_size=self.MAX,
-                               shed_below=self.SHED_BELOW, overflow=overflow)
-                           for cls in (NativeScheduler, TwinScheduler)]
+        self.drivers = [ThreadDriver(NativeScheduler), ThreadDriver(TwinScheduler),
+                        AsyncDriver(NativeAsyncScheduler), AsyncDriver(TwinAsyncScheduler)]
+        self.schedulers = [
+            (driver, driver.call(driver.cls, 1, high_water=self.HIGH, low_water=self.LOW,
+                                 max_size=self.MAX, shed_below=self.SHED_BELOW,
+                                 overflow=overflow))
+            for driver in self.drivers]
 
     def transition(self):
         length = len(self.queued)
@@ -641,15 +761,15 @@ class AdmissionModel(RuleBasedStateMachine):
         seq = self.seq
         self.seq += 1
         got = []
-        for scheduler in self.schedulers:
+        for driver, scheduler in self.schedulers:
             try:
-                got.append(scheduler.enqueue(print, priority))
+                got.append(driver.call(scheduler.enqueue, driver.noop_task(), priority))
             except Rejected as exc:
                 assert exc.state == self.state
                 got.append(None)
-        assert [h is not None for h in got] == [outcome == "accepted"] * 2
+        assert [h is not None for h in got] == [outcome == "accepted"] * len(got)
         if evicted is not None:
-            assert [h.status for h in self.handles.pop(evicted)] == ["shed", "shed"]
+            assert [h.status for h in self.handles.pop(evicted)] == ["shed"] * len(got)
             self.queued.remove(next(e for e in self.queued if e[1] == evicted))
         if outcome == "accepted":
             self.handles[seq] = got
@@ -661,7 +781,9 @@ class AdmissionModel(RuleBasedStateMachine):
         if not self.queued:
             return
         entry = data.draw(st.sampled_from(self.queued))
-        assert [h.cancel() for h in self.handles.pop(entry[1])] == [True, True]
+        handles = self.handles.pop(entry[1])
+        pairs = zip(self.schedulers, handles, strict=True)
+        assert [driver.call(h.cancel) for (driver, _), h in pairs] == [True] * len(handles)
         self.queued.remove(entry)
         self.transition()
 
@@ -669,14 +791,19 @@ class AdmissionModel(RuleBasedStateMachine):
     def agrees(self):
         if self.schedulers is None:
             return
-        for scheduler in self.schedulers:
+        for driver, scheduler in self.schedulers:
             assert scheduler.state == self.state
             assert len(scheduler) == len(self.queued)
-            assert_accounting(scheduler.stats())
+            assert_accounting(driver.call(scheduler.stats))
 
     def teardown(self):
-        for scheduler in self.schedulers or ():
-            scheduler.shutdown(drain=False)
+        for driver, scheduler in self.schedulers or ():
+            if isinstance(driver, AsyncDriver):
+                driver.loop.run_until_complete(scheduler.shutdown(drain=False))
+            else:
+                scheduler.shutdown(drain=False)
+        for driver in self.drivers:
+            driver.close()
 
 
 AdmissionModel.TestCase.settings = settings(max_examples=60, stateful_step_count=50)
