@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import gc
 import random
@@ -163,6 +164,97 @@ def test_slow_tasks_are_claimed_one_by_one_so_urgent_work_overtakes_them(make):
     # The one free worker claims slow tasks one at a time, so the urgent task
     # waits for the single task in flight at most, not for a claimed batch.
     assert order.index("urgent") <= done_before + 1, order
+
+
+# -- handles are concurrent.futures.Future ----------------------------------------
+
+def test_handles_work_with_wait_and_as_completed(make):
+    scheduler = make(2).start()
+    gate = Gate()
+    held = scheduler.enqueue(gate, 10)
+    assert gate.entered.wait(10)
+    quick = [scheduler.enqueue(lambda i=i: i) for i in range(20)]
+
+    def boom():
+        raise ValueError("boom")
+
+    failing = scheduler.enqueue(boom)
+    done, not_done = concurrent.futures.wait(quick, timeout=10)
+    assert done == set(quick) and not not_done
+    done, not_done = concurrent.futures.wait([held, failing], timeout=10,
+                                             return_when=concurrent.futures.FIRST_EXCEPTION)
+    assert done == {failing} and not_done == {held}
+    assert isinstance(failing.exception(), ValueError)
+    threading.Timer(0.05, gate.open).start()
+    assert [f.result() for f in concurrent.futures.as_completed([held], timeout=10)] == ["gate"]
+    assert sorted(f.result() for f in concurrent.futures.as_completed(quick)) == list(range(20))
+
+
+def test_done_callbacks_run_once_when_the_task_ends_however_it_ends(make):
+    scheduler = make(1, high_water=2, low_water=1, max_size=2, shed_below=0)
+    seen = []
+    record = lambda h: seen.append((h.status, h.done()))  # noqa: E731
+    gate = Gate()
+    held = scheduler.enqueue(gate, 10)
+    held.add_done_callback(record)
+    scheduler.start()
+    assert gate.entered.wait(10)
+    low = scheduler.enqueue(lambda: None, 0)
+    low.add_done_callback(record)
+    cancelled = scheduler.enqueue(lambda: None, 1)
+    cancelled.add_done_callback(record)
+    assert cancelled.cancel()
+    scheduler.enqueue(lambda: None, 1)
+    scheduler.enqueue(lambda: None, 5)  # full: evicts `low`
+    gate.open()
+    assert held.result(10) == "gate"
+    wait_until(lambda: len(seen) == 3, 10, message="three callbacks")
+    assert sorted(seen) == [("cancelled", True), ("completed", True), ("shed", True)]
+    late = []
+    held.add_done_callback(late.append)  # already done: called at once
+    assert late == [held]
+
+
+def test_handles_work_with_asyncio_wrap_future(make):
+    scheduler = make(2).start()
+
+    async def main():
+        values = await asyncio.gather(*(asyncio.wrap_future(scheduler.enqueue(lambda i=i: i * 2))
+                                        for i in range(10)))
+        gates = [Gate(), Gate()]
+        for gate in gates:  # one after the other: each holds its own worker
+            scheduler.enqueue(gate, 10)
+            assert await asyncio.to_thread(gate.entered.wait, 10)
+        queued = scheduler.enqueue(lambda: "never")
+        wrapped = asyncio.wrap_future(queued)
+        wrapped.cancel()  # cancelling the asyncio side cancels the queued task
+        with pytest.raises(asyncio.CancelledError):
+            await wrapped
+        for _ in range(1000):  # the cancel reaches the handle in a loop callback
+            if queued.cancelled():
+                break
+            await asyncio.sleep(0.001)
+        for gate in gates:
+            gate.open()
+        return values, queued
+
+    values, queued = asyncio.run(main())
+    assert values == [i * 2 for i in range(10)]
+    assert queued.cancelled()
+
+
+def test_handles_are_futures_made_by_the_scheduler_only(make):
+    scheduler = make(1)
+    handle = scheduler.enqueue(lambda: 1, 3)
+    assert isinstance(handle, concurrent.futures.Future)
+    assert (handle.priority, handle.deadline, handle.status) == (3, None, "queued")
+    assert not handle.running() and not handle.cancelled() and not handle.done()
+    with pytest.raises(RuntimeError, match="set by its scheduler"):
+        handle.set_result(2)
+    with pytest.raises(RuntimeError, match="set by its scheduler"):
+        handle.set_running_or_notify_cancel()
+    scheduler.start()
+    assert handle.result(10) == 1 and handle.exception() is None
 
 
 # -- cancel and deadlines ------------------------------------------------------

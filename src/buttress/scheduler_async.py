@@ -251,10 +251,11 @@ class AsyncTaskScheduler(SchedulerBase):
             _check_coroutine_function(task)
         if deadline is not None:
             check_deadline(deadline)
-        if get_ident() != self._thread_id or self._idle:
+        if get_ident() != self._thread_id or self._idle or not self._alive:
             # The full check costs ~0.2 us on Python 3.11 (asyncio._get_running_loop):
-            # the hot path compares threads, and the full check runs whenever idle
-            # workers are woken, which is where another loop in this thread would fail.
+            # the hot path compares threads; the full check runs when idle workers
+            # are woken or none is running, which is where another loop of this
+            # thread (the first one ended) would otherwise go unnoticed.
             self._check_loop()
         handle = AsyncTaskHandle()
         handle._scheduler = self
