@@ -571,6 +571,9 @@ def test_a_dropped_scheduler_and_its_tasks_are_collected(Scheduler):
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"workers": 0}, ValueError, "workers must be >= 1"),
     ({"workers": 1.5}, TypeError, "workers must be an int"),
+    ({"workers": "5"}, TypeError, "workers must be an int"),
+    ({"block_timeout": "1"}, TypeError, "block_timeout must be a number"),
+    ({"name": 7}, TypeError, "name must be a str"),
     ({"high_water": 10, "low_water": 10}, ValueError, "low_water must be < high_water"),
     ({"high_water": 10, "max_size": 5}, ValueError, "high_water must be <= max_size"),
     ({"overflow": "drop"}, ValueError, "overflow must be one of"),
