@@ -129,6 +129,8 @@ class SchedulerCore:
 
         self.state = NORMAL
         self.closing = False
+        self.alive = 0  # worker loops running (the driver counts them in and out)
+        self.stopping = 0  # of those, workers whose task is inside shutdown()
         # Queue length that starts SHEDDING: high_water in NORMAL, never otherwise,
         # so the hot path tests one number.
         self.shed_at: float = self.high_water
@@ -291,9 +293,33 @@ class SchedulerCore:
             self.closing = True
             self.set_state(SHUTTING_DOWN)
 
-    def stop(self) -> None:
-        """Every worker has exited (or none was ever started) after ``close``."""
-        self.set_state(STOPPED)
+    def worker_exited(self) -> None:
+        """A worker loop ended; the last one out after ``close`` stops the scheduler."""
+        self.alive -= 1
+        if not self.alive and self.closing:
+            self.set_state(STOPPED)
+
+    def waits_for_workers(self, in_worker: bool) -> bool:
+        """Whether a shutdown() call still waits: for every worker, or from a task's own
+        worker, for every other worker except those whose task is inside shutdown() too
+        (two such tasks would otherwise wait for each other for good)."""
+        return self.alive > (self.stopping if in_worker else 0)
+
+    def shutdown_summary(self, *, timed_out: bool, cancelled: int, workers: int,
+                         idle_workers: int) -> dict[str, Any]:
+        """End a shutdown() call's wait: cancel what is still queued if it timed out,
+        stop if no worker is left, and sum up (``stats`` plus two fields)."""
+        if timed_out and len(self.queue):
+            cancelled += self.cancel_queued()
+        if not self.alive:
+            self.set_state(STOPPED)
+        summary = self.stats(workers=workers, idle_workers=idle_workers)
+        summary["timed_out"] = timed_out
+        summary["cancelled_by_shutdown"] = cancelled
+        if timed_out:
+            self.logger.warning("%s: shutdown timed out with %d task(s) still running",
+                                self.name, summary["running"])
+        return summary
 
     # -- state and observability -------------------------------------------------
 

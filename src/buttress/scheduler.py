@@ -261,9 +261,38 @@ class TaskHandle(concurrent.futures.Future):
 
 
 class SchedulerBase:
-    """What TaskScheduler and AsyncTaskScheduler share besides their core: the surface."""
+    """What TaskScheduler and AsyncTaskScheduler share: the constructor, the surface.
 
+    The constructor validates through the core and then calls the driver's
+    ``_start_driver()``; the arguments are documented on each driver.
+    """
+
+    _deque_class: type = PriorityDeque  # the twins plug in the pure-Python deque here
+    _default_name = "buttress-scheduler"
     _core: SchedulerCore
+
+    def __init__(
+        self,
+        workers: int = 4,
+        *,
+        high_water: int = 10_000,
+        low_water: int | None = None,
+        max_size: int | None = None,
+        shed_below: float = 1,
+        overflow: str = "shed_lowest",
+        block_timeout: float = 1.0,
+        on_state_change: Callable[[str, str], Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self._core = SchedulerCore(
+            self._deque_class(), workers=workers, high_water=high_water, low_water=low_water,
+            max_size=max_size, shed_below=shed_below, overflow=overflow,
+            block_timeout=block_timeout, on_state_change=on_state_change,
+            name=self._default_name if name is None else name, logger=logger)
+        self._start_driver()
+
+    def _start_driver(self) -> None:
+        raise NotImplementedError
 
     @property
     def state(self) -> str:
@@ -333,26 +362,7 @@ class TaskScheduler(SchedulerBase):
     and ``shutdown()``.
     """
 
-    _deque_class: type = PriorityDeque  # the twin plugs in the pure-Python deque here
-
-    def __init__(
-        self,
-        workers: int = 4,
-        *,
-        high_water: int = 10_000,
-        low_water: int | None = None,
-        max_size: int | None = None,
-        shed_below: float = 1,
-        overflow: str = "shed_lowest",
-        block_timeout: float = 1.0,
-        on_state_change: Callable[[str, str], Any] | None = None,
-        name: str = "buttress-scheduler",
-    ) -> None:
-        self._core = SchedulerCore(
-            self._deque_class(), workers=workers, high_water=high_water, low_water=low_water,
-            max_size=max_size, shed_below=shed_below, overflow=overflow,
-            block_timeout=block_timeout, on_state_change=on_state_change, name=name,
-            logger=logger)
+    def _start_driver(self) -> None:
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # "the queue has room" (block policy)
         self._changed = threading.Condition(self._lock)  # a worker exited or began shutdown
@@ -360,8 +370,6 @@ class TaskScheduler(SchedulerBase):
         self._idle: list[Any] = []  # wake locks of idle workers (held; release = wake)
         self._threads: list[threading.Thread] = []
         self._worker_idents: set[int] = set()
-        self._alive = 0  # worker loops still running
-        self._stopping = 0  # workers whose task is inside shutdown()
         self._started = False
         self._callback_lock = threading.RLock()  # events in order; a callback may enqueue
 
@@ -409,32 +417,24 @@ class TaskScheduler(SchedulerBase):
                 self._start_workers_locked()
             self._wake_all_locked()
             if in_worker:
-                self._stopping += 1
+                core.stopping += 1
                 self._changed.notify_all()
             try:
-                while self._alive > (self._stopping if in_worker else 0):
+                while core.waits_for_workers(in_worker):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         break
                     self._changed.wait(remaining)
-                timed_out = self._alive > (self._stopping if in_worker else 0)
+                timed_out = core.waits_for_workers(in_worker)
             finally:
                 if in_worker:
-                    self._stopping -= 1
-            if timed_out and len(core.queue):
-                cancelled += core.cancel_queued()
-            if not self._alive:
-                core.stop()
-            summary = self._stats_locked()
+                    core.stopping -= 1
+            summary = core.shutdown_summary(timed_out=timed_out, cancelled=cancelled,
+                                            workers=core.alive, idle_workers=len(self._idle))
         self._dispatch()
         if not in_worker and not timed_out:
             for thread in self._threads:  # exiting already; their last events delivered
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        summary["timed_out"] = timed_out
-        summary["cancelled_by_shutdown"] = cancelled
-        if timed_out:
-            logger.warning("%s: shutdown timed out with %d task(s) still running",
-                           self.name, summary["running"])
         return summary
 
     # -- admission -------------------------------------------------------------
@@ -513,7 +513,7 @@ class TaskScheduler(SchedulerBase):
             thread = threading.Thread(target=self._work, name=f"{self.name}-{number}",
                                       daemon=True)
             self._threads.append(thread)
-            self._alive += 1
+            self._core.alive += 1
             thread.start()
         logger.debug("%s: started %d workers", self.name, self.workers)
 
@@ -539,9 +539,7 @@ class TaskScheduler(SchedulerBase):
                         self._space.notify(self._blocked)
                 if not batch:
                     if core.closing:
-                        self._alive -= 1
-                        if not self._alive:
-                            core.stop()  # the last one out: nothing left to run, ever
+                        core.worker_exited()  # the last one out stops the scheduler
                         self._changed.notify_all()
                         wake = None  # type: ignore[assignment]
                     else:
@@ -595,4 +593,4 @@ class TaskScheduler(SchedulerBase):
             return self._stats_locked()
 
     def _stats_locked(self) -> dict[str, Any]:
-        return self._core.stats(workers=self._alive, idle_workers=len(self._idle))
+        return self._core.stats(workers=self._core.alive, idle_workers=len(self._idle))

@@ -37,7 +37,6 @@ from concurrent.futures import CancelledError
 from threading import get_ident
 from typing import Any
 
-from buttress._heap import PriorityDeque
 from buttress._scheduler_core import (
     CANCELLED,
     COMPLETED,
@@ -47,7 +46,6 @@ from buttress._scheduler_core import (
     QUEUED,
     RUNNING,
     SHEDDING,
-    SchedulerCore,
     check_deadline,
     next_batch_limit,
 )
@@ -138,34 +136,15 @@ class AsyncTaskScheduler(SchedulerBase):
     (start, then drain on exit) or ``start()`` and ``await shutdown()``.
     """
 
-    _deque_class: type = PriorityDeque  # the twin plugs in the pure-Python deque here
+    _default_name = "buttress-async-scheduler"
 
-    def __init__(
-        self,
-        workers: int = 4,
-        *,
-        high_water: int = 10_000,
-        low_water: int | None = None,
-        max_size: int | None = None,
-        shed_below: float = 1,
-        overflow: str = "shed_lowest",
-        block_timeout: float = 1.0,
-        on_state_change: Callable[[str, str], Any] | None = None,
-        name: str = "buttress-async-scheduler",
-    ) -> None:
-        self._core = SchedulerCore(
-            self._deque_class(), workers=workers, high_water=high_water, low_water=low_water,
-            max_size=max_size, shed_below=shed_below, overflow=overflow,
-            block_timeout=block_timeout, on_state_change=on_state_change, name=name,
-            logger=logger)
+    def _start_driver(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread_id: int | None = None  # the loop's thread
         self._workers: list[_Worker] = []
         self._idle: list[asyncio.Future[None]] = []  # one per idle worker
         self._room: list[asyncio.Future[None]] = []  # producers waiting for room (block)
         self._changed: list[asyncio.Future[None]] = []  # shutdown() calls waiting
-        self._alive = 0
-        self._stopping = 0  # workers whose task is inside shutdown()
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -208,29 +187,21 @@ class AsyncTaskScheduler(SchedulerBase):
         current = asyncio.current_task()
         in_worker = any(worker.task is current for worker in self._workers)
         if in_worker:
-            self._stopping += 1
+            core.stopping += 1
             self._wake(self._changed)
         try:
-            while self._alive > (self._stopping if in_worker else 0):
+            while core.waits_for_workers(in_worker):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 await self._wait(self._changed, remaining)
-            timed_out = self._alive > (self._stopping if in_worker else 0)
+            timed_out = core.waits_for_workers(in_worker)
         finally:
             if in_worker:
-                self._stopping -= 1
-        if timed_out and len(core.queue):
-            cancelled += core.cancel_queued()
-        if not self._alive:
-            core.stop()
-        summary = self.stats()
+                core.stopping -= 1
+        summary = core.shutdown_summary(timed_out=timed_out, cancelled=cancelled,
+                                        workers=core.alive, idle_workers=len(self._idle))
         self._dispatch()
-        summary["timed_out"] = timed_out
-        summary["cancelled_by_shutdown"] = cancelled
-        if timed_out:
-            logger.warning("%s: shutdown timed out with %d task(s) still running",
-                           self.name, summary["running"])
         return summary
 
     # -- admission -------------------------------------------------------------
@@ -251,7 +222,8 @@ class AsyncTaskScheduler(SchedulerBase):
             _check_coroutine_function(task)
         if deadline is not None:
             check_deadline(deadline)
-        if get_ident() != self._thread_id or self._idle or not self._alive:
+        core = self._core
+        if get_ident() != self._thread_id or self._idle or not core.alive:
             # The full check costs ~0.2 us on Python 3.11 (asyncio._get_running_loop):
             # the hot path compares threads; the full check runs when idle workers
             # are woken or none is running, which is where another loop of this
@@ -265,7 +237,6 @@ class AsyncTaskScheduler(SchedulerBase):
         handle._status = QUEUED
         handle._cond = None
         handle._aio = None
-        core = self._core
         if core.state is not NORMAL and not core.admit(handle):
             core.reject(f"queue full (max_size={core.max_size}) and overflow='block': "
                         f"enqueue() does not wait for room, enqueue_wait() waits up to "
@@ -342,7 +313,7 @@ class AsyncTaskScheduler(SchedulerBase):
             worker = _Worker()
             worker.task = loop.create_task(self._work(worker), name=f"{self.name}-{number}")
             self._workers.append(worker)
-            self._alive += 1
+            self._core.alive += 1
         logger.debug("%s: started %d workers", self.name, self.workers)
 
     async def _work(self, worker: _Worker) -> None:
@@ -474,9 +445,7 @@ class AsyncTaskScheduler(SchedulerBase):
         """Account for a worker leaving (shutdown, or its task cancelled with the loop)."""
         core = self._core
         core.exchange(len(batch), counts[0], counts[1], counts[2], 0)  # _run ended them all
-        self._alive -= 1
-        if not self._alive and core.closing:
-            core.stop()
+        core.worker_exited()  # the last one out stops the scheduler
         self._wake(self._changed)
         if core.events:
             self._dispatch()
@@ -536,7 +505,7 @@ class AsyncTaskScheduler(SchedulerBase):
 
     def stats(self) -> dict[str, Any]:
         """Counts of every outcome, what is queued (by priority) and running, and the state."""
-        return self._core.stats(workers=self._alive, idle_workers=len(self._idle))
+        return self._core.stats(workers=self._core.alive, idle_workers=len(self._idle))
 
 
 def _check_coroutine_function(task: Any) -> None:
