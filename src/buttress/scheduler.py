@@ -547,6 +547,7 @@ class TaskScheduler(SchedulerBase):
             if core.events:
                 self._dispatch()
             if wake is None:
+                self._worker_idents.discard(threading.get_ident())  # idents are reused
                 return
             if not batch:
                 wake.acquire()  # until enqueue or shutdown releases it
