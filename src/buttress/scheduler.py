@@ -416,6 +416,8 @@ class TaskScheduler(SchedulerBase):
             if drain and not self._started and len(core.queue):
                 self._start_workers_locked()
             self._wake_all_locked()
+        self._dispatch()  # shutting_down, and what was cancelled, before the wait
+        with self._lock:
             if in_worker:
                 core.stopping += 1
                 self._changed.notify_all()

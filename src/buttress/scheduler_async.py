@@ -184,6 +184,7 @@ class AsyncTaskScheduler(SchedulerBase):
             self._start_workers()
         self._wake(self._idle)
         self._wake(self._room)
+        self._dispatch()  # shutting_down, and what was cancelled, before the wait
         current = asyncio.current_task()
         in_worker = any(worker.task is current for worker in self._workers)
         if in_worker:
@@ -376,6 +377,7 @@ class AsyncTaskScheduler(SchedulerBase):
                         handle._status = CANCELLED
                         counts[2] += 1
                         if worker.cancelling is not handle:  # the worker itself is cancelled
+                            self._notify(handle)
                             raise
                         worker.cancelling = None
                         self._cancel_seen(worker)
@@ -383,6 +385,7 @@ class AsyncTaskScheduler(SchedulerBase):
                         handle._value = exc
                         handle._status = FAILED
                         counts[0] += 1
+                        self._notify(handle)
                         raise
                     except BaseException as exc:  # the task's failure goes to its handle
                         handle._value = exc
@@ -401,9 +404,8 @@ class AsyncTaskScheduler(SchedulerBase):
 
     def _abandon(self, batch: list[AsyncTaskHandle], handle: AsyncTaskHandle | None,
                  counts: list[int]) -> None:
-        """The worker leaves mid-batch: ``handle`` has ended; the rest end cancelled."""
-        if handle is not None:
-            self._notify(handle)
+        """The worker leaves mid-batch: ``handle`` has ended (and said so); the rest end
+        cancelled."""
         start = 0 if handle is None else batch.index(handle) + 1
         for rest in batch[start:]:
             if rest._status is RUNNING:
