@@ -77,6 +77,14 @@ class Gate:
         return "gate"
 
 
+async def hold_a_worker(scheduler, priority=10):
+    """Enqueue a Gate and wait until a worker is inside it; return the gate."""
+    gate = Gate()
+    scheduler.enqueue(gate, priority)
+    await gate.entered.wait()
+    return gate
+
+
 # -- running, order, results ---------------------------------------------------
 
 def test_runs_coroutines_most_important_first_fifo_among_equals(Scheduler, run):
@@ -125,9 +133,7 @@ def test_results_failures_and_the_worker_survives(Scheduler, run):
 def test_a_task_past_its_deadline_is_not_run(Scheduler, run):
     async def main():
         async with Scheduler(1) as scheduler:
-            gate = Gate()
-            scheduler.enqueue(gate, 10)
-            await gate.entered.wait()
+            gate = await hold_a_worker(scheduler)
             late = scheduler.enqueue(noop, deadline=time.monotonic() - 1)
             gate.opened.set()
             with pytest.raises(Expired):
@@ -142,9 +148,7 @@ def test_a_task_past_its_deadline_is_not_run(Scheduler, run):
 def test_cancel_a_queued_task(Scheduler, run):
     async def main():
         async with Scheduler(1) as scheduler:
-            gate = Gate()
-            scheduler.enqueue(gate, 10)
-            await gate.entered.wait()
+            gate = await hold_a_worker(scheduler)
             queued = scheduler.enqueue(noop)
             assert queued.cancel() and queued.cancel()  # True again: it is cancelled
             assert queued.cancelled() and queued.status == "cancelled"
@@ -219,9 +223,7 @@ def test_a_running_task_that_swallows_its_cancel_completes_and_harms_no_other(Sc
 def test_cancelling_an_awaiter_cancels_the_task_as_with_asyncio_tasks(Scheduler, run):
     async def main():
         async with Scheduler(1) as scheduler:
-            gate = Gate()
-            scheduler.enqueue(gate, 10)
-            await gate.entered.wait()
+            gate = await hold_a_worker(scheduler)
             queued = scheduler.enqueue(noop)
             waiter = asyncio.ensure_future(_await(queued))
             await asyncio.sleep(0.01)
@@ -322,9 +324,7 @@ def test_two_tasks_shutting_down_at_once_do_not_wait_for_each_other(Scheduler, r
 def test_shutdown_without_drain_and_with_a_timeout(Scheduler, run):
     async def main():
         scheduler = Scheduler(1).start()
-        gate = Gate()
-        scheduler.enqueue(gate, 10)
-        await gate.entered.wait()
+        gate = await hold_a_worker(scheduler)
         queued = [scheduler.enqueue(noop) for _ in range(3)]
         summary = await scheduler.shutdown(drain=True, timeout=0.05)
         assert summary["timed_out"] and summary["cancelled_by_shutdown"] == 3
@@ -346,9 +346,7 @@ def test_hysteresis_with_real_workers(Scheduler, run):
         scheduler = Scheduler(1, high_water=8, low_water=2, max_size=100, shed_below=1,
                               on_state_change=lambda old, new: changes.append((old, new)))
         async with scheduler:
-            gate = Gate()
-            scheduler.enqueue(gate, 100)
-            await gate.entered.wait()
+            gate = await hold_a_worker(scheduler, 100)
             handles = [scheduler.enqueue(noop) for _ in range(8)]
             assert scheduler.state == "shedding"
             with pytest.raises(Rejected) as refused:
@@ -369,9 +367,7 @@ def test_overflow_block_is_an_awaitable_wait(Scheduler, run):
         scheduler = Scheduler(1, high_water=2, low_water=1, max_size=2, shed_below=0,
                               overflow="block", block_timeout=0.05)
         async with scheduler:
-            gate = Gate()
-            scheduler.enqueue(gate, 10)
-            await gate.entered.wait()
+            gate = await hold_a_worker(scheduler)
             scheduler.enqueue(noop)
             scheduler.enqueue(noop)
             with pytest.raises(Rejected, match="enqueue_wait"):
