@@ -484,6 +484,17 @@ def test_shutdown_from_inside_a_task(make):
     assert scheduler.shutdown()["state"] == "stopped"
 
 
+def test_a_task_enqueues_into_its_own_scheduler_and_waits_for_it(make):
+    scheduler = make(2).start()
+
+    def parent():
+        child = scheduler.enqueue(lambda: 7, 100)
+        return child.result(timeout=10) + 1  # the other worker runs the child
+
+    assert scheduler.enqueue(parent).result(timeout=20) == 8
+    wait_until(lambda: scheduler.stats()["completed"] == 2, 10, message="both counted")
+
+
 def test_two_tasks_shutting_down_at_once_do_not_deadlock(make):
     """Regression: each task's shutdown() joined the other's worker thread, for good."""
     scheduler = make(2).start()
