@@ -9,9 +9,12 @@ from __future__ import annotations
 import gc
 import pickle
 import random
+import subprocess
 import sys
+import textwrap
 import tracemalloc
 import weakref
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -135,6 +138,8 @@ def test_accepted_priorities(Deque, priority):
     (None, TypeError, "got NoneType"),
     (True, TypeError, "got bool"),
     (1j, TypeError, "got complex"),
+    (Fraction(10**400, 3), ValueError, "out of range"),  # float() overflows: still a ValueError
+    (-Fraction(10**400, 3), ValueError, "out of range"),
 ])
 def test_rejected_priorities(Deque, priority, error, match):
     d = Deque()
@@ -297,6 +302,82 @@ def test_a_finaliser_that_uses_the_deque_does_not_crash(Deque):
     assert len(pushed_back) == 20 and len(d) == 0
 
 
+# A finaliser of unrelated garbage may run at any Python allocation and call
+# anything on the deque.  Native code must never hold pointers into its own
+# arrays (or borrow items) across an allocation.  Each scenario runs in a
+# subprocess, so a crash fails the test instead of killing pytest.
+FINALISER_SCENARIO = """
+import gc, sys
+from buttress._heap import PriorityDeque as Native
+from buttress.reference.heap import PriorityDeque as Twin
+Deque = {"native": Native, "twin": Twin}[sys.argv[1]]
+
+class Bomb:
+    def __init__(self, action):
+        self.action, self.cycle = action, self
+    def __del__(self):
+        self.action()
+
+def arm(action, after):
+    gc.collect()
+    Bomb(action)              # a cycle: only the collector frees it ...
+    gc.set_threshold(after)   # ... after this many more container allocations
+
+def scenario(after):
+{body}
+
+for after in range(1, 60):    # one of these lands the finaliser mid-call
+    scenario(after)
+    gc.set_threshold(700)
+print("ok")
+"""
+
+FINALISER_BODIES = {
+    "items_while_cleared": """
+d = Deque()
+for i in range(300):
+    d.push([i], i)            # items owned by the deque alone
+arm(d.clear, after)
+pairs = d.items()
+assert all(type(item) is list and item[0] == key for key, item in pairs)
+""",
+    "push_that_grows_while_cleared": """
+d = Deque()
+for i in range(16):
+    d.push([i], i)            # full: the next push grows the arrays
+arm(d.clear, after)
+d.push(["new"], 99)
+gc.set_threshold(700)
+assert ["new"] in d.pop_many(100) and len(d) == 0
+for i in range(100):
+    d.push([i], i)
+assert d.pop_many(100) == [[i] for i in reversed(range(100))]
+""",
+    "clear_while_a_finaliser_pushes": """
+d = Deque()
+for i in range(100):
+    d.push([i], i)
+arm(lambda: d.push(["pushed"], 5), after)
+d.clear()
+gc.set_threshold(700)
+assert d.pop_many(100) in ([], [["pushed"]])
+d.push(["after"], 1)
+assert d.pop() == ["after"]
+""",
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(FINALISER_BODIES))
+def test_a_gc_finaliser_that_mutates_the_deque_mid_call_does_not_crash(Deque, scenario):
+    which = "native" if Deque is NativeDeque else "twin"
+    body = textwrap.indent(FINALISER_BODIES[scenario].strip("\n"), "    ")
+    script = FINALISER_SCENARIO.replace("{body}", body)
+    done = subprocess.run([sys.executable, "-c", script, which], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.strip() == "ok"
+
+
 def test_no_memory_growth_over_many_cycles(Deque):
     d = Deque()
     rng = random.Random(3)
@@ -404,3 +485,48 @@ class DequeMachine(RuleBasedStateMachine):
 
 DequeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60)
 TestDequeMachine = DequeMachine.TestCase
+
+
+# -- the C kernels' portable fallbacks -----------------------------------------
+
+KERNEL_CHECK = r"""
+#include <stdio.h>
+#include "heap_kernels.h"
+int main(void) {
+    unsigned long long x;
+    int shift;
+    for (x = 0; x < 100000; x++)
+        printf("%d\n", buttress_heap_level(x));
+    for (shift = 0; shift < 64; shift++) {
+        x = 1ULL << shift;
+        printf("%d %d %d\n", buttress_log2_floor(x), buttress_log2_floor(x | (x >> 1)),
+               buttress_log2_floor(x + (x - 1)));
+    }
+    buttress_prefetch(&x);
+    return 0;
+}
+"""
+
+
+def test_heap_kernel_fallbacks_agree_with_the_compiler_builtins(tmp_path):
+    """heap_kernels.h: the plain-C spellings give what the builtins give (and the truth)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "a C compiler is needed to build buttress, and this test"
+    header_dir = Path(__file__).resolve().parent.parent / "ext" / "buttress"
+    source = tmp_path / "check.c"
+    source.write_text(KERNEL_CHECK)
+    outputs = []
+    for flags in ([], ["-DBUTTRESS_PORTABLE_C"]):
+        binary = tmp_path / f"check{len(outputs)}"
+        subprocess.run([compiler, "-O2", "-std=c99", "-Wall", "-Werror", *flags,
+                        f"-I{header_dir}", str(source), "-o", str(binary)], check=True)
+        outputs.append(subprocess.run([str(binary)], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert outputs[0] == outputs[1]
+    lines = outputs[0].splitlines()
+    assert [int(v) for v in lines[:100000]] == [(x + 1).bit_length() - 1 for x in range(100000)]
+    assert lines[100000:] == [f"{s} {s} {s}" for s in range(64)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import gc
 import random
@@ -9,6 +11,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import CancelledError
+from fractions import Fraction
 
 import pytest
 from hypothesis import settings
@@ -17,8 +20,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import buttress
 from buttress import Expired, Rejected, Shed
+from buttress.reference.scheduler import AsyncTaskScheduler as TwinAsyncScheduler
 from buttress.reference.scheduler import TaskScheduler as TwinScheduler
 from buttress.scheduler import TaskScheduler as NativeScheduler
+from buttress.scheduler_async import AsyncTaskScheduler as NativeAsyncScheduler
 from conftest import wait_until
 from test_heap import assert_no_memory_growth
 
@@ -161,6 +166,97 @@ def test_slow_tasks_are_claimed_one_by_one_so_urgent_work_overtakes_them(make):
     assert order.index("urgent") <= done_before + 1, order
 
 
+# -- handles are concurrent.futures.Future ----------------------------------------
+
+def test_handles_work_with_wait_and_as_completed(make):
+    scheduler = make(2).start()
+    gate = Gate()
+    held = scheduler.enqueue(gate, 10)
+    assert gate.entered.wait(10)
+    quick = [scheduler.enqueue(lambda i=i: i) for i in range(20)]
+
+    def boom():
+        raise ValueError("boom")
+
+    failing = scheduler.enqueue(boom)
+    done, not_done = concurrent.futures.wait(quick, timeout=10)
+    assert done == set(quick) and not not_done
+    done, not_done = concurrent.futures.wait([held, failing], timeout=10,
+                                             return_when=concurrent.futures.FIRST_EXCEPTION)
+    assert done == {failing} and not_done == {held}
+    assert isinstance(failing.exception(), ValueError)
+    threading.Timer(0.05, gate.open).start()
+    assert [f.result() for f in concurrent.futures.as_completed([held], timeout=10)] == ["gate"]
+    assert sorted(f.result() for f in concurrent.futures.as_completed(quick)) == list(range(20))
+
+
+def test_done_callbacks_run_once_when_the_task_ends_however_it_ends(make):
+    scheduler = make(1, high_water=2, low_water=1, max_size=2, shed_below=0)
+    seen = []
+    record = lambda h: seen.append((h.status, h.done()))  # noqa: E731
+    gate = Gate()
+    held = scheduler.enqueue(gate, 10)
+    held.add_done_callback(record)
+    scheduler.start()
+    assert gate.entered.wait(10)
+    low = scheduler.enqueue(lambda: None, 0)
+    low.add_done_callback(record)
+    cancelled = scheduler.enqueue(lambda: None, 1)
+    cancelled.add_done_callback(record)
+    assert cancelled.cancel()
+    scheduler.enqueue(lambda: None, 1)
+    scheduler.enqueue(lambda: None, 5)  # full: evicts `low`
+    gate.open()
+    assert held.result(10) == "gate"
+    wait_until(lambda: len(seen) == 3, 10, message="three callbacks")
+    assert sorted(seen) == [("cancelled", True), ("completed", True), ("shed", True)]
+    late = []
+    held.add_done_callback(late.append)  # already done: called at once
+    assert late == [held]
+
+
+def test_handles_work_with_asyncio_wrap_future(make):
+    scheduler = make(2).start()
+
+    async def main():
+        values = await asyncio.gather(*(asyncio.wrap_future(scheduler.enqueue(lambda i=i: i * 2))
+                                        for i in range(10)))
+        gates = [Gate(), Gate()]
+        for gate in gates:  # one after the other: each holds its own worker
+            scheduler.enqueue(gate, 10)
+            assert await asyncio.to_thread(gate.entered.wait, 10)
+        queued = scheduler.enqueue(lambda: "never")
+        wrapped = asyncio.wrap_future(queued)
+        wrapped.cancel()  # cancelling the asyncio side cancels the queued task
+        with pytest.raises(asyncio.CancelledError):
+            await wrapped
+        for _ in range(1000):  # the cancel reaches the handle in a loop callback
+            if queued.cancelled():
+                break
+            await asyncio.sleep(0.001)
+        for gate in gates:
+            gate.open()
+        return values, queued
+
+    values, queued = asyncio.run(main())
+    assert values == [i * 2 for i in range(10)]
+    assert queued.cancelled()
+
+
+def test_handles_are_futures_made_by_the_scheduler_only(make):
+    scheduler = make(1)
+    handle = scheduler.enqueue(lambda: 1, 3)
+    assert isinstance(handle, concurrent.futures.Future)
+    assert (handle.priority, handle.deadline, handle.status) == (3, None, "queued")
+    assert not handle.running() and not handle.cancelled() and not handle.done()
+    with pytest.raises(RuntimeError, match="set by its scheduler"):
+        handle.set_result(2)
+    with pytest.raises(RuntimeError, match="set by its scheduler"):
+        handle.set_running_or_notify_cancel()
+    scheduler.start()
+    assert handle.result(10) == 1 and handle.exception() is None
+
+
 # -- cancel and deadlines ------------------------------------------------------
 
 def test_cancel_a_queued_task_but_not_a_running_one(make):
@@ -170,7 +266,8 @@ def test_cancel_a_queued_task_but_not_a_running_one(make):
     assert gate.entered.wait(10)
     queued = scheduler.enqueue(lambda: "never")
     assert queued.cancel() is True
-    assert queued.cancel() is False
+    assert queued.cancel() is True  # already cancelled: True, as concurrent.futures says
+    assert queued.cancelled() and not running.cancelled()
     assert running.cancel() is False
     with pytest.raises(CancelledError):
         queued.result(0)
@@ -381,7 +478,37 @@ def test_shutdown_from_inside_a_task(make):
     summary = inner.result(10)
     assert summary["state"] == "shutting_down"  # its own worker is still running it
     wait_until(lambda: scheduler.stats()["workers"] == 0, 10, message="workers exit")
+    # Regression: the state used to stay shutting_down for good once the last
+    # worker had exited, unless someone called shutdown() again.
+    wait_until(lambda: scheduler.state == "stopped", 10, message="state becomes stopped")
     assert scheduler.shutdown()["state"] == "stopped"
+
+
+def test_a_task_enqueues_into_its_own_scheduler_and_waits_for_it(make):
+    scheduler = make(2).start()
+
+    def parent():
+        child = scheduler.enqueue(lambda: 7, 100)
+        return child.result(timeout=10) + 1  # the other worker runs the child
+
+    assert scheduler.enqueue(parent).result(timeout=20) == 8
+    wait_until(lambda: scheduler.stats()["completed"] == 2, 10, message="both counted")
+
+
+def test_two_tasks_shutting_down_at_once_do_not_deadlock(make):
+    """Regression: each task's shutdown() joined the other's worker thread, for good."""
+    scheduler = make(2).start()
+    both_running = threading.Barrier(2, timeout=10)
+
+    def stop():
+        both_running.wait()  # one task per worker, both inside shutdown() together
+        return scheduler.shutdown(drain=True)
+
+    handles = [scheduler.enqueue(stop) for _ in range(2)]
+    summaries = [handle.result(timeout=20) for handle in handles]
+    assert [s["state"] for s in summaries] == ["shutting_down"] * 2
+    wait_until(lambda: scheduler.state == "stopped", 10, message="state becomes stopped")
+    assert scheduler.stats()["workers"] == 0 and scheduler.stats()["completed"] == 2
 
 
 def test_draining_an_unstarted_scheduler_runs_its_queue(Scheduler):
@@ -455,6 +582,9 @@ def test_a_dropped_scheduler_and_its_tasks_are_collected(Scheduler):
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"workers": 0}, ValueError, "workers must be >= 1"),
     ({"workers": 1.5}, TypeError, "workers must be an int"),
+    ({"workers": "5"}, TypeError, "workers must be an int"),
+    ({"block_timeout": "1"}, TypeError, "block_timeout must be a number"),
+    ({"name": 7}, TypeError, "name must be a str"),
     ({"high_water": 10, "low_water": 10}, ValueError, "low_water must be < high_water"),
     ({"high_water": 10, "max_size": 5}, ValueError, "high_water must be <= max_size"),
     ({"overflow": "drop"}, ValueError, "overflow must be one of"),
@@ -472,6 +602,7 @@ def test_bad_configuration(Scheduler, kwargs, error, match):
     ((print, "high"), {}, TypeError, "priority must be an int or a float"),
     ((print, float("nan")), {}, ValueError, "NaN"),
     ((print, 2**60), {}, ValueError, "outside"),
+    ((print, Fraction(10**400, 3)), {}, ValueError, "out of range"),
     ((print,), {"deadline": "soon"}, TypeError, "deadline"),
     ((print,), {"deadline": float("nan")}, ValueError, "deadline"),
 ])
@@ -497,65 +628,176 @@ def test_top_level_names():
     assert buttress.reference.TaskScheduler is TwinScheduler
 
 
-# -- stress ------------------------------------------------------------------------
+# -- shared with AsyncTaskScheduler: the stress test and the admission model -------
+#
+# The same checks run against the four schedulers (threads and coroutines, each
+# on the native and the twin deque).  A driver says how work is made and run:
+# callables and threads, or coroutine functions and tasks on one event loop.
+
+class ThreadDriver:
+    """TaskScheduler: tasks are callables, producers are threads."""
+
+    stress_tasks = 50_000  # per producer
+    def __init__(self, cls):
+        self.cls = cls
+
+    def noop_task(self):
+        return lambda: None
+
+    def call(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def stress(self, scheduler, produce, watch_interval):
+        """Run the ``produce`` generators in 8 threads while a watcher snapshots stats()."""
+        snapshots = []
+        watching = threading.Event()
+
+        def watch():
+            while not watching.wait(watch_interval):
+                snapshots.append(scheduler.stats())
+
+        scheduler.start()
+        results = [None] * 8
+        def slow():
+            time.sleep(0.0005)  # the worker is busy; the producers keep the GIL meanwhile
+
+        producers = [threading.Thread(target=lambda n=n: results.__setitem__(
+            n, run_to_end(produce(n, scheduler.enqueue, slow)))) for n in range(8)]
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        for producer in producers:
+            producer.start()
+        for producer in producers:
+            producer.join(120)
+        watching.set()
+        watcher.join(10)
+        summary = scheduler.shutdown(drain=True, timeout=120)
+        return results, snapshots, summary
+
+    def close(self):
+        pass
+
+
+class AsyncDriver:
+    """AsyncTaskScheduler: tasks are coroutine functions, producers are tasks on one loop."""
+
+    stress_tasks = 20_000  # per producer: one thread runs it all, and the overload shows
+    def __init__(self, cls, loop_factory=asyncio.new_event_loop):
+        self.cls = cls
+        self.loop = loop_factory()
+
+    def noop_task(self):
+        return _async_noop
+
+    def call(self, fn, *args, **kwargs):
+        """Call a synchronous method from inside the scheduler's loop."""
+        async def inside():
+            return fn(*args, **kwargs)
+        return self.loop.run_until_complete(inside())
+
+    def stress(self, scheduler, produce, watch_interval):
+        async def slow():
+            await asyncio.sleep(0.0005)
+
+        async def producer(number):
+            # A producer hands the loop over at each yield, as request handlers do.
+            steps = produce(number, scheduler.enqueue, slow)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as end:
+                    return end.value
+                await asyncio.sleep(0)
+
+        async def main():
+            scheduler.start()
+            snapshots = []
+            done = asyncio.Event()
+
+            async def watch():
+                while not done.is_set():
+                    snapshots.append(scheduler.stats())
+                    await asyncio.sleep(watch_interval)
+
+            watcher = asyncio.ensure_future(watch())
+            results = await asyncio.gather(*(producer(n) for n in range(8)))
+            done.set()
+            await watcher
+            summary = await scheduler.shutdown(drain=True, timeout=120)
+            return list(results), snapshots, summary
+
+        return self.loop.run_until_complete(main())
+
+    def close(self):
+        self.loop.close()
+
+
+async def _async_noop():
+    return None
+
+
+def run_to_end(steps):
+    """Run a generator to its end; return what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+DRIVERS = [
+    pytest.param((ThreadDriver, NativeScheduler), id="thread-native"),
+    pytest.param((ThreadDriver, TwinScheduler), id="thread-twin"),
+    pytest.param((AsyncDriver, NativeAsyncScheduler), id="async-native"),
+    pytest.param((AsyncDriver, TwinAsyncScheduler), id="async-twin"),
+]
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request):
+    driver_class, cls = request.param
+    made = driver_class(cls)
+    yield made
+    made.close()
+
 
 @pytest.mark.slow
-def test_stress_eight_producers_accounting_is_exact(Scheduler):
-    """8 producers x 50k tasks against deliberately slow workers."""
-    per_producer = 50_000
+def test_stress_eight_producers_accounting_is_exact(driver):
+    """8 producers x 50k (20k) tasks against deliberately slow worker threads (coroutines)."""
+    per_producer = driver.stress_tasks
     top = 9
-    scheduler = Scheduler(4, high_water=2_000, low_water=500, max_size=4_000, shed_below=5)
-    scheduler.start()
-    outcomes = {"rejected": 0}
-    handles: list[list[buttress.TaskHandle]] = [[] for _ in range(8)]
-    lock = threading.Lock()
+    scheduler = driver.cls(4, high_water=2_000, low_water=500, max_size=4_000, shed_below=5)
+    noop = driver.noop_task()
 
-    def slow():
-        time.sleep(0.0005)  # the worker is busy; the producers keep the GIL meanwhile
-
-    def produce(number):
+    def produce(number, enqueue, slow):
+        """A producer's calls; it yields every 50 (the async driver gives the loop away)."""
         rng = random.Random(number)
         rejected = 0
-        mine = handles[number]
+        mine = []
         for i in range(per_producer):
             priority = rng.randint(0, top)
-            task = slow if i % 5 == 0 else (lambda: None)
             try:
-                mine.append(scheduler.enqueue(task, priority))
+                mine.append(enqueue(slow if i % 5 == 0 else noop, priority))
             except Rejected:
                 rejected += 1
-        with lock:
-            outcomes["rejected"] += rejected
+            if i % 50 == 49:
+                yield
+        return mine, rejected
 
-    snapshots = []
-    watching = threading.Event()
-
-    def watch():  # the identity must hold in every snapshot, not just at the end
-        while not watching.wait(0.01):
-            snapshots.append(scheduler.stats())
-
-    producers = [threading.Thread(target=produce, args=(n,)) for n in range(8)]
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    for producer in producers:
-        producer.start()
-    for producer in producers:
-        producer.join(120)
-    watching.set()
-    watcher.join(10)
+    results, snapshots, summary = driver.stress(scheduler, produce, 0.01)
     assert snapshots
-    for snapshot in snapshots:
+    for snapshot in snapshots:  # the identity holds in every snapshot, not just at the end
         assert_accounting(snapshot)
     assert any(s["state"] == "shedding" for s in snapshots)
-    summary = scheduler.shutdown(drain=True, timeout=120)
     assert not summary["timed_out"]
-    every = [h for mine in handles for h in mine]
+    every = [h for mine, _ in results for h in mine]
+    rejected = sum(r for _, r in results)
     by_status: dict[str, int] = {}
     for handle in every:
         by_status[handle.status] = by_status.get(handle.status, 0) + 1
     calls = 8 * per_producer
-    assert summary["rejected"] == outcomes["rejected"]
-    assert summary["accepted"] == len(every) == calls - outcomes["rejected"]
+    assert summary["rejected"] == rejected
+    assert summary["accepted"] == len(every) == calls - rejected
     for status in ("shed", "expired", "cancelled", "completed", "failed"):
         assert summary[status] == by_status.get(status, 0), status
     assert summary["queued"] == summary["running"] == 0
@@ -573,13 +815,15 @@ class AdmissionModel(RuleBasedStateMachine):
 
     The model is docs/scheduler.md's rule, written out plainly: the Lua copy in
     buttress.distributed follows the same text.  No workers run, so every
-    change of the queue length is one the test makes.
+    change of the queue length is one the test makes.  All four schedulers
+    (threads and coroutines, native and twin deque) take the same steps.
     """
 
     HIGH, LOW, MAX, SHED_BELOW = 6, 2, 9, 3
 
     def __init__(self) -> None:
         super().__init__()
+        self.drivers = []
         self.schedulers = None
         self.queued: list[tuple[int, int]] = []  # (priority, seq) in the model
         self.handles: dict[int, list] = {}
@@ -589,9 +833,13 @@ class AdmissionModel(RuleBasedStateMachine):
     @initialize(overflow=st.sampled_from(["shed_lowest", "reject"]))
     def build(self, overflow):
         self.overflow = overflow
-        self.schedulers = [cls(1, high_water=self.HIGH, low_water=self.LOW, max_size=self.MAX,
-                               shed_below=self.SHED_BELOW, overflow=overflow)
-                           for cls in (NativeScheduler, TwinScheduler)]
+        self.drivers = [ThreadDriver(NativeScheduler), ThreadDriver(TwinScheduler),
+                        AsyncDriver(NativeAsyncScheduler), AsyncDriver(TwinAsyncScheduler)]
+        self.schedulers = [
+            (driver, driver.call(driver.cls, 1, high_water=self.HIGH, low_water=self.LOW,
+                                 max_size=self.MAX, shed_below=self.SHED_BELOW,
+                                 overflow=overflow))
+            for driver in self.drivers]
 
     def transition(self):
         length = len(self.queued)
@@ -619,15 +867,15 @@ class AdmissionModel(RuleBasedStateMachine):
         seq = self.seq
         self.seq += 1
         got = []
-        for scheduler in self.schedulers:
+        for driver, scheduler in self.schedulers:
             try:
-                got.append(scheduler.enqueue(print, priority))
+                got.append(driver.call(scheduler.enqueue, driver.noop_task(), priority))
             except Rejected as exc:
                 assert exc.state == self.state
                 got.append(None)
-        assert [h is not None for h in got] == [outcome == "accepted"] * 2
+        assert [h is not None for h in got] == [outcome == "accepted"] * len(got)
         if evicted is not None:
-            assert [h.status for h in self.handles.pop(evicted)] == ["shed", "shed"]
+            assert [h.status for h in self.handles.pop(evicted)] == ["shed"] * len(got)
             self.queued.remove(next(e for e in self.queued if e[1] == evicted))
         if outcome == "accepted":
             self.handles[seq] = got
@@ -639,7 +887,9 @@ class AdmissionModel(RuleBasedStateMachine):
         if not self.queued:
             return
         entry = data.draw(st.sampled_from(self.queued))
-        assert [h.cancel() for h in self.handles.pop(entry[1])] == [True, True]
+        handles = self.handles.pop(entry[1])
+        pairs = zip(self.schedulers, handles, strict=True)
+        assert [driver.call(h.cancel) for (driver, _), h in pairs] == [True] * len(handles)
         self.queued.remove(entry)
         self.transition()
 
@@ -647,14 +897,19 @@ class AdmissionModel(RuleBasedStateMachine):
     def agrees(self):
         if self.schedulers is None:
             return
-        for scheduler in self.schedulers:
+        for driver, scheduler in self.schedulers:
             assert scheduler.state == self.state
             assert len(scheduler) == len(self.queued)
-            assert_accounting(scheduler.stats())
+            assert_accounting(driver.call(scheduler.stats))
 
     def teardown(self):
-        for scheduler in self.schedulers or ():
-            scheduler.shutdown(drain=False)
+        for driver, scheduler in self.schedulers or ():
+            if isinstance(driver, AsyncDriver):
+                driver.loop.run_until_complete(scheduler.shutdown(drain=False))
+            else:
+                scheduler.shutdown(drain=False)
+        for driver in self.drivers:
+            driver.close()
 
 
 AdmissionModel.TestCase.settings = settings(max_examples=60, stateful_step_count=50)

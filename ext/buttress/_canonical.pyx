@@ -8,6 +8,10 @@
 # nesting) is handed whole to ``fallback`` (json itself, in buttress.dedupe.core), so the
 # two can never disagree on a payload this encoder does not fully understand; a test
 # checks they agree on the rest.  The pure-Python twin is that fallback.
+#
+# Pointers into Python objects (PyUnicode_AsUTF8AndSize) are only used while a
+# local variable owns the object: a temporary would be freed before _write reads
+# it, and _write's allocation may reuse that very memory.
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.math cimport isfinite
@@ -79,6 +83,7 @@ cdef int _encode(Buffer* out, object value, int depth) except -1:
     cdef type kind = type(value)
     cdef Py_ssize_t size
     cdef const char* text
+    cdef str digits  # owns the text ``text`` points into, until it is written
     cdef double number
     if kind is str:
         return _string(out, value)
@@ -89,13 +94,15 @@ cdef int _encode(Buffer* out, object value, int depth) except -1:
     if value is False:
         return _write(out, b"false", 5)
     if kind is int:
-        text = PyUnicode_AsUTF8AndSize(repr(value), &size)  # exact int: int.__repr__
+        digits = repr(value)  # exact int: int.__repr__
+        text = PyUnicode_AsUTF8AndSize(digits, &size)
         return _write(out, text, size)
     if kind is float:
         number = PyFloat_AS_DOUBLE(value)
         if not isfinite(number):
             raise ValueError(f"Out of range float values are not JSON compliant: {value!r}")
-        text = PyUnicode_AsUTF8AndSize(repr(value), &size)  # exact float: float.__repr__
+        digits = repr(value)  # exact float: float.__repr__
+        text = PyUnicode_AsUTF8AndSize(digits, &size)
         return _write(out, text, size)
     if depth >= MAX_DEPTH:
         return NOT_HANDLED

@@ -4,6 +4,12 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport uint64_t
 
 
+# C kernels that use compiler builtins, with portable fallbacks: heap_kernels.h.
+cdef extern from "heap_kernels.h" nogil:
+    int heap_level "buttress_heap_level"(unsigned long long position) noexcept
+    void prefetch "buttress_prefetch"(const void* address) noexcept
+
+
 cdef struct HeapEntry:
     double priority       # larger is more important
     uint64_t seq          # insertion order: among equal priorities, smaller is older

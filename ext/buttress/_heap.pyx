@@ -31,27 +31,27 @@ been reused.
 
 Not locked: the GIL makes each call atomic; callers sharing a deque across
 threads (the scheduler) hold their own lock around sequences of calls.
+
+Re-entrancy.  Any Python allocation can run the garbage collector, and so the
+finaliser of unrelated garbage, which may call anything on this deque
+(``clear()``, ``push()``...).  So no method holds a pointer into the arrays, or
+a borrowed item, across a Python allocation: allocations come first and the
+state is read after them (``grow``, ``clear``), or the entries are copied out
+and their items owned before any is allocated (``items``).  The C steps in
+between allocate nothing a collection could start from.
 """
 
 cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_SIZE, PyList_SET_ITEM
-from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, Py_XINCREF, PyObject
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
 
 import numbers
 import operator
-
-cdef extern from *:
-    """
-    static inline int buttress_heap_level(Py_ssize_t i) {
-        return 63 - __builtin_clzll((unsigned long long)(i + 1));
-    }
-    """
-    int heap_level "buttress_heap_level"(Py_ssize_t i) noexcept nogil
-    void prefetch "__builtin_prefetch"(const void* address) noexcept nogil
 
 # Every int of magnitude up to 2**53 is exactly a float64; beyond it they collide.
 cdef long long EXACT_INT_LIMIT = 9007199254740992
@@ -70,7 +70,12 @@ cdef double _priority_slow(object priority) except? -1.0:
             f"priority must be an int or a float, got {type(priority).__name__}: {priority!r}")
     if isinstance(priority, numbers.Integral):
         return _priority_of_int(operator.index(priority))
-    return _checked_float(float(priority))
+    try:
+        value = float(priority)
+    except OverflowError:  # a Fraction or Decimal-like Real beyond the float range
+        raise ValueError(f"priority is out of range: a {type(priority).__name__} beyond "
+                         f"the float range (about +-1.8e308)") from None
+    return _checked_float(value)
 
 
 cdef double _priority_of_int(object priority) except? -1.0:
@@ -339,19 +344,28 @@ cdef class MinMaxHeap:
             self.free_head = s
 
     cdef int grow(self) except -1:
-        cdef Py_ssize_t old = self.capacity
-        cdef Py_ssize_t new = old * 2
-        cdef HeapEntry* heap = <HeapEntry*>realloc(self.heap, new * sizeof(HeapEntry))
-        if heap is NULL:
-            raise MemoryError(f"PriorityDeque: cannot grow to {new} entries")
-        self.heap = heap
-        cdef Py_ssize_t* positions = <Py_ssize_t*>realloc(self.positions, new * sizeof(Py_ssize_t))
-        if positions is NULL:
-            raise MemoryError(f"PriorityDeque: cannot grow to {new} entries")
-        self.positions = positions
-        self.objects.extend([None] * (new - old))
-        self.capacity = new
-        self.link_free_slots(old)
+        """Double the arrays while the deque is full (a finaliser may have changed that)."""
+        cdef Py_ssize_t old, new
+        cdef HeapEntry* heap
+        cdef Py_ssize_t* positions
+        while self.size == self.capacity:
+            old = self.capacity
+            new = old * 2
+            tail = [None] * old  # the one allocation: a finaliser it runs may clear or push
+            if self.size != old or self.capacity != old:
+                continue  # it did: look again
+            # From here to the end of the loop nothing allocates a Python object.
+            heap = <HeapEntry*>realloc(self.heap, new * sizeof(HeapEntry))
+            if heap is NULL:
+                raise MemoryError(f"PriorityDeque: cannot grow to {new} entries")
+            self.heap = heap
+            positions = <Py_ssize_t*>realloc(self.positions, new * sizeof(Py_ssize_t))
+            if positions is NULL:
+                raise MemoryError(f"PriorityDeque: cannot grow to {new} entries")
+            self.positions = positions
+            self.objects.extend(tail)  # resizes the list's buffer: no object, no collection
+            self.capacity = new
+            self.link_free_slots(old)
         return 0
 
     def push(self, item, priority):
@@ -472,11 +486,28 @@ cdef class MinMaxHeap:
 
     def items(self):
         """``(priority, item)`` pairs of everything queued, in no particular order (O(n))."""
-        cdef Py_ssize_t i
-        return [(self.heap[i].priority, <object>self.heap[i].item) for i in range(self.size)]
+        cdef Py_ssize_t i, n = self.size
+        cdef HeapEntry* snapshot
+        if n == 0:
+            return []
+        # Building the pairs allocates, which may run a finaliser that clears or
+        # pops this deque: copy the entries out and own their items first.
+        snapshot = <HeapEntry*>malloc(n * sizeof(HeapEntry))
+        if snapshot is NULL:
+            raise MemoryError(f"PriorityDeque.items: cannot copy {n} entries")
+        memcpy(snapshot, self.heap, n * sizeof(HeapEntry))
+        for i in range(n):
+            Py_XINCREF(snapshot[i].item)
+        try:
+            return [(snapshot[i].priority, <object>snapshot[i].item) for i in range(n)]
+        finally:
+            for i in range(n):
+                Py_XDECREF(snapshot[i].item)
+            free(snapshot)
 
     def clear(self):
         """Drop every entry (outstanding handles become stale) and release the memory."""
+        fresh = [None] * MIN_CAPACITY  # allocate before the state changes (see the docstring)
         dropped = self.objects
         cdef HeapEntry* heap = <HeapEntry*>realloc(self.heap, MIN_CAPACITY * sizeof(HeapEntry))
         cdef Py_ssize_t* positions = <Py_ssize_t*>realloc(
@@ -489,7 +520,7 @@ cdef class MinMaxHeap:
         self.capacity = MIN_CAPACITY
         self.free_head = -1
         self.link_free_slots(0)
-        self.objects = [None] * MIN_CAPACITY
+        self.objects = fresh
         del dropped  # finalisers of the dropped items run now, against an empty deque
 
     def __len__(self):

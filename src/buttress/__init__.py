@@ -55,6 +55,8 @@ _LAZY: dict[str, str] = {
     "PriorityDeque": "buttress.scheduler",
     "TaskScheduler": "buttress.scheduler",
     "TaskHandle": "buttress.scheduler",
+    "AsyncTaskScheduler": "buttress.scheduler_async",
+    "AsyncTaskHandle": "buttress.scheduler_async",
 }
 
 __all__ = [

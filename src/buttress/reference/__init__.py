@@ -11,6 +11,7 @@ native                             twin
 ``buttress.BloomFilter``           ``buttress.reference.BloomFilter``
 ``buttress.PriorityDeque``         ``buttress.reference.PriorityDeque``
 ``buttress.TaskScheduler``         ``buttress.reference.TaskScheduler``
+``buttress.AsyncTaskScheduler``    ``buttress.reference.AsyncTaskScheduler``
 =================================  ==========================================
 """
 
@@ -27,6 +28,7 @@ _LAZY: dict[str, str] = {
     "BloomFilter": "buttress.reference.bloom",
     "PriorityDeque": "buttress.reference.heap",
     "TaskScheduler": "buttress.reference.scheduler",
+    "AsyncTaskScheduler": "buttress.reference.scheduler",
 }
 
 __all__ = sorted(_LAZY)

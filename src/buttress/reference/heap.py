@@ -10,6 +10,10 @@ It keeps two ``heapq`` heaps over the same entries, one per end, and deletes
 lazily: an entry popped from one end stays in the other heap, marked gone,
 until it surfaces there or a compaction (when the dead outnumber the live)
 drops it.  Amortised O(log n) per operation; plain and easy to check.
+
+Like the native deque, it stays consistent when a garbage-collector finaliser
+calls into it in the middle of a call: objects are allocated before the state
+changes, and a compaction started before such a call is dropped.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class PriorityDeque:
         self._low: list[tuple[float, int, DequeHandle]] = []  # (priority, -seq): top = least
         self._size = 0
         self._seq = itertools.count()
+        self._changes = 0  # bumped by every mutation, so a compaction can tell it raced one
 
     @staticmethod
     def priority_key(priority: Any) -> float:
@@ -77,7 +82,12 @@ class PriorityDeque:
         elif isinstance(priority, numbers.Integral):
             return _int_key(operator.index(priority))
         else:
-            key = float(priority)
+            try:
+                key = float(priority)
+            except OverflowError:  # a Fraction beyond the float range
+                raise ValueError(
+                    f"priority is out of range: a {type(priority).__name__} beyond the "
+                    f"float range (about +-1.8e308)") from None
         if math.isnan(key):
             raise ValueError("priority must not be NaN")
         return key
@@ -87,9 +97,11 @@ class PriorityDeque:
         key = self.priority_key(priority)
         seq = next(self._seq)
         handle = DequeHandle(self, item, key, seq)
-        heapq.heappush(self._high, (-key, seq, handle))
-        heapq.heappush(self._low, (key, -seq, handle))
+        high, low = (-key, seq, handle), (key, -seq, handle)  # allocate, then change state
+        heapq.heappush(self._high, high)
+        heapq.heappush(self._low, low)
         self._size += 1
+        self._changes += 1
         return handle
 
     def pop(self) -> Any:
@@ -149,10 +161,13 @@ class PriorityDeque:
 
     def clear(self) -> None:
         """Drop every entry (outstanding handles become stale) and release the memory."""
+        high: list[tuple[float, int, DequeHandle]] = []
+        low: list[tuple[float, int, DequeHandle]] = []
         dropped = self._high
         for _, _, handle in dropped:
             handle._queued = False
-        self._high, self._low, self._size = [], [], 0
+        self._high, self._low, self._size = high, low, 0
+        self._changes += 1
         del dropped
 
     def __len__(self) -> int:
@@ -175,13 +190,18 @@ class PriorityDeque:
     def _take(self, handle: DequeHandle) -> Any:
         handle._queued = False
         self._size -= 1
+        self._changes += 1
         item, handle._item = handle._item, None
         self._compact_if_mostly_dead()
         return item
 
     def _compact_if_mostly_dead(self) -> None:
         if len(self._high) + len(self._low) > 4 * self._size + 32:
-            self._high = [e for e in self._high if e[2]._queued]
-            self._low = [e for e in self._low if e[2]._queued]
-            heapq.heapify(self._high)
-            heapq.heapify(self._low)
+            changes = self._changes
+            high = [e for e in self._high if e[2]._queued]
+            low = [e for e in self._low if e[2]._queued]
+            if self._changes != changes:
+                return  # a finaliser changed the deque meanwhile: compact another time
+            heapq.heapify(high)
+            heapq.heapify(low)
+            self._high, self._low = high, low
