@@ -28,6 +28,8 @@ See docs/shutdown.md for the sequence and deploy/kubernetes/ for manifests.
 
 from buttress.shutdown._asgi import ASGIMiddleware, ASGIServer, serve_asgi
 from buttress.shutdown._lifecycle import (
+    DRAIN_DELAY_ENV,
+    DRAIN_TIMEOUT_ENV,
     GRACE_PERIOD_ENV,
     PRE_STOP_ENV,
     DrainSignal,
@@ -41,6 +43,8 @@ from buttress.shutdown._lifecycle import (
 from buttress.shutdown._wsgi import WSGIGateway, WSGIMiddleware, WSGIServer, serve_wsgi
 
 __all__ = [
+    "DRAIN_DELAY_ENV",
+    "DRAIN_TIMEOUT_ENV",
     "GRACE_PERIOD_ENV",
     "PRE_STOP_ENV",
     "ASGIMiddleware",

@@ -30,6 +30,8 @@ from buttress._validate import (
 from buttress.errors import PortInUseError
 
 __all__ = [
+    "DRAIN_DELAY_ENV",
+    "DRAIN_TIMEOUT_ENV",
     "GRACE_PERIOD_ENV",
     "PRE_STOP_ENV",
     "DrainSignal",
@@ -45,6 +47,8 @@ logger = logging.getLogger("buttress.shutdown")
 
 GRACE_PERIOD_ENV = "BUTTRESS_GRACE_PERIOD"  # mirrors the pod's terminationGracePeriodSeconds
 PRE_STOP_ENV = "BUTTRESS_PRE_STOP"  # seconds the preStop hook takes before SIGTERM arrives
+DRAIN_DELAY_ENV = "BUTTRESS_DRAIN_DELAY"  # sets drain_delay (seconds), e.g. under gunicorn
+DRAIN_TIMEOUT_ENV = "BUTTRESS_DRAIN_TIMEOUT"  # sets drain_timeout (seconds)
 METRICS_PATH = "/metrics"  # answered when the middleware is given a prometheus-client registry
 
 
@@ -189,11 +193,21 @@ class ShutdownBudget:
     ) -> ShutdownBudget:
         """The budget from ``BUTTRESS_GRACE_PERIOD`` and ``BUTTRESS_PRE_STOP``, if set.
 
-        Without ``BUTTRESS_GRACE_PERIOD`` the class defaults apply; explicit
-        arguments (numbers: parse command-line strings with
-        ``buttress._validate.parse_number_setting``) override either way.
+        Without ``BUTTRESS_GRACE_PERIOD`` the class defaults apply.
+        ``BUTTRESS_DRAIN_DELAY`` and ``BUTTRESS_DRAIN_TIMEOUT`` set those parts;
+        explicit arguments (numbers: parse command-line strings with
+        ``buttress._validate.parse_number_setting``) override everything.
         """
         env = os.environ if environ is None else environ
+        from_variables = {
+            name: parse_number_setting(variable, env[variable], minimum=0)
+            for name, variable in (("drain_delay", DRAIN_DELAY_ENV),
+                                   ("drain_timeout", DRAIN_TIMEOUT_ENV))
+            if env.get(variable)
+        }
+        drain_delay = from_variables.get("drain_delay") if drain_delay is None else drain_delay
+        drain_timeout = (from_variables.get("drain_timeout") if drain_timeout is None
+                         else drain_timeout)
         overrides = {"drain_delay": drain_delay, "drain_timeout": drain_timeout,
                      "cleanup": cleanup, "margin": margin}
         given = {name: value for name, value in overrides.items() if value is not None}

@@ -48,15 +48,12 @@ from typing import Any
 
 from gunicorn.workers.base import Worker
 
-from buttress._validate import parse_number_setting
 from buttress.errors import ServerConfigError
 from buttress.shutdown._asgi import ASGIMiddleware, ASGIServer
 from buttress.shutdown._lifecycle import ExitCode, GracefulShutdown, ShutdownBudget
 from buttress.shutdown._wsgi import DEFAULT_THREADS, WSGIMiddleware, WSGIServer
 
 __all__ = [
-    "DRAIN_DELAY_ENV",
-    "DRAIN_TIMEOUT_ENV",
     "ASGIWorker",
     "WSGIWorker",
     "budget_from_env",
@@ -68,8 +65,6 @@ __all__ = [
 
 logger = logging.getLogger("buttress.shutdown")
 
-DRAIN_DELAY_ENV = "BUTTRESS_DRAIN_DELAY"  # overrides the budget's drain_delay (seconds)
-DRAIN_TIMEOUT_ENV = "BUTTRESS_DRAIN_TIMEOUT"  # overrides the budget's drain_timeout (seconds)
 CONFIG_MODULE = "python:buttress.shutdown.gunicorn_conf"
 
 # Set in the master by on_starting; the workers inherit it at fork.
@@ -78,15 +73,12 @@ _controller: dict[int, GracefulShutdown] = {}
 
 
 def budget_from_env(environ: Mapping[str, str] | None = None) -> ShutdownBudget:
-    """:meth:`ShutdownBudget.from_env`, with ``BUTTRESS_DRAIN_DELAY``/``_TIMEOUT`` overrides."""
-    env = os.environ if environ is None else environ
-    overrides = {
-        name: parse_number_setting(variable, env[variable], minimum=0)
-        for name, variable in (("drain_delay", DRAIN_DELAY_ENV),
-                               ("drain_timeout", DRAIN_TIMEOUT_ENV))
-        if env.get(variable)
-    }
-    return ShutdownBudget.from_env(env, **overrides)
+    """The budget gunicorn's workers use: :meth:`ShutdownBudget.from_env`.
+
+    ``BUTTRESS_GRACE_PERIOD``, ``BUTTRESS_PRE_STOP``, ``BUTTRESS_DRAIN_DELAY``
+    and ``BUTTRESS_DRAIN_TIMEOUT`` (gunicorn has no flags of ours to carry them).
+    """
+    return ShutdownBudget.from_env(environ)
 
 
 def graceful_timeout_for(budget: ShutdownBudget) -> int:
