@@ -181,6 +181,7 @@ def _exec_gunicorn(args: argparse.Namespace) -> None:
         env["BUTTRESS_DRAIN_TIMEOUT"] = args.drain_timeout
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:buttress.shutdown.gunicorn_conf",
             "--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
+            "--threads", str(args.threads),
             "--chdir", os.path.dirname(os.path.abspath(__file__)),
             f"slow_service:make_{kind}_app({args.work_ms / 1000!r})"]
     if kind == "asgi":
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-ms", required=True, help="time GET /work takes")
     parser.add_argument("--server", choices=SERVERS, required=True)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+    parser.add_argument("--threads", type=int, default=32,
+                        help="WSGI threads (per gunicorn worker); default 32")
     parser.add_argument("--drain-delay", metavar="S",
                         help="seconds to keep serving after SIGTERM while endpoints propagate")
     parser.add_argument("--drain-timeout", metavar="S",
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         _controller.add_cleanup(lambda: logger.info("cleanup: closing clients"), name="clients")
         if args.server == "wsgi":
             return serve_wsgi(make_wsgi_app(work_ms / 1000), host=args.host, port=args.port,
-                              controller=_controller)
+                              controller=_controller, threads=args.threads)
         return serve_asgi(make_asgi_app(work_ms / 1000), host=args.host, port=args.port,
                           controller=_controller)
     except (ValueError, PortInUseError) as exc:
