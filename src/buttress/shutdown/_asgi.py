@@ -187,8 +187,13 @@ class ASGIMiddleware:
         controller._drain_waiters.append(None)  # the drain does not wait for this connection
         try:
             controller.drain_requester()
-            with contextlib.suppress(asyncio.CancelledError):  # cut at the deadline: answer
+            try:
                 await controller.drained
+            except asyncio.CancelledError:
+                # Cut at the deadline along with the requests: wait (briefly) for the drain
+                # to finish counting them, then answer.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(controller.drained.wait_async(), 5)
         finally:
             controller._drain_waiters.pop()
         report = {**controller.drain_status(), "drained": controller.stats()["drained"]}

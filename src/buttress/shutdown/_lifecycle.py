@@ -659,13 +659,13 @@ class GracefulShutdown:
         logger.info("listener closed; waiting up to %.3gs for %d request(s)",
                     budget.drain_timeout, self.in_flight)
         drained = server.wait_idle(budget.drain_timeout)
+        self._record.drained = drained  # before the cut: a preStop drain request reports it
         if not drained:
             cut = server.abort()
             logger.warning("drain timed out after %.3gs: cut %d request(s)",
                            budget.drain_timeout, cut)
             # The cut connections close promptly; do not let them eat the cleanup budget.
             server.wait_idle(min(1.0, budget.margin / 2))
-        self._record.drained = drained
         self.drained.set()  # a preStop drain request waiting on this answers now
         cleanup_started = time.monotonic()
         server.close(budget.cleanup)
