@@ -114,24 +114,21 @@ def _wsgi_servers(session: Any, client: LoadClient, requests: int, repeats: int,
     """The new WSGI path against gthread and the old standard-library path, same app."""
     case = session.case("shutdown", f"WSGI servers: {requests:,} requests, {CONCURRENCY} "
                         "keep-alive connections", unit="request", repeats=repeats)
-    ours = _Side(client, "wsgi", tracked=True, connections=CONCURRENCY)
-    session.on_close(ours.close)
-    case.add(BUTTRESS, _load(client, requests, CONCURRENCY), setup=ours.prepare,
-             items=requests, note="serve_wsgi: uvicorn + a2wsgi, tracked")
+
+    def add(name: str, kind: str, tracked: bool, note: str) -> None:
+        side = _Side(client, kind, tracked=tracked, connections=CONCURRENCY)
+        session.on_close(side.close)
+        case.add(name, _load(client, requests, CONCURRENCY), setup=side.prepare,
+                 items=requests, note=note)
+
+    add(BUTTRESS, "wsgi", True, "serve_wsgi: uvicorn + a2wsgi, tracked")
     if gunicorn:
-        gthread = _Side(client, "gthread", tracked=False, connections=CONCURRENCY)
-        session.on_close(gthread.close)
-        case.add(GTHREAD, _load(client, requests, CONCURRENCY), setup=gthread.prepare,
-                 items=requests, note=NOTES[GTHREAD])
+        add(GTHREAD, "gthread", False, NOTES[GTHREAD])
         case.target(BUTTRESS, GTHREAD, max_ratio=1.0)
     else:
         case.skip(GTHREAD, "gunicorn is not installed")
-    old_src = os.environ.get(OLD_SRC_ENV)
-    if old_src:
-        old = _Side(client, "old", tracked=True, connections=CONCURRENCY)
-        session.on_close(old.close)
-        case.add(OLD, _load(client, requests, CONCURRENCY), setup=old.prepare,
-                 items=requests, note=NOTES[OLD])
+    if os.environ.get(OLD_SRC_ENV):
+        add(OLD, "old", True, NOTES[OLD])
         case.target(BUTTRESS, OLD, max_ratio=1.0)
     else:
         case.skip(OLD, f"set {OLD_SRC_ENV} to the src/ of a checkout before issue 12")
@@ -370,6 +367,11 @@ def serve(flavor: str, tracked: bool, port: int = 0) -> int:
     else:
         app = ASGIMiddleware(_asgi_app, controller) if tracked else _asgi_app
         server = ASGIServer(app, host="127.0.0.1", port=port, lifespan="off")
+    def watch_parent() -> None:
+        sys.stdin.read()  # EOF: the benchmark finished or died
+        controller.begin_drain("bench finished")
+
+    threading.Thread(target=watch_parent, daemon=True).start()
     print(f"PORT {server.port}", flush=True)
     return controller.run(server)
 
