@@ -148,15 +148,17 @@ class WSGIGateway:
             await self._adapter(scope, receive, send)  # type: ignore[arg-type]
             return
         headers = scope["headers"]
+        has_body = False
         for name, _ in headers:
             if b"_" in name:
                 scope = {**scope, "headers": [(n, v) for n, v in headers if b"_" not in n]}
-                break
+            elif name == b"content-length" or name == b"transfer-encoding":
+                has_body = True
         # Receive the body before the application is called: one that never arrives whole
-        # (the client gave up) ends here.  A GET's only message is already there.
+        # (the client gave up) ends here.  A request without one has nothing to wait for.
         buffered: deque[Message] = deque()
         size = 0
-        while True:
+        while has_body:
             message = await receive()
             if message["type"] == "http.disconnect":
                 logger.info("request %s %s dropped: the client left before its body was "
@@ -173,8 +175,7 @@ class WSGIGateway:
 
                 await self._adapter(scope, replay, send)  # type: ignore[arg-type]
                 return
-        body = buffered[0].get("body", b"") if len(buffered) == 1 else b"".join(
-            message.get("body", b"") for message in buffered)
+        body = b"".join(message.get("body", b"") for message in buffered)
         environ = self._build_environ(scope, None)  # type: ignore[arg-type]
         environ["wsgi.input"] = io.BytesIO(body)
         environ["wsgi.errors"] = sys.stderr
