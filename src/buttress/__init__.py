@@ -45,6 +45,8 @@ _LAZY: dict[str, str] = {
     "ShutdownBudget": "buttress.shutdown",
     "serve_wsgi": "buttress.shutdown",
     "serve_asgi": "buttress.shutdown",
+    "DrainSignal": "buttress.shutdown",
+    "ServerConfigError": "buttress.errors",
     # consumer-side message dedupe
     "Deduplicator": "buttress.dedupe",
     "DedupeResult": "buttress.dedupe",

@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the last N acknowledged tasks in Redis (default 0: off)")
     worker.add_argument("-v", "--verbose", action="store_true", help="log progress")
 
+    from buttress.shutdown import drain as shutdown_drain
+
+    shutdown_drain.add_cli(commands)
     args = parser.parse_args(argv)
+    if args.command == "drain":
+        return shutdown_drain.run_cli(args)
     if args.command == "worker":
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")

@@ -15,6 +15,7 @@ __all__ = [
     "FencingRejected",
     "PortInUseError",
     "Rejected",
+    "ServerConfigError",
     "Shed",
     "StoreUnavailable",
 ]
@@ -77,4 +78,14 @@ class PortInUseError(ButtressError, OSError):
     """The port a server was asked to listen on is taken by another socket.
 
     Also an ``OSError`` (with the ``errno`` of the failed bind), as before.
+    """
+
+
+class ServerConfigError(ButtressError, RuntimeError):
+    """A server setting does not fit the shutdown budget or cannot work (names the setting).
+
+    Raised before anything is served, for example by the gunicorn
+    integration (``buttress.shutdown.gunicorn``) when ``graceful_timeout``
+    is shorter than the drain needs.  Also a ``RuntimeError``: gunicorn prints
+    those as a one-line ``Error:`` and exits 1.
     """

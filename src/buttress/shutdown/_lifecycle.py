@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import itertools
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -20,11 +20,21 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
 
+from buttress._validate import (
+    parse_number_setting,
+    require_callable,
+    require_int,
+    require_number,
+    require_str,
+)
 from buttress.errors import PortInUseError
 
 __all__ = [
+    "DRAIN_DELAY_ENV",
+    "DRAIN_TIMEOUT_ENV",
     "GRACE_PERIOD_ENV",
     "PRE_STOP_ENV",
+    "DrainSignal",
     "ExitCode",
     "GracefulShutdown",
     "PortInUseError",
@@ -36,7 +46,10 @@ __all__ = [
 logger = logging.getLogger("buttress.shutdown")
 
 GRACE_PERIOD_ENV = "BUTTRESS_GRACE_PERIOD"  # mirrors the pod's terminationGracePeriodSeconds
-PRE_STOP_ENV = "BUTTRESS_PRE_STOP"  # seconds the preStop hook sleeps before SIGTERM arrives
+PRE_STOP_ENV = "BUTTRESS_PRE_STOP"  # seconds the preStop hook takes before SIGTERM arrives
+DRAIN_DELAY_ENV = "BUTTRESS_DRAIN_DELAY"  # sets drain_delay (seconds), e.g. under gunicorn
+DRAIN_TIMEOUT_ENV = "BUTTRESS_DRAIN_TIMEOUT"  # sets drain_timeout (seconds)
+METRICS_PATH = "/metrics"  # answered when the middleware is given a prometheus-client registry
 
 
 class State(str, enum.Enum):
@@ -68,8 +81,7 @@ def port_in_use(host: str, port: int, cause: OSError) -> PortInUseError:
 
 def listen(host: str, port: int, backlog: int) -> socket.socket:
     """A listening TCP socket for either flavor; PortInUseError names a taken port."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+    require_int("port", port, minimum=0, maximum=65535)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP,
     # and without it uvicorn's separate header and body writes meet Nagle and delayed ACKs
@@ -88,25 +100,8 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
 
 
 def seconds(name: str, value: object) -> float:
-    """``value`` as a finite, non-negative number of seconds, or ValueError naming ``name``.
-
-    Strings are accepted (environment variables and command lines hold strings);
-    bools are not, although Python counts them as ints.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
-    elif isinstance(value, int | float):
-        number = float(value)
-    else:
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return number
+    """``value`` as a finite number of seconds >= 0; TypeError or ValueError naming ``name``."""
+    return require_number(name, value, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -145,13 +140,13 @@ class ShutdownBudget:
     @classmethod
     def from_grace_period(
         cls,
-        grace_period: float | str,
+        grace_period: float,
         *,
-        pre_stop: float | str = 0.0,
-        drain_delay: float | str | None = None,
-        drain_timeout: float | str | None = None,
-        cleanup: float | str | None = None,
-        margin: float | str | None = None,
+        pre_stop: float = 0.0,
+        drain_delay: float | None = None,
+        drain_timeout: float | None = None,
+        cleanup: float | None = None,
+        margin: float | None = None,
     ) -> ShutdownBudget:
         """Split ``grace_period`` (the pod's ``terminationGracePeriodSeconds``).
 
@@ -180,7 +175,7 @@ class ShutdownBudget:
                                  f"exceed the {available:g}s left of grace_period={grace_period!r}")
         else:
             fixed["drain_timeout"] = seconds("drain_timeout", drain_timeout)
-        budget = cls(pre_stop=pre_stop, **fixed)  # type: ignore[arg-type]
+        budget = cls(pre_stop=pre_stop, **fixed)
         if budget.grace_period > total + 1e-9:
             raise ValueError(f"pre_stop + drain_delay + drain_timeout + cleanup + margin = "
                              f"{budget.grace_period:g}s exceed grace_period={grace_period!r}")
@@ -191,29 +186,43 @@ class ShutdownBudget:
         cls,
         environ: Mapping[str, str] | None = None,
         *,
-        drain_delay: float | str | None = None,
-        drain_timeout: float | str | None = None,
-        cleanup: float | str | None = None,
-        margin: float | str | None = None,
+        drain_delay: float | None = None,
+        drain_timeout: float | None = None,
+        cleanup: float | None = None,
+        margin: float | None = None,
     ) -> ShutdownBudget:
         """The budget from ``BUTTRESS_GRACE_PERIOD`` and ``BUTTRESS_PRE_STOP``, if set.
 
-        Without ``BUTTRESS_GRACE_PERIOD`` the class defaults apply; explicit
-        arguments override either way.
+        Without ``BUTTRESS_GRACE_PERIOD`` the class defaults apply.
+        ``BUTTRESS_DRAIN_DELAY`` and ``BUTTRESS_DRAIN_TIMEOUT`` set those parts;
+        explicit arguments (numbers: parse command-line strings with
+        ``buttress._validate.parse_number_setting``) override everything.
         """
         env = os.environ if environ is None else environ
+        from_variables = {
+            name: parse_number_setting(variable, env[variable], minimum=0)
+            for name, variable in (("drain_delay", DRAIN_DELAY_ENV),
+                                   ("drain_timeout", DRAIN_TIMEOUT_ENV))
+            if env.get(variable)
+        }
+        drain_delay = from_variables.get("drain_delay") if drain_delay is None else drain_delay
+        drain_timeout = (from_variables.get("drain_timeout") if drain_timeout is None
+                         else drain_timeout)
         overrides = {"drain_delay": drain_delay, "drain_timeout": drain_timeout,
                      "cleanup": cleanup, "margin": margin}
         given = {name: value for name, value in overrides.items() if value is not None}
         grace = env.get(GRACE_PERIOD_ENV)
-        pre_stop = env.get(PRE_STOP_ENV, "0")
+        pre_stop_text = env.get(PRE_STOP_ENV, "0")
+        pre_stop = parse_number_setting(PRE_STOP_ENV, pre_stop_text, minimum=0)
         if not grace:
-            return cls(pre_stop=pre_stop, **given)  # type: ignore[arg-type]
+            return cls(pre_stop=pre_stop, **given)
         try:
-            return cls.from_grace_period(grace, pre_stop=pre_stop, **given)
+            return cls.from_grace_period(
+                parse_number_setting(GRACE_PERIOD_ENV, grace, minimum=0),
+                pre_stop=pre_stop, **given)
         except ValueError as exc:
             raise ValueError(f"{exc} (from {GRACE_PERIOD_ENV}={grace!r}, "
-                             f"{PRE_STOP_ENV}={pre_stop!r})") from None
+                             f"{PRE_STOP_ENV}={pre_stop_text!r})") from None
 
 
 @dataclass(frozen=True)
@@ -226,12 +235,87 @@ class ProbePaths:
 
     def __post_init__(self) -> None:
         for name in ("live", "ready", "drain"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.startswith("/"):
+            value = require_str(f"probe path {name}", getattr(self, name))
+            if not value.startswith("/"):
                 raise ValueError(f"probe path {name} must be a string starting with '/', "
                                  f"got {value!r}")
         if len({self.live, self.ready, self.drain}) != 3:
             raise ValueError(f"probe paths must differ, got {self!r}")
+
+
+class DrainSignal:
+    """A flag set once, when the drain begins: poll it, wait on it, or await it.
+
+    ``controller.draining`` is one.  A stream (server-sent events, a long
+    response, a websocket) ends itself with it before the drain deadline::
+
+        while not controller.draining:          # a thread-safe flag, from any thread
+            yield next_event()
+        # or, in a coroutine: await controller.draining (like asyncio.Event.wait())
+        # or, on a thread:    controller.draining.wait(timeout) -> bool (like threading.Event)
+
+    Setting it never takes a lock: the controller sets it from a signal handler,
+    which may interrupt a thread holding any lock.  Awaiting works from any
+    event loop (uvicorn's, the application's own), several at once.
+    """
+
+    __slots__ = ("_is_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._is_set = False
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]] = deque()
+
+    def __bool__(self) -> bool:
+        return self._is_set
+
+    def __repr__(self) -> str:
+        return f"<DrainSignal {'set' if self._is_set else 'unset'}>"
+
+    def is_set(self) -> bool:
+        return self._is_set
+
+    def set(self) -> None:
+        """Set the flag and wake every waiter (the controller calls this; once is enough)."""
+        self._is_set = True
+        while self._waiters:
+            try:
+                loop, future = self._waiters.popleft()
+            except IndexError:  # another thread woke the last one
+                break
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, future)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block this thread until set or ``timeout`` seconds pass; True if set.
+
+        It polls (every 20 ms) instead of waiting on a lock-based Event, which a
+        signal handler setting it could deadlock on.
+        """
+        deadline = None if timeout is None else time.monotonic() + seconds("timeout", timeout)
+        while not self._is_set:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    async def wait_async(self) -> bool:
+        """Wait (in a coroutine) until set; ``await signal`` does the same."""
+        if self._is_set:
+            return True
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append((loop, future))
+        if self._is_set:  # set() ran between the check and the append: do not miss it
+            _resolve(future)
+        return await future
+
+    def __await__(self) -> Any:
+        return self.wait_async().__await__()
+
+
+def _resolve(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(True)
 
 
 class Server(Protocol):
@@ -320,8 +404,16 @@ class GracefulShutdown:
     ) -> None:
         for name, code in (("drain_timeout_exit_code", drain_timeout_exit_code),
                            ("forced_exit_code", forced_exit_code)):
-            if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
-                raise ValueError(f"{name} must be an exit code in 1..255, got {code!r}")
+            require_int(name, code, minimum=1, maximum=255)
+        if budget is not None and not isinstance(budget, ShutdownBudget):
+            raise TypeError(f"budget must be a ShutdownBudget, got {type(budget).__name__}: "
+                            f"{budget!r}")
+        if probe_paths is not None and not isinstance(probe_paths, ProbePaths):
+            raise TypeError(f"probe_paths must be a ProbePaths, got "
+                            f"{type(probe_paths).__name__}: {probe_paths!r}")
+        force_signals = tuple(force_signals)
+        for index, signum in enumerate(force_signals):
+            require_int(f"force_signals[{index}]", signum, minimum=1)
         self.budget = budget if budget is not None else ShutdownBudget()
         self.probe_paths = probe_paths if probe_paths is not None else ProbePaths()
         self.drain_timeout_exit_code = int(drain_timeout_exit_code)
@@ -338,8 +430,20 @@ class GracefulShutdown:
         self._started_reads = 0
         self._state = State.STARTING
         self._record = _Record()
-        # A plain attribute, not a property: every response reads it.
-        self.draining = False  # True from the moment a drain begins
+        # Set once, from the moment a drain begins: `if controller.draining`, `await
+        # controller.draining`, `controller.draining.wait(timeout)` (streams end themselves).
+        self.draining = DrainSignal()
+        # The same fact as a plain attribute: every response reads it (the middlewares).
+        self._draining = False
+        # Set when the in-flight requests are done (or were cut): what the preStop drain
+        # endpoint waits for.  _drain_waiters counts the connections waiting on it, which
+        # the servers leave out when they wait for connections to close.
+        self.drained = DrainSignal()
+        self._drain_waiters: deque[None] = deque()
+        # What a preStop drain request does: begin the drain here; a gunicorn worker asks
+        # its master instead, so that every worker drains.
+        self.drain_requester: Callable[[], object] = lambda: self.begin_drain(
+            "drain requested (preStop)")
         self._hooks: list[_Hook] = []
         self._previous_handlers: dict[int, Any] = {}
 
@@ -364,10 +468,11 @@ class GracefulShutdown:
     def begin_drain(self, reason: str = "requested") -> bool:
         """Start the shutdown sequence; False if it had already begun."""
         with self._lock:
-            if self.draining:
+            if self._draining:
                 return False
             self._state = State.DRAINING
-            self.draining = True
+            self._draining = True
+            self.draining.set()
             self._record.drain_reason = reason
             self._record.drain_started = time.monotonic()
         logger.info("draining (%s): readiness is now false, %d request(s) in flight",
@@ -395,9 +500,17 @@ class GracefulShutdown:
 
     # -- probes -------------------------------------------------------------------
 
-    def probe(self, path: str) -> tuple[int, str, bytes] | None:
-        """``(status, content type, body)`` if ``path`` is a probe path, else None."""
+    def probe(self, path: str, metrics_registry: Any = None
+              ) -> tuple[int, str, bytes] | None:
+        """``(status, content type, body)`` if ``path`` is a probe path, else None.
+
+        With a prometheus-client ``metrics_registry``, ``/metrics`` is one too.
+        """
         paths = self.probe_paths
+        if metrics_registry is not None and path == METRICS_PATH:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return 200, CONTENT_TYPE_LATEST, generate_latest(metrics_registry)
         if path == paths.live:
             return 200, "text/plain; charset=utf-8", b"ok\n"
         if path == paths.ready:
@@ -418,6 +531,10 @@ class GracefulShutdown:
             "requests_aborted": self._record.requests_aborted,
         }
 
+    def drain_waiters(self) -> int:
+        """Connections waiting on a preStop drain request: the drain does not wait for them."""
+        return len(self._drain_waiters)
+
     # -- cleanup hooks -------------------------------------------------------------
 
     def add_cleanup(
@@ -430,8 +547,9 @@ class GracefulShutdown:
         (a thread cannot be killed), and the exit code reports it.  A task
         scheduler registers ``partial(scheduler.shutdown, drain=True, timeout=5)``.
         """
-        if not callable(hook):
-            raise ValueError(f"hook must be callable, got {hook!r}")
+        require_callable("hook", hook)
+        if name is not None:
+            require_str("name", name)
         limit = None if timeout is None else seconds("timeout", timeout)
         label = name or getattr(hook, "__qualname__", None) or repr(hook)
         with self._lock:
@@ -520,7 +638,7 @@ class GracefulShutdown:
             # Poll with sleep, not Event.wait: a signal handler that sets an Event can deadlock
             # on the Event's lock if it interrupts the main thread inside Event.wait.
             ticks = 0
-            while not self.draining:
+            while not self._draining:
                 time.sleep(0.05)
                 ticks += 1
                 if ticks % 5 == 0 and not server.serving():
@@ -541,13 +659,14 @@ class GracefulShutdown:
         logger.info("listener closed; waiting up to %.3gs for %d request(s)",
                     budget.drain_timeout, self.in_flight)
         drained = server.wait_idle(budget.drain_timeout)
+        self._record.drained = drained  # before the cut: a preStop drain request reports it
         if not drained:
             cut = server.abort()
             logger.warning("drain timed out after %.3gs: cut %d request(s)",
                            budget.drain_timeout, cut)
             # The cut connections close promptly; do not let them eat the cleanup budget.
             server.wait_idle(min(1.0, budget.margin / 2))
-        self._record.drained = drained
+        self.drained.set()  # a preStop drain request waiting on this answers now
         cleanup_started = time.monotonic()
         server.close(budget.cleanup)
         left = max(0.0, budget.cleanup - (time.monotonic() - cleanup_started))
