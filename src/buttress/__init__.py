@@ -10,7 +10,7 @@ components that use them.  Pure-Python twins of the native pieces live in
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buttress._version import __version__
 from buttress.errors import (
@@ -56,6 +56,24 @@ _LAZY: dict[str, str] = {
     "TaskScheduler": "buttress.scheduler",
     "TaskHandle": "buttress.scheduler",
 }
+
+if TYPE_CHECKING:
+    # What type checkers see: the real classes and functions behind the lazy names
+    # (at run time __getattr__ imports them on first use).  Every name in _LAZY
+    # must be here too; tests/test_typing.py checks it.
+    from buttress._hash import encode_key, hash_key, xxh64, xxh64_many
+    from buttress.bloom import BloomFilter, BloomGuard
+    from buttress.dedupe import (
+        DedupeResult,
+        DedupeStatus,
+        Deduplicator,
+        RedisStore,
+        SQLiteStore,
+    )
+    from buttress.leader import FencedStore, LeaderElection, LeaderElector
+    from buttress.leader_async import AsyncFencedStore, AsyncLeaderElection, AsyncLeaderElector
+    from buttress.scheduler import PriorityDeque, TaskHandle, TaskScheduler
+    from buttress.shutdown import GracefulShutdown, ShutdownBudget, serve_asgi, serve_wsgi
 
 __all__ = [
     "ButtressError",
