@@ -11,7 +11,9 @@ The rule (the same for every page):
   fenced ```python fragment and is skipped; other languages (```sh, ```text)
   are not run;
 * a block cleans up what it starts: threads still running a few seconds after
-  the page has run fail it.
+  the page has run fail it;
+* a ```text block introduced by a line that says just ``prints`` is the output
+  of the Python block before it, and must match what that block printed.
 
 One test per page, so a page whose blocks fail fails its own test id; the
 failure names the block and its line, and tracebacks point into the Markdown
@@ -26,12 +28,15 @@ and print-output assertions.  No dependency, and the rule reads in one place.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -45,6 +50,7 @@ class Block:
     line: int  # 1-based line of the first line of code in the page
     info: str  # the fence's info string, e.g. "python" or "python fragment"
     code: str
+    before: str = ""  # the last non-blank line of text before the fence
 
     @property
     def runs(self) -> bool:
@@ -62,6 +68,7 @@ def blocks(text: str) -> list[Block]:
             index += 1
             continue
         indent, fence = len(opening["indent"]), opening["fence"]
+        before = next((line.strip() for line in reversed(lines[:index]) if line.strip()), "")
         body: list[str] = []
         index += 1
         start = index + 1
@@ -73,7 +80,7 @@ def blocks(text: str) -> list[Block]:
             line = lines[index]
             body.append(line[min(indent, len(line) - len(line.lstrip())):])
             index += 1
-        found.append(Block(start, opening["info"].strip(), "\n".join(body) + "\n"))
+        found.append(Block(start, opening["info"].strip(), "\n".join(body) + "\n", before))
         index += 1
     return found
 
@@ -92,8 +99,8 @@ def test_the_block_parser() -> None:
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_page_runs(page: Path, redis_url: str, tmp_path: Path,
                    monkeypatch: pytest.MonkeyPatch) -> None:
-    runnable = [b for b in blocks(page.read_text(encoding="utf-8")) if b.runs]
-    if not runnable:
+    page_blocks = blocks(page.read_text(encoding="utf-8"))
+    if not any(b.runs for b in page_blocks):
         pytest.skip(f"{page.name} has no ```python block")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BUTTRESS_REDIS_URL", redis_url)
@@ -102,23 +109,50 @@ def test_page_runs(page: Path, redis_url: str, tmp_path: Path,
     namespace: dict[str, object] = {"__name__": "__main__", "__file__": str(page)}
     modules_before = set(sys.modules)
     try:
-        for number, block in enumerate(runnable, 1):
-            try:
-                # Blank lines in front keep the page's line numbers in tracebacks.
-                code = compile("\n" * (block.line - 1) + block.code, str(page), "exec")
-                exec(code, namespace)
-            except BaseException as exc:
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                raise AssertionError(
-                    f"{page.name}: python block {number} (line {block.line}) raised "
-                    f"{type(exc).__name__}: {exc}") from exc
+        number = 0
+        for index, block in enumerate(page_blocks):
+            if not block.runs:
+                continue
+            number += 1
+            printed = _run(block, number, page, namespace)
+            following = page_blocks[index + 1] if index + 1 < len(page_blocks) else None
+            if following is not None and following.info == "text" and following.before == "prints":
+                assert printed.rstrip() == following.code.rstrip(), (
+                    f"{page.name}: python block {number} (line {block.line}) printed\n"
+                    f"{printed}\nbut the page shows (line {following.line})\n{following.code}")
     finally:
         for name in set(sys.modules) - modules_before:  # modules a page wrote in tmp_path
             module = sys.modules.get(name)
             if str(getattr(module, "__file__", "") or "").startswith(str(tmp_path)):
                 del sys.modules[name]
     _assert_threads_stopped(page, threads_before)
+
+
+class _Tee(io.StringIO):
+    """Keeps what a block prints and still shows it (pytest's capture, -s)."""
+
+    def __init__(self, through: TextIO) -> None:
+        super().__init__()
+        self.through = through
+
+    def write(self, text: str) -> int:
+        self.through.write(text)
+        return super().write(text)
+
+
+def _run(block: Block, number: int, page: Path, namespace: dict[str, object]) -> str:
+    """Run one block in the page's namespace; return what it printed."""
+    tee = _Tee(sys.stdout)
+    try:
+        # Blank lines in front keep the page's line numbers in tracebacks.
+        code = compile("\n" * (block.line - 1) + block.code, str(page), "exec")
+        with contextlib.redirect_stdout(tee):
+            exec(code, namespace)
+    except Exception as exc:
+        raise AssertionError(
+            f"{page.name}: python block {number} (line {block.line}) raised "
+            f"{type(exc).__name__}: {exc}") from exc
+    return tee.getvalue()
 
 
 def _assert_threads_stopped(page: Path, before: set[threading.Thread]) -> None:
