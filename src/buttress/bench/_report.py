@@ -300,6 +300,7 @@ def plot(document: dict[str, Any], path: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install 'buttress[plot]'") from None
     labels, values, lows, highs, colours = [], [], [], [], []
@@ -332,9 +333,15 @@ def plot(document: dict[str, Any], path: str) -> None:
     ax.errorbar(values, positions, xerr=[lows, highs], fmt="none", ecolor="black", capsize=3)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
+    ends = [v - lo for v, lo in zip(values, lows, strict=True)] + [
+        v + hi for v, hi in zip(values, highs, strict=True)]
+    ax.set_xlim(min(0.5, min(ends) / 1.3), max(2.0, max(ends) * 1.3))
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yticks(positions, labels, fontsize=8)
-    ax.set_xlabel("measured / promised (log scale; right of 1 is better than the target; "
-                  "whiskers: interquartile range)")
+    ax.set_xlabel("measured / promised, log scale: right of 1x is better than the target\n"
+                  "(green met, red missed, orange inconclusive; whiskers: interquartile range)")
     ax.set_title(f"buttress {document['versions']['buttress']} benchmark targets "
                  f"({document['created'][:10]})")
     fig.tight_layout()
