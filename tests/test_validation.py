@@ -2,7 +2,10 @@
 
 Wrong type -> TypeError; the right type with a wrong value -> ValueError;
 ``bool`` is never a number; numeric strings are not numbers (they are accepted
-only from the environment or a command line).  The messages name the argument.
+only from the environment or a command line); an argument that picks one of a
+list of choices raises ValueError for anything not in the list, whatever its
+type (``require_choice``: the message lists the choices).  The messages name
+the argument.
 
 ``test_argument_rule`` is one table over the public API: a new constructor or
 entry point adds its rows here.  ``test_every_exception_is_a_buttress_error``
@@ -122,7 +125,7 @@ CASES = [
     V("BloomFilter num_bits=0", lambda c: buttress.BloomFilter(0, 3), "num_bits"),
     T("BloomFilter num_hashes=1.5", lambda c: buttress.BloomFilter(1024, 1.5), "num_hashes"),
     V("BloomFilter num_hashes=0", lambda c: buttress.BloomFilter(1024, 0), "num_hashes"),
-    T("BloomFilter layout=5", lambda c: buttress.BloomFilter(1024, 3, layout=5), "layout"),
+    V("BloomFilter layout=5", lambda c: buttress.BloomFilter(1024, 3, layout=5), "layout"),
     V("BloomFilter layout='nope'", lambda c: buttress.BloomFilter(1024, 3, layout="nope"),
       "layout"),
     T("for_capacity capacity='1000'", lambda c: buttress.BloomFilter.for_capacity("1000"),
@@ -145,7 +148,7 @@ CASES = [
     V("TaskScheduler high_water=0", lambda c: _scheduler(high_water=0), "high_water"),
     V("TaskScheduler low_water>high_water",
       lambda c: _scheduler(high_water=10, low_water=20), "low_water"),
-    T("TaskScheduler overflow=5", lambda c: _scheduler(overflow=5), "overflow"),
+    V("TaskScheduler overflow=5", lambda c: _scheduler(overflow=5), "overflow"),
     V("TaskScheduler overflow='nope'", lambda c: _scheduler(overflow="nope"), "overflow"),
     T("TaskScheduler block_timeout='1'", lambda c: _scheduler(block_timeout="1"),
       "block_timeout"),
@@ -165,7 +168,7 @@ CASES = [
     T("Deduplicator ttl='5'", lambda c: _dedupe(c, ttl="5"), "ttl"),
     T("Deduplicator ttl=True", lambda c: _dedupe(c, ttl=True), "ttl"),
     V("Deduplicator ttl=0", lambda c: _dedupe(c, ttl=0), "ttl"),
-    T("Deduplicator mode=5", lambda c: _dedupe(c, mode=5), "mode"),
+    V("Deduplicator mode=5", lambda c: _dedupe(c, mode=5), "mode"),
     V("Deduplicator mode='nope'", lambda c: _dedupe(c, mode="nope"), "mode"),
     V("Deduplicator lease=-1", lambda c: _dedupe(c, lease=-1), "lease"),
     T("Deduplicator release_on_failure='yes'", lambda c: _dedupe(c, release_on_failure="yes"),
