@@ -20,7 +20,7 @@ README_END = "<!-- bench-table: end -->"
 
 # Worst first: the line of a case with several targets shows its worst one.
 _SEVERITY = {"missed": 0, "not evaluated": 1, "inconclusive": 2, "met": 3}
-_LINE = "{suite:<10} {name:<38} {time:>14} {spread:>5}  {verdict}"
+_LINE = "{suite:<11} {name:<34} {time:>13} {spread:>4}  {verdict}"
 
 
 def format_time(seconds: float | None) -> str:
@@ -44,39 +44,40 @@ def _spread(row: dict[str, Any]) -> str:
 
 
 def _target_short(target: dict[str, Any]) -> str:
+    """``27.2x faster (>=20x)`` or ``1.03x time (<=1.05x)``: the figure and the promise."""
     measured = target.get("measured")
     figure = "-" if measured is None or measured != measured else f"{measured:.3g}x"
     if target.get("min_speedup") is not None:
-        return f"{figure} faster, need >={target['min_speedup']:g}x"
-    return f"{figure} the time, need <={target['max_ratio']:g}x"
+        return f"{figure} faster (>={target['min_speedup']:g}x)"
+    return f"{figure} time (<={target['max_ratio']:g}x)"
 
 
 def _time_per_unit(case: dict[str, Any], row: dict[str, Any] | None) -> str:
     return "skipped" if row is None else f"{format_time(row['seconds_per_item'])}/{case['unit']}"
 
 
-def case_verdict(case: dict[str, Any]) -> str:
-    """The case's worst target in a few words, or what was skipped."""
+def case_verdict(case: dict[str, Any], width: int = WIDTH) -> str:
+    """The case's worst target in a few words (within ``width``), or what was skipped."""
     targets = sorted(case["targets"], key=lambda t: _SEVERITY.get(t["verdict"], 0))
     skipped = [s["implementation"] for s in case["skipped"]]
     if not targets:
-        return f"no target; skipped: {', '.join(skipped)}" if skipped else "no target"
+        text = f"no target; skipped: {', '.join(skipped)}" if skipped else "no target"
+        return _cut(text, width)
     worst = targets[0]
     verdict = worst["verdict"]
-    word = verdict.upper() if verdict in ("met", "missed") else verdict
     if verdict == "not evaluated":
-        text = f"NOT EVALUATED: {worst['than'] if worst['than'] in skipped else worst['faster']}"
-        text += " skipped"
+        side = worst["than"] if worst["than"] in skipped else worst["faster"]
+        text = f"NOT EVALUATED: {side} skipped"
     else:
+        word = verdict.upper() if verdict in ("met", "missed") else verdict
         text = f"{word} {_target_short(worst)}"
-    if len(targets) > 1:
-        text += f" (+{len(targets) - 1})"
-    return text
+    more = f" (+{len(targets) - 1})" if len(targets) > 1 else ""
+    return _cut(text, width) if len(text + more) > width else text + more
 
 
 def print_header(out: TextIO) -> None:
-    header = _LINE.format(suite="suite", name="case", time="buttress time", spread="IQR",
-                          verdict="worst target of the case")
+    header = _LINE.format(suite="suite", name="case", time="buttress", spread="±",
+                          verdict="worst target (figure, promise)")
     print(header, file=out)
     print("-" * len(header), file=out, flush=True)
 
@@ -86,10 +87,10 @@ def print_line(case: dict[str, Any], out: TextIO) -> None:
     ours = next((r for r in case["rows"] if r["implementation"] == OURS),
                 case["rows"][0] if case["rows"] else None)
     time = _time_per_unit(case, ours)
-    line = _LINE.format(suite=_cut(case["suite"], 10), name=_cut(case["name"], 38),
-                        time=_cut(time, 14), spread="" if ours is None else _spread(ours),
+    line = _LINE.format(suite=_cut(case["suite"], 11), name=_cut(case["name"], 34),
+                        time=_cut(time, 13), spread="" if ours is None else _spread(ours),
                         verdict="")
-    print(line + _cut(case_verdict(case), WIDTH - len(line)), file=out, flush=True)
+    print(line + case_verdict(case, WIDTH - len(line)), file=out, flush=True)
 
 
 def counts(cases: list[dict[str, Any]]) -> dict[str, int]:
