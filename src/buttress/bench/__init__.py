@@ -30,7 +30,8 @@ pytest-benchmark.
 How a case is timed (:meth:`Case.execute`):
 
 * Every round runs each implementation once (its ``setup`` untimed, the
-  garbage collector off during the timed call); the order rotates per round.
+  garbage collector run before the round and off during each timed call);
+  the order rotates per round.
 * The first round is a warm-up and is discarded when it took less than a
   quarter of the case's time budget (short cases: caches, allocator, branch
   predictors settle; long cases keep every round).
@@ -48,6 +49,7 @@ How a case is timed (:meth:`Case.execute`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import importlib.metadata
@@ -61,7 +63,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TextIO
@@ -228,17 +230,24 @@ class Case:
         if not self.rows:  # every implementation was skipped
             self._judge()
             return
-        self._round(0)
-        if time.perf_counter() - started < self.time_budget / 4:
-            for row in self.rows:  # a short case: the first round was a warm-up
-                row.samples.clear()
-        rounds = 1 if self.rows and self.rows[0].samples else 0
-        budget_end = time.perf_counter() + self.time_budget
-        while rounds < self.repeats or (
-            rounds < MAX_ROUNDS and time.perf_counter() < budget_end
-        ):
-            self._round(rounds)
-            rounds += 1
+        # Objects alive now (the suite's data) are frozen out of the collector's
+        # reach, so the collection before each round costs little.
+        gc.collect()
+        gc.freeze()
+        try:
+            self._round(0)
+            if time.perf_counter() - started < self.time_budget / 4:
+                for row in self.rows:  # a short case: the first round was a warm-up
+                    row.samples.clear()
+            rounds = 1 if self.rows[0].samples else 0
+            budget_end = time.perf_counter() + self.time_budget
+            while rounds < self.repeats or (
+                rounds < MAX_ROUNDS and time.perf_counter() < budget_end
+            ):
+                self._round(rounds)
+                rounds += 1
+        finally:
+            gc.unfreeze()
         for row in self.rows:
             row.seconds_per_item = statistics.median(row.samples) if row.samples else math.nan
         self.seconds = time.perf_counter() - started
@@ -252,6 +261,7 @@ class Case:
         # Rotate the order each round so no implementation always runs first
         # (after an idle spell) or last (after the others warmed the caches).
         shift = index % len(self.rows) if self.rows else 0
+        gc.collect()  # once a round: the collector is off during each timed call
         for row in self.rows[shift:] + self.rows[:shift]:
             work, setup = self._work[row.implementation]
             row.samples.append(_time_once(work, setup) / row.items)
@@ -354,7 +364,6 @@ def _slug(text: str) -> str:
 
 def _time_once(work: Callable[..., Any], setup: Callable[[], Any] | None) -> float:
     prepared = setup() if setup is not None else None
-    gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -441,9 +450,14 @@ class BenchSession:
         self.close()
 
 
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()  # scans site-packages: once
+
+
 def _version_of(module: str) -> str | None:
     top = module.split(".")[0]
-    for dist in importlib.metadata.packages_distributions().get(top, [top]):
+    for dist in _distributions().get(top, [top]):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(dist)
     return None

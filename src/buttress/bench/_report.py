@@ -321,7 +321,7 @@ def plot(document: dict[str, Any], path: str) -> None:
                 value, low, high = (scale / measured, scale / (target["q3"] or measured),
                                     scale / (target["q1"] or measured))
             labels.append(_cut(f"{case['suite']}: {case['name']} vs {target['than']}", 70)
-                          + f"  [{target['figure']}; {_target_short(target).split(', ')[1]}]")
+                          + f"  [{_target_short(target)}]")
             values.append(value)
             lows.append(max(value - low, 0.0))
             highs.append(max(high - value, 0.0))
