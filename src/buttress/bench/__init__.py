@@ -88,6 +88,11 @@ MAX_ROUNDS = 50
 # Seconds a case may spend on extra rounds (beyond its minimum) by default.
 TIME_BUDGET = {True: 0.5, False: 2.0}  # quick, full
 
+# Versions the JSON records when a suite loaded them: what buttress runs on, and peers.
+LIBRARIES = ("numpy", "xxhash", "redis", "uvicorn", "pyarrow")
+PEERS = ("rbloom", "fastbloom_rs", "pybloomfilter", "rq", "huey", "celery", "dramatiq", "saq",
+         "taskiq", "taskiq_redis", "arq", "gunicorn")
+
 MET, MISSED, INCONCLUSIVE, NOT_EVALUATED = "met", "missed", "inconclusive", "not evaluated"
 
 
@@ -564,16 +569,20 @@ def run_session(session: BenchSession, suites: list[ModuleType], *, wide: bool =
 def results_document(session: BenchSession, *, quick: bool) -> dict[str, Any]:
     """Everything one run found, with the context needed to compare it with another."""
     versions: dict[str, Any] = {"buttress": __version__, "python": sys.version.split()[0]}
-    for module in ("numpy", "xxhash", "redis"):
+    for module in LIBRARIES:
         if module in sys.modules:
             versions[module] = _version_of(module)
+    peers = dict(session.peers)
+    for module in PEERS:  # peers a suite imported without session.peer()
+        if module in sys.modules and module not in peers:
+            peers[module] = _version_of(module)
     return {
         "format": 2,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": quick,
         "commit": _commit(),
         "versions": versions,
-        "peers": dict(sorted(session.peers.items())),
+        "peers": dict(sorted(peers.items())),
         "machine": {
             "platform": platform.platform(),
             "machine": platform.machine(),
