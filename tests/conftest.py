@@ -24,11 +24,15 @@ from buttress.testing import REDIS_URL_ENV, RedisServer
 # buttress as the test run: the installed wheel in CI, an editable install or a
 # checkout on PYTHONPATH for a developer.  Never src/ by default: a fresh clone has
 # no compiled extensions there.
+# The tests directory is on it too, so helper modules (distributed_handlers)
+# import in subprocesses, and PYTHONPATH is always set.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
-if _PACKAGE_ROOT not in [*site.getsitepackages(), site.getusersitepackages()]:
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p
-    )
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+_INSTALLED = _PACKAGE_ROOT in [*site.getsitepackages(), site.getusersitepackages()]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (None if _INSTALLED else _PACKAGE_ROOT, _TESTS_DIR,
+                os.environ.get("PYTHONPATH", "")) if p
+)
 
 # Seeded, reproducible property tests everywhere; CI uses the same profile.
 settings.register_profile(
