@@ -38,12 +38,13 @@ How a case is timed (:meth:`Case.execute`):
 * Then rounds repeat at least ``repeats`` times, and short cases get more
   rounds until the time budget is spent (``--time-budget``; at most
   ``MAX_ROUNDS``), so no suite has to hand-raise its repeat count.
-* A target's spread comes from the per-round ratios (paired: the two sides
-  ran back to back).  Its noise is the wider of that spread and the case's
-  declared *noise floor*: two implementations doing the same work (say the
-  bare app against a second bare app), whose ratio shows what "no difference"
-  measures in this run.  When the measured figure is closer to the target
-  than the noise, the verdict is ``inconclusive``, not MET or MISSED.
+* A target's figure is the median of the per-round ratios (paired: the two
+  sides ran back to back), its spread their interquartile range.  Its noise
+  is the wider of that spread and the case's declared *noise floor*: two
+  implementations doing the same work (say the bare app against a second bare
+  app), whose ratio shows what "no difference" measures in this run.  When
+  the measured figure is closer to the target than the noise, the verdict is
+  ``inconclusive``, not MET or MISSED.
 """
 
 from __future__ import annotations
@@ -287,13 +288,17 @@ class Case:
             if fast is None or slow is None or not fast.samples or not slow.samples:
                 target.verdict, target.met = NOT_EVALUATED, None
                 continue
+            # Paired: the two sides ran back to back in each round, so the
+            # per-round ratio cancels most of the drift a loaded machine adds.
             per_round = self._paired(fast, slow)  # time ratios, faster / than
             if target.min_speedup is not None:
-                target.measured = slow.seconds_per_item / fast.seconds_per_item
                 figures = [1 / r for r in per_round if r > 0]
             else:
-                target.measured = fast.seconds_per_item / slow.seconds_per_item
                 figures = per_round
+            if not figures:  # no time measured at all: nothing to judge
+                target.verdict, target.met = NOT_EVALUATED, None
+                continue
+            target.measured = statistics.median(figures)
             target.low, target.high = _quartiles(figures)
             spread = (math.sqrt(target.high / target.low)
                       if target.low > 0 and target.high > 0 else 1.0)
@@ -307,6 +312,29 @@ class Case:
             else:
                 target.met = target.measured <= target.threshold
             target.verdict = MET if target.met else MISSED
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Case:
+        """A case back from its JSON form, its targets judged again from the samples."""
+        case = cls(data.get("component", data["suite"]), data["name"], data["unit"],
+                   repeats=int(data.get("rounds") or 1), suite=data["suite"],
+                   case_id=data["id"])
+        case.seconds = data.get("seconds") or 0.0
+        for row in data["rows"]:
+            samples = [float(v) for v in row.get("samples") or []]
+            median = statistics.median(samples) if samples else (
+                row.get("seconds_per_item") or math.nan)
+            case.rows.append(Row(row["implementation"], row["items"], median, samples,
+                                 row.get("note", "")))
+        case.skipped = [(s["implementation"], s["reason"]) for s in data["skipped"]]
+        floor = data.get("noise_floor")
+        if floor:
+            case.noise_pair = (floor["implementations"][0], floor["implementations"][1])
+        for target in data["targets"]:
+            case.target(target["faster"], target["than"], min_speedup=target["min_speedup"],
+                        max_ratio=target["max_ratio"])
+        case._judge()
+        return case
 
     def to_dict(self) -> dict[str, Any]:
         """The case as it goes into the JSON file (and what the reports read)."""

@@ -20,7 +20,8 @@ README_END = "<!-- bench-table: end -->"
 
 # Worst first: the line of a case with several targets shows its worst one.
 _SEVERITY = {"missed": 0, "not evaluated": 1, "inconclusive": 2, "met": 3}
-_LINE = "{suite:<11} {name:<34} {time:>13} {spread:>4}  {verdict}"
+# ASCII only: a legacy Windows console cannot print "±".
+_LINE = "{suite:<11} {name:<31} {time:>14} {spread:>6}  {verdict}"
 
 
 def format_time(seconds: float | None) -> str:
@@ -40,7 +41,7 @@ def _spread(row: dict[str, Any]) -> str:
     median, q1, q3 = row.get("seconds_per_item"), row.get("q1"), row.get("q3")
     if not median or median != median or q1 is None or q3 is None or q1 != q1:
         return ""
-    return f"±{50 * (q3 - q1) / median:.0f}%"  # half the IQR, as a share of the median
+    return f"+-{min(50 * (q3 - q1) / median, 999):.0f}%"  # half the IQR, as a share of the median
 
 
 def _target_short(target: dict[str, Any]) -> str:
@@ -76,7 +77,7 @@ def case_verdict(case: dict[str, Any], width: int = WIDTH) -> str:
 
 
 def print_header(out: TextIO) -> None:
-    header = _LINE.format(suite="suite", name="case", time="buttress", spread="±",
+    header = _LINE.format(suite="suite", name="case", time="buttress", spread="spread",
                           verdict="worst target (figure, promise)")
     print(header, file=out)
     print("-" * len(header), file=out, flush=True)
@@ -87,8 +88,8 @@ def print_line(case: dict[str, Any], out: TextIO) -> None:
     ours = next((r for r in case["rows"] if r["implementation"] == OURS),
                 case["rows"][0] if case["rows"] else None)
     time = _time_per_unit(case, ours)
-    line = _LINE.format(suite=_cut(case["suite"], 11), name=_cut(case["name"], 34),
-                        time=_cut(time, 13), spread="" if ours is None else _spread(ours),
+    line = _LINE.format(suite=_cut(case["suite"], 11), name=_cut(case["name"], 31),
+                        time=_cut(time, 14), spread="" if ours is None else _spread(ours),
                         verdict="")
     print(line + case_verdict(case, WIDTH - len(line)), file=out, flush=True)
 
@@ -224,15 +225,15 @@ def read_json(path: str) -> dict[str, Any]:
         raise ValueError(f"cannot read benchmark results from {path!r}: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("cases"), list):
         raise ValueError(f"{path!r} is not a results file of python -m buttress bench --json")
-    for case in document["cases"]:  # files from before case ids
-        case.setdefault("suite", case.get("component", "?"))
+    from buttress.bench import Case
+
+    cases = []
+    for case in document["cases"]:
+        case.setdefault("suite", case.get("component", "?"))  # files from before case ids
         case.setdefault("id", f"{case['suite']}/{case['name']}")
-        for row in case["rows"]:
-            row.setdefault("q1", None)
-            row.setdefault("q3", None)
-        for target in case["targets"]:
-            target.setdefault("verdict", {True: "met", False: "missed"}.get(target.get("met"),
-                                                                           "not evaluated"))
+        # Judged again from the samples, by the rules of this version.
+        cases.append(Case.from_dict(case).to_dict())
+    document["cases"] = cases
     return document
 
 
