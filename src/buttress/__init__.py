@@ -3,8 +3,9 @@
 Public names are importable from the top level (``from buttress import
 BloomFilter``).  Components load lazily, on first use, so importing buttress
 stays cheap and optional dependencies (redis, uvicorn) are needed only by the
-components that use them.  Pure-Python twins of the native pieces live in
-``buttress.reference``.
+components that use them.  Type checkers see the real classes and functions
+through the ``TYPE_CHECKING`` imports below.  Pure-Python twins of the native
+pieces live in ``buttress.reference``.
 """
 
 from __future__ import annotations
