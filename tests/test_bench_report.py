@@ -210,3 +210,15 @@ def test_library_logs_are_silent_without_verbose(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert "shedding" not in done.stderr
+
+
+def test_the_pytest_benchmark_suite_collects_the_registered_cases() -> None:
+    """bench/test_bench.py hands every registered case to pytest-benchmark (one definition)."""
+    pytest.importorskip("pytest_benchmark")
+    root = README.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--collect-only", "-q", "--bench-quick",
+         "--bench-suite", "hashing", "-p", "no:cacheprovider"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test_case[hashing/xxh64-many-1-000-000-uint64-keys[buttress]]" in done.stdout
