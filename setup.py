@@ -45,20 +45,21 @@ def _extensions() -> list[Extension]:
         "embedsignature": True,
         "binding": True,
     }
-    compile_args = ["-O0", "-g"] if debug else ["-O3"]
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
     if not debug:
         macros.append(("NDEBUG", None))
     sources = sorted((HERE / EXT_DIR).glob("*.pyx"))
     if not sources:
         sys.exit(f"buttress: no Cython sources found in {HERE / EXT_DIR}")
+    # A change to a C kernel's header rebuilds the extensions that may include it.
+    headers = [str(p.relative_to(HERE)) for p in sorted((HERE / "ext").rglob("*.h"))]
     extensions = [
         Extension(
             f"buttress.{src.stem}",
             [str(EXT_DIR / src.name)],
             include_dirs=[numpy.get_include(), str(EXT_DIR)],  # type: ignore[attr-defined]
+            depends=headers,
             define_macros=macros,
-            extra_compile_args=compile_args,
         )
         for src in sources
     ]
@@ -70,8 +71,22 @@ def _extensions() -> list[Extension]:
     )
 
 
+def _compile_args(compiler_type: str) -> list[str]:
+    """Optimisation flags in the compiler's own spelling (MSVC does not read -O3)."""
+    debug = os.environ.get("BUTTRESS_CYTHON_DEBUG", "") not in ("", "0")
+    if compiler_type == "msvc":
+        return ["/Od", "/Zi"] if debug else ["/O2"]
+    return ["-O0", "-g"] if debug else ["-O3"]
+
+
 class BuildExtExplained(build_ext):
-    """build_ext that says what is missing when the C toolchain fails."""
+    """build_ext with per-compiler flags that says what is missing when the toolchain fails."""
+
+    def build_extensions(self) -> None:
+        args = _compile_args(self.compiler.compiler_type)
+        for extension in self.extensions:
+            extension.extra_compile_args = [*args, *extension.extra_compile_args]
+        super().build_extensions()
 
     def run(self) -> None:
         try:
@@ -79,8 +94,9 @@ class BuildExtExplained(build_ext):
         except Exception as exc:
             sys.stderr.write(
                 f"\nbuttress: compiling the Cython extensions failed ({exc}).\n"
-                "It needs a C compiler (gcc or clang) and the Python development headers "
-                "(Debian/Ubuntu: `apt-get install build-essential python3-dev`).\n\n"
+                "It needs a C compiler (gcc, clang or MSVC) and the Python development "
+                "headers (Debian/Ubuntu: `apt-get install build-essential python3-dev`; "
+                "Windows: the Visual Studio Build Tools).\n\n"
             )
             raise
 

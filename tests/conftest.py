@@ -8,6 +8,7 @@ end.  ``BUTTRESS_REDIS_URL`` points the tests at an existing server instead.
 from __future__ import annotations
 
 import os
+import site
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,13 +17,21 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
+import buttress
 from buttress.testing import REDIS_URL_ENV, RedisServer
 
 # Subprocesses started by tests (workers, services, contenders) import the same
-# buttress as the test run, installed or not.
-_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# buttress as the test run: the installed wheel in CI, an editable install or a
+# checkout on PYTHONPATH for a developer.  Never src/ by default: a fresh clone has
+# no compiled extensions there.
+# The tests directory is on it too, so helper modules (distributed_handlers)
+# import in subprocesses, and PYTHONPATH is always set.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+_INSTALLED = _PACKAGE_ROOT in [*site.getsitepackages(), site.getusersitepackages()]
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p
+    p for p in (None if _INSTALLED else _PACKAGE_ROOT, _TESTS_DIR,
+                os.environ.get("PYTHONPATH", "")) if p
 )
 
 # Seeded, reproducible property tests everywhere; CI uses the same profile.

@@ -3,14 +3,15 @@
 Public names are importable from the top level (``from buttress import
 BloomFilter``).  Components load lazily, on first use, so importing buttress
 stays cheap and optional dependencies (redis, uvicorn) are needed only by the
-components that use them.  Pure-Python twins of the native pieces live in
-``buttress.reference``.
+components that use them.  Type checkers see the real classes and functions
+through the ``TYPE_CHECKING`` imports below.  Pure-Python twins of the native
+pieces live in ``buttress.reference``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buttress._version import __version__
 from buttress.errors import (
@@ -19,6 +20,7 @@ from buttress.errors import (
     FencingRejected,
     PortInUseError,
     Rejected,
+    ServerConfigError,
     Shed,
     StoreUnavailable,
 )
@@ -46,7 +48,6 @@ _LAZY: dict[str, str] = {
     "serve_wsgi": "buttress.shutdown",
     "serve_asgi": "buttress.shutdown",
     "DrainSignal": "buttress.shutdown",
-    "ServerConfigError": "buttress.errors",
     # consumer-side message dedupe
     "Deduplicator": "buttress.dedupe",
     "DedupeResult": "buttress.dedupe",
@@ -61,12 +62,38 @@ _LAZY: dict[str, str] = {
     "AsyncTaskHandle": "buttress.scheduler_async",
 }
 
+if TYPE_CHECKING:
+    # What type checkers see: the real classes and functions behind the lazy names
+    # (at run time __getattr__ imports them on first use).  Every name in _LAZY
+    # must be here too; tests/test_typing.py checks it.
+    from buttress._hash import encode_key, hash_key, xxh64, xxh64_many
+    from buttress.bloom import BloomFilter, BloomGuard
+    from buttress.dedupe import (
+        DedupeResult,
+        DedupeStatus,
+        Deduplicator,
+        RedisStore,
+        SQLiteStore,
+    )
+    from buttress.leader import FencedStore, LeaderElection, LeaderElector
+    from buttress.leader_async import AsyncFencedStore, AsyncLeaderElection, AsyncLeaderElector
+    from buttress.scheduler import PriorityDeque, TaskHandle, TaskScheduler
+    from buttress.scheduler_async import AsyncTaskHandle, AsyncTaskScheduler
+    from buttress.shutdown import (
+        DrainSignal,
+        GracefulShutdown,
+        ShutdownBudget,
+        serve_asgi,
+        serve_wsgi,
+    )
+
 __all__ = [
     "ButtressError",
     "Expired",
     "FencingRejected",
     "PortInUseError",
     "Rejected",
+    "ServerConfigError",
     "Shed",
     "StoreUnavailable",
     "__version__",

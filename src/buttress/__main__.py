@@ -1,87 +1,109 @@
-"""Command line: ``python -m buttress bench`` runs the benchmark suites (the main job).
+"""Command line of buttress.
 
-``python -m buttress worker`` runs a distributed worker (see ``buttress.distributed``).
+Each subcommand's options and the function that runs it live in the module
+it belongs to (``add_cli(commands)`` adds the parser and sets ``run``); this
+file only lists the subcommands.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
+from buttress._version import __version__
+from buttress.bench import _cli as bench_cli
+
+DESCRIPTION = """\
+buttress: building blocks for resilient Python services.
+
+  python -m buttress bench            run the benchmark suites (the main job)
+  python -m buttress bench compare    compare two saved benchmark runs
+  python -m buttress worker           run workers of a distributed FairQueue
+  python -m buttress drain            preStop hook: drain a local service and wait
+
+Run a command with --help for its options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m buttress", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"buttress {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench_cli.add_cli(commands)
+    _add_worker_cli(commands)
+    _add_optional_cli(commands, "drain", "buttress.shutdown.drain", extra="http")
+    return parser
+
+
+def _add_optional_cli(
+    commands: argparse._SubParsersAction, name: str, module: str, *, extra: str
+) -> None:
+    """Add the subcommand ``name`` from ``module``, whose imports need an optional extra.
+
+    Without the extra the subcommand still shows in --help and says what to install,
+    so ``python -m buttress --version`` and the other commands work on a bare install.
+    """
+    try:
+        add_cli = importlib.import_module(module).add_cli
+    except ImportError as exc:
+        reason = str(exc)
+        missing = commands.add_parser(name, help=f"(needs: pip install 'buttress[{extra}]')")
+
+        def explain(parser: argparse.ArgumentParser, _args: argparse.Namespace) -> int:
+            parser.error(f"{name} needs the {extra!r} extra: pip install 'buttress[{extra}]' "
+                         f"({reason})")
+            return 2
+
+        missing.set_defaults(run=explain, command_parser=missing)
+        return
+    add_cli(commands)
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m buttress", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # A subcommand's errors print its own usage line (set as command_parser).
+    return int(args.run(getattr(args, "command_parser", parser), args))
 
-    bench = commands.add_parser(
-        "bench",
-        help="run the benchmark suites and print one comparison table",
-        description="Time buttress against its pure-Python twin and installed peers, "
-        "side by side in one run, and report ratios and targets.",
-    )
-    bench.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
-    bench.add_argument("--json", metavar="PATH", help="also save the results as JSON")
-    bench.add_argument("--only", action="append", metavar="SUITE",
-                       help="run only this suite (repeatable), e.g. --only hashing")
-    bench.add_argument("--repeats", type=int, help="repeats per implementation (median taken)")
-    bench.add_argument("--strict", action="store_true",
-                       help="exit with status 1 when a target is missed")
-    bench.add_argument("-v", "--verbose", action="store_true", help="log progress")
 
+def _add_worker_cli(commands: argparse._SubParsersAction) -> None:
     worker = commands.add_parser(
         "worker",
         help="run a distributed worker on a buttress.distributed FairQueue",
         description="Lease tasks from a FairQueue in Redis and run them with the given "
-        "handlers until SIGTERM/SIGINT (the first drains, a second stops at once).",
+        "handlers until SIGTERM or SIGINT (the first one drains: leased tasks finish; a "
+        "second one stops at once).",
     )
-    worker.add_argument("--redis", required=True, metavar="URL", help="redis://host:port/db")
+    worker.add_argument("--redis", required=True, metavar="URL",
+                        help="the Redis server, as redis://host:port/db")
     worker.add_argument("--queue", required=True, metavar="NAME", help="the FairQueue name")
     worker.add_argument("--handlers", required=True, metavar="MODULE:OBJECT",
-                        help="a mapping of task name -> callable(payload), e.g. app.tasks:HANDLERS")
+                        help="a mapping of task name to callable(payload), e.g. "
+                        "app.tasks:HANDLERS")
     worker.add_argument("--concurrency", type=int, default=1, metavar="N",
-                        help="handler threads (default 1)")
+                        help="handler threads (default: 1)")
     worker.add_argument("--prefetch", type=int, default=1, metavar="K",
-                        help="tasks leased per round trip and thread (default 1)")
+                        help="tasks leased per round trip and thread (default: 1)")
     worker.add_argument("--lease-ms", type=int, default=30_000, metavar="MS",
-                        help="lease length before redelivery (default 30000)")
+                        help="lease length before redelivery, in milliseconds (default: 30000)")
     worker.add_argument("--max-attempts", type=int, default=3, metavar="N",
-                        help="deliveries before a failing task is dead-lettered (default 3)")
+                        help="deliveries before a failing task is dead-lettered (default: 3)")
     worker.add_argument("--retry-delay-ms", type=int, default=1_000, metavar="MS",
-                        help="delay before retrying a failed task, doubled per attempt "
-                        "(default 1000)")
+                        help="delay before retrying a failed task, doubled per attempt, in "
+                        "milliseconds (default: 1000)")
     worker.add_argument("--completion-log", type=int, default=0, metavar="N",
-                        help="keep the last N acknowledged tasks in Redis (default 0: off)")
+                        help="keep the last N acknowledged tasks in Redis (default: 0, off)")
     worker.add_argument("-v", "--verbose", action="store_true", help="log progress")
-
-    from buttress.shutdown import drain as shutdown_drain
-
-    shutdown_drain.add_cli(commands)
-    args = parser.parse_args(argv)
-    if args.command == "drain":
-        return shutdown_drain.run_cli(args)
-    if args.command == "worker":
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(asctime)s %(name)s: %(message)s")
-        return _run_worker(parser, args)
-    if args.command == "bench":
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(name)s: %(message)s")
-        from buttress import bench as harness
-
-        try:
-            cases = harness.run(quick=args.quick, only=args.only, repeats=args.repeats,
-                                json_path=args.json)
-        except ValueError as exc:
-            parser.error(str(exc))
-        missed = any(t.met is False for c in cases for t in c.targets)
-        return 1 if (args.strict and missed) else 0
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    worker.set_defaults(run=_run_worker, command_parser=worker)
 
 
 def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
     import redis
 
     from buttress.distributed import FairQueue, Worker, load_handlers

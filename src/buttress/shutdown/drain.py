@@ -62,6 +62,7 @@ def add_cli(subparsers: Any) -> None:
     command.add_argument("--timeout", default="120", metavar="S",
                          help="give up after S seconds (default 120; the pod's grace period "
                          "bounds the hook anyway)")
+    command.set_defaults(run=lambda _parser, args: run_cli(args), command_parser=command)
 
 
 def run_cli(args: argparse.Namespace) -> int:
