@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the last N acknowledged tasks in Redis (default 0: off)")
     worker.add_argument("-v", "--verbose", action="store_true", help="log progress")
 
+    from buttress.service.app import add_cli, run_cli  # `serve`: the ingest gateway
+
+    add_cli(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_cli(parser, args)
     if args.command == "worker":
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")
@@ -90,6 +95,9 @@ def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
                           max_attempts=args.max_attempts, retry_delay_ms=args.retry_delay_ms,
                           completion_log=args.completion_log)
         worker = Worker(queue, handlers, concurrency=args.concurrency, prefetch=args.prefetch)
+        from buttress.service.worker import export_worker  # on BUTTRESS_WORKER_METRICS_PORT
+
+        export_worker(worker)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         parser.error(f"worker: {exc}")
     worker.run()
