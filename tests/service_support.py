@@ -34,7 +34,7 @@ def record(payload: Any) -> None:
     queue = os.environ["BUTTRESS_QUEUE"]
     pipe = _client().pipeline(transaction=True)
     pipe.hincrby(f"{queue}:runs", payload["n"], 1)
-    pipe.hset(f"{queue}:ran_by", payload["n"], os.getpid())
+    pipe.hincrby(f"{queue}:runs_by:{os.getpid()}", payload["n"], 1)
     pipe.rpush(f"{queue}:order", payload["tenant"])
     pipe.execute()
 

@@ -22,7 +22,8 @@ from buttress.testing import free_port
 from conftest import wait_until
 from service_support import Gateway
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "buttress-service.json"
 
@@ -141,3 +142,22 @@ def test_dashboard_is_valid_grafana_json() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert "buttress_" in target["expr"]
+
+
+def test_kubernetes_manifests_agree_with_the_service() -> None:
+    """Grace periods match BUTTRESS_GRACE_PERIOD, probes and the preStop drain are there, the
+    autoscaling metric is one the service exports, and every alert is documented there."""
+    kube = DEPLOY / "kubernetes"
+    gateway = (kube / "service-gateway.yaml").read_text()
+    grace = re.search(r"terminationGracePeriodSeconds: (\d+)", gateway)
+    env = re.search(r'BUTTRESS_GRACE_PERIOD, value: "(\d+)"', gateway)
+    assert grace and env and grace.group(1) == env.group(1)
+    assert '["python", "-m", "buttress", "drain", "--port", "8080"]' in gateway
+    assert "path: /readyz" in gateway and "path: /livez" in gateway
+    assert 'BUTTRESS_PORT, value: "8080"' in gateway
+    worker = (kube / "service-worker.yaml").read_text()
+    assert '"--handlers", "buttress.service.worker:handlers"' in worker
+    assert "name: buttress_queue_depth" in worker and "kind: HorizontalPodAutoscaler" in worker
+    pdb = (kube / "service-pdb.yaml").read_text()
+    assert pdb.count("kind: PodDisruptionBudget") == 3
+    assert "buttress_queue_depth" in (REPO / "docs" / "metrics.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -44,7 +45,7 @@ class Service:
         self.client = redis.Redis.from_url(
             settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-            max_connections=settings.io_threads + 8, client_name="buttress-gateway")
+            max_connections=settings.admission_threads + 8, client_name="buttress-gateway")
         self.queue = FairQueue(self.client, settings.queue, high_water=settings.high_water,
                                low_water=settings.low_water or None)
         if settings.dedupe_sqlite:
@@ -55,7 +56,7 @@ class Service:
                               ttl_ms=round(settings.dedupe_ttl * 1000))
         self.core = Admission(self.queue, self.store, records, ttl=settings.dedupe_ttl,
                               lease=settings.admission_lease, retry_after=settings.retry_after)
-        self.admission = ThreadedAdmission(self.core, threads=settings.io_threads,
+        self.admission = ThreadedAdmission(self.core, committers=settings.admission_threads,
                                            max_pending=settings.max_pending,
                                            retry_after=settings.retry_after)
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -105,7 +106,7 @@ class Service:
             except Exception as exc:
                 logger.warning("could not record the drain outcome: %r", exc)
         self.admission.close()
-        logger.info("gateway stopped: %s", self.gateway.stats())
+        logger.info("gateway stopped: %s", json.dumps(self.gateway.stats()))
         self.client.close()
 
 

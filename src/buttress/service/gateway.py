@@ -142,7 +142,8 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         return {"answers": {f"{code} {outcome}": n
                             for (code, outcome), n in sorted(self._answers.items())},
-                "pending_admissions": self.admission.pending()}
+                "pending_admissions": self.admission.pending(),
+                "admission": self.admission.stats()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -52,7 +52,7 @@ class Maintenance:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="buttress-maintenance",
                                         daemon=True)
-        self._counts = {"runs": 0, "errors": 0, "swept": 0}
+        self._counts = {"runs": 0, "errors": 0, "swept": 0, "abandoned": 0}
         self._last_run = 0.0
         self.snapshot: dict[str, Any] | None = None  # the last run's findings, leader only
 
@@ -80,7 +80,7 @@ class Maintenance:
         if token is None or not self.elector.is_leader():
             self.snapshot = None
             return False
-        started = time.time()
+        started = time.time()  # after the check: [started, finished] lies inside the term
         queue_stats = self.queue.stats()
         ages = head_ages(self.client, self.queue, list(queue_stats["depth_by_tenant"]))
         drains = {_text(k): int(v) for k, v in
@@ -89,6 +89,12 @@ class Maintenance:
         if self.dedupe_store is not None and type(self.dedupe_store).__name__ == "SQLiteStore":
             swept = self.dedupe_store.sweep(budget=0.05)
         finished = time.time()
+        if self.elector.fencing_token != token or not self.elector.is_leader():
+            # The term ended while this run waited on Redis (a pause, a partition): its
+            # findings are not published, so two terms' runs never overlap in the log.
+            self._counts["abandoned"] += 1
+            self.snapshot = None
+            return False
         entry = json.dumps({"instance": self.instance_id, "token": token,
                             "started": started, "finished": finished})
         runs = service_key(self.queue.name, "maintenance:runs")

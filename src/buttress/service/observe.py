@@ -19,8 +19,10 @@ def _gateway(s: Mapping[str, Any], item: str, f: _Families) -> None:
         code, _, outcome = answer.partition(" ")
         f.counter("buttress_gateway_requests", "Task requests answered, by code and outcome",
                   count, item, code=code, outcome=outcome)
-    f.gauge("buttress_gateway_pending_admissions", "Admissions waiting for or on a Redis thread",
+    f.gauge("buttress_gateway_pending_admissions", "Admissions waiting or being admitted",
             s["pending_admissions"], item)
+    f.counter("buttress_gateway_admission_batches", "Admission batches (group commits) run",
+              s["admission"]["batches"], item)
 
 
 def _maintenance(s: Mapping[str, Any], item: str, f: _Families) -> None:

@@ -38,6 +38,13 @@ class TaskRecords:
     def increment(self, task_id: str, field: str) -> None:
         self.client.hincrby(self.key(task_id), field, 1)
 
+    def states(self, task_ids: list[str]) -> list[str | None]:
+        """The ``state`` field of each record (None where there is none), one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(self.key(task_id), "state")
+        return [None if state is None else _text(state) for state in pipe.execute()]
+
     def read(self, task_id: str) -> dict[str, Any] | None:
         raw = self.client.hgetall(self.key(task_id))
         if not raw:

@@ -35,7 +35,7 @@ class ServiceSettings:
     low_water: int = 0  # 0: high_water // 2
     dedupe_ttl: float = 86_400.0
     admission_lease: float = 5.0
-    io_threads: int = 16
+    admission_threads: int = 2
     max_pending: int = 512
     redis_timeout: float = 2.0
     retry_after: int = 1
@@ -104,8 +104,8 @@ SETTINGS: dict[str, tuple[str, str, Parser, str]] = {
                    "seconds an id is remembered (default 86400)"),
     "admission_lease": ("--admission-lease", "BUTTRESS_ADMISSION_LEASE", _seconds(0.1, 300),
                         "seconds a gateway holds an id while enqueuing it (default 5)"),
-    "io_threads": ("--io-threads", "BUTTRESS_IO_THREADS", _int(1, 1024),
-                   "threads for Redis calls (default 16)"),
+    "admission_threads": ("--admission-threads", "BUTTRESS_ADMISSION_THREADS", _int(1, 64),
+                          "admission batches in flight at once, a thread each (default 2)"),
     "max_pending": ("--max-pending", "BUTTRESS_MAX_PENDING", _int(1),
                     "admissions waiting for a thread before the gateway answers 429 "
                     "(default 512)"),
