@@ -56,7 +56,21 @@ def service_env(redis_url: str, queue: str, **extra: str) -> dict[str, str]:
     return env
 
 
-class Gateway:
+class _Process:
+    process: subprocess.Popen[bytes]
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+class Gateway(_Process):
     """A ``python -m buttress serve`` process on a free loopback port."""
 
     def __init__(self, redis_url: str, queue: str, *args: str, port: int | None = None,
@@ -83,18 +97,8 @@ class Gateway:
             time.sleep(0.05)
         raise TimeoutError(f"gateway on port {self.port} not ready in {timeout}s")
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
 
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-class Worker:
+class Worker(_Process):
     """A ``python -m buttress worker`` process running the service handlers."""
 
     def __init__(self, redis_url: str, queue: str, *args: str, env: dict[str, str] | None = None,
@@ -105,12 +109,3 @@ class Worker:
                                         stdout=log or subprocess.DEVNULL,
                                         stderr=log or subprocess.DEVNULL)
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)

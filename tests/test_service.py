@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from buttress.distributed import FairQueue
 from buttress.service import BadRequest, ServiceHandlers, parse_task, settings_from
 from buttress.service.maintenance import Maintenance, head_ages
-from buttress.testing import RedisServer
+from buttress.testing import RedisServer, free_port
 from conftest import wait_until
 from service_support import Gateway, Worker
 
@@ -368,3 +368,51 @@ def test_sigkill_of_a_worker_mid_task_is_redelivered_once(redis_url: str,
     finally:
         second.terminate()
     assert module_redis.hget(f"{queue_name}:runs", "k-1") == b"1"
+
+
+def test_worker_serves_its_metrics_on_a_port_of_its_own(redis_url: str,
+                                                       module_redis: Any) -> None:
+    queue_name = f"wm-{os.getpid()}"
+    queue = FairQueue(module_redis, queue_name)
+    for i in range(3):
+        queue.enqueue("record", {"id": f"m-{i}", "payload": {"n": f"m-{i}", "tenant": "t"}},
+                      tenant="t")
+    port = free_port()
+    worker = Worker(redis_url, queue_name, env={"BUTTRESS_WORKER_METRICS_PORT": str(port)})
+    try:
+        wait_until(lambda: queue.stats()["completed"] == 3, timeout=60)
+
+        def scraped() -> str | None:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                return None
+            return text if "buttress_worker_tasks_total" in text else None
+
+        text = str(wait_until(scraped, timeout=30, message="the worker's /metrics"))
+        assert (f'buttress_worker_tasks_total{{outcome="completed",queue="{queue_name}"}} 3.0'
+                in text)
+        assert 'buttress_dedupe_messages_total{deduplicator="worker",outcome="processed"} 3.0' \
+            in text
+    finally:
+        assert worker.terminate() == 0
+
+
+def test_maintenance_sweeps_a_sqlite_dedupe_store(tmp_path: Any, module_redis: Any) -> None:
+    from buttress import Deduplicator, SQLiteStore
+
+    store = SQLiteStore(tmp_path / "claims.db", sweep_every=None)
+    dedupe = Deduplicator(lambda msg_id, payload: None, store, ttl=0.05)
+    for i in range(5):
+        dedupe.process_message(f"s-{i}", i)
+    queue = FairQueue(module_redis, f"sweep-{os.getpid()}")
+    module_redis.set(f"buttress:leader:{{{queue.name}-maintenance}}:fence", 0)
+    maintenance = Maintenance(module_redis, queue, instance_id="only", ttl_ms=1000,
+                              interval=0.05, dedupe_store=store)
+    maintenance.start()
+    try:
+        wait_until(lambda: maintenance.stats()["swept"] == 5, timeout=20,
+                   message="the leader swept the expired claims")
+    finally:
+        maintenance.stop()
+        store.close()

@@ -1,10 +1,11 @@
-"""Where a task's state lives in Redis, written by gateways and workers, read by GET.
+"""Where a task's state lives in Redis: written by workers, read by the gateway.
 
 One hash per client task id, kept as long as its dedupe record:
-``buttress:svc:<queue>:task:{<id>}`` with fields ``state`` (queued, running,
-done, failed), ``tenant``, ``task``, ``queue_id`` (the FairQueue's id),
-``accepted_at``, ``started_at``, ``finished_at``, ``attempts``, ``worker``.
-The id is the hash tag, so each record is one Redis Cluster slot.
+``buttress:svc:<queue>:task:{<id>}`` with fields ``state`` (running, done,
+failed), ``started_at``, ``finished_at``, ``attempts``, ``worker``, ``error``.
+Before a worker starts the task there is no record; the gateway's admission
+claim then says "queued".  The id is the hash tag, so each record is one Redis
+Cluster slot.
 """
 
 from __future__ import annotations
