@@ -161,11 +161,13 @@ def test_shedding_is_429_with_retry_after(gateway: Gateway, module_redis: Any) -
 def test_leader_maintenance_exports_queue_metrics(gateway: Gateway) -> None:
     def leader_metrics() -> str | None:
         text = httpx.get(gateway.url + "/metrics", timeout=10).text
-        return text if "buttress_queue_depth{" in text else None
+        return text if f'buttress_queue_depth{{queue="{gateway.queue}"}}' in text else None
 
     text = wait_until(leader_metrics, timeout=20, message="maintenance leader snapshot")
-    assert "buttress_maintenance_is_leader" in str(text)
-    assert "buttress_queue_oldest_head_age_seconds" in str(text)
+    assert f'buttress_maintenance_is_leader{{queue="{gateway.queue}"}} 1.0' in str(text)
+    assert f'buttress_queue_oldest_head_age_seconds{{queue="{gateway.queue}"}}' in str(text)
+    assert f'buttress_gateway_requests_total{{code="202",gateway="{gateway.queue}",' \
+           'outcome="accepted"}' in str(text)
 
 
 def test_redis_unavailable_is_503_then_recovers(tmp_path: Any) -> None:

@@ -124,6 +124,21 @@ def test_prometheus_scrapes_the_gateway(tmp_path: Path, redis_url: str,
         metrics = wait_until(leader_metrics, timeout=30, message="the leader's queue metrics")
         missing = referenced_names() - exported_names(redis_client, redis_url, str(metrics))
         assert not missing, f"rules or dashboard use metrics nobody exports: {sorted(missing)}"
+        # The labels the rules group by are on the real series.
+        for query, label, value in (
+            ('max by (queue) (buttress_queue_state{state="normal"})', "queue", queue),
+            ("max by (queue) (buttress_queue_oldest_head_age_seconds)", "queue", queue),
+            ("sum by (gateway) (buttress_gateway_requests_total)", "gateway", queue),
+            ("max by (election) (buttress_leader_is_leader)", "election",
+             f"{queue}-maintenance"),
+        ):
+            def labelled(query: str = query) -> Any:
+                answer = httpx.get(f"http://127.0.0.1:{web_port}/api/v1/query", timeout=5,
+                                   params={"query": query}).json()
+                return answer["data"]["result"] or None
+
+            result = wait_until(labelled, timeout=30, interval=0.5, message=query)
+            assert result[0]["metric"].get(label) == value, (query, result)  # type: ignore[index]
         rules = httpx.get(f"http://127.0.0.1:{web_port}/api/v1/rules", timeout=10).json()
         loaded = [rule["name"] for group in rules["data"]["groups"] for rule in group["rules"]]
         assert len(loaded) == 6

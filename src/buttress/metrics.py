@@ -87,17 +87,20 @@ def kind_of(obj: Any) -> str:
         f"{', '.join(sorted(_CLASS_KINDS))}; add others with buttress.metrics.add_kind()")
 
 
-def add_kind(class_name: str, kind: str, emit: Emit | None = None) -> None:
+def add_kind(class_name: str, kind: str, emit: Emit | None = None, *,
+             label: str | None = None) -> None:
     """Export objects of class ``class_name`` as ``kind`` (an existing kind, or a new one).
 
-    ``emit(stats, label, families)`` is needed only for a new kind.
+    A new kind needs ``emit(stats, name, families)``; its objects are told apart by
+    the label ``label`` (default: the kind).  Kinds that emit the same metric must
+    use the same label (a new kind that also emits queue metrics uses ``"queue"``).
     """
     require_str("class_name", class_name)
     require_str("kind", kind)
     if kind not in KINDS:
         if emit is None:
             raise ValueError(f"kind {kind!r} is new: give its emit function")
-        KINDS[kind] = (kind, emit)
+        KINDS[kind] = (require_str("label", label or kind), emit)
     _CLASS_KINDS[class_name] = kind
 
 

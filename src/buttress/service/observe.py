@@ -53,4 +53,4 @@ def install() -> None:
     """Teach :func:`buttress.metrics.register` the service's classes (idempotent)."""
     if "gateway" not in KINDS:
         add_kind("Gateway", "gateway", _gateway)
-        add_kind("Maintenance", "maintenance", _maintenance)
+        add_kind("Maintenance", "maintenance", _maintenance, label="queue")
