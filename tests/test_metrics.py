@@ -28,7 +28,15 @@ from buttress import (
     TaskScheduler,
 )
 from buttress.distributed import FairQueue, Worker
-from buttress.metrics import KINDS, OTHER_TENANTS, _Families, kind_of, register, unregister
+from buttress.metrics import (
+    KINDS,
+    OTHER_TENANTS,
+    SHAPES,
+    _Families,
+    kind_of,
+    register,
+    unregister,
+)
 from conftest import wait_until
 
 PROMTOOL = shutil.which("promtool")
@@ -48,9 +56,12 @@ def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str]
 
 def strict(obj: Any, name: str = "x") -> _Families:
     """Run the object's emitter on its real stats(): a missing key raises KeyError here."""
-    label, emit = KINDS[kind_of(obj)]
+    kind = kind_of(obj)
+    label, emit = KINDS[kind]
     families = _Families(label)
-    emit(obj.stats(), name, families)
+    stats = obj.stats()
+    assert SHAPES[kind] <= stats.keys(), f"{kind}: {sorted(SHAPES[kind] - stats.keys())}"
+    emit(stats, name, families)
     families.commit()
     return families
 
@@ -216,6 +227,13 @@ def test_registration_rules() -> None:
         register(second, registry, name="f")
     with pytest.raises(TypeError, match="no metrics for dict"):
         register({}, registry)
+
+    class Unknown:
+        def stats(self) -> dict[str, Any]:
+            return {"something": 1}
+
+    with pytest.raises(TypeError, match="stats\\(\\) shapes"):
+        register(Unknown(), registry)
     with pytest.raises(TypeError, match="CollectorRegistry"):
         register(first, registry="nope")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_tenants"):
@@ -238,3 +256,27 @@ def test_a_failing_stats_is_counted_and_hides_nothing_else() -> None:
     assert samples["buttress_metrics_collect_errors_total", (("kind", "scheduler"),)] == 1
     assert ("buttress_scheduler_queued", (("scheduler", "good"),)) in samples
     assert ("buttress_scheduler_queued", (("scheduler", "bad"),)) not in samples
+
+
+def test_a_new_class_is_matched_by_the_shape_of_its_stats() -> None:
+    """An unknown class with a known stats() contract (as an asyncio twin would have)."""
+
+    class PlannedAsyncScheduler:  # not a known class name: matched by its stats() keys
+        def __init__(self, inner: TaskScheduler) -> None:
+            self.inner = inner
+            self.name = "twin"
+
+        def stats(self) -> dict[str, Any]:
+            return self.inner.stats()
+
+    scheduler = TaskScheduler(workers=1)
+    twin = PlannedAsyncScheduler(scheduler)
+    assert kind_of(twin) == "scheduler"
+    assert kind_of(GracefulShutdown()) == "shutdown"
+    registry = CollectorRegistry()
+    register(twin, registry)
+    samples = scrape(registry)
+    assert samples["buttress_scheduler_queued", (("scheduler", "twin"),)] == 0
+    for kind, shape in SHAPES.items():
+        others = [other for other, keys in SHAPES.items() if other != kind and keys == shape]
+        assert not others, f"{kind} and {others} have the same stats() shape"

@@ -18,10 +18,10 @@ label named after its kind (``scheduler``, ``filter``, ``deduplicator``,
 ``max_tenants`` per queue (the deepest tenants keep their own series, the rest
 are summed under ``tenant="__other__"``).  docs/metrics.md lists every name.
 
-Objects are matched to a kind by class name (walking the MRO), so a subclass
-or an asyncio twin with the same ``stats()`` keys (``AsyncTaskScheduler``,
-``AsyncDeduplicator``, ``AsyncFairQueue``) needs one line in :data:`KINDS`;
-:func:`add_kind` registers a new one from outside.
+Objects are matched to a kind by class name (walking the MRO), else by the
+keys of their ``stats()`` (:data:`SHAPES`), so an asyncio twin that keeps its
+sync class's ``stats()`` contract is exported with no change here;
+:func:`add_kind` registers a new class or kind from outside.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from buttress._validate import require_int, require_str
 
-__all__ = ["KINDS", "OTHER_TENANTS", "add_kind", "kind_of", "register", "unregister"]
+__all__ = ["KINDS", "OTHER_TENANTS", "SHAPES", "add_kind", "kind_of", "register", "unregister"]
 
 logger = logging.getLogger("buttress.metrics")
 
@@ -77,14 +77,28 @@ def unregister(obj: Any, registry: CollectorRegistry | None = None) -> bool:
 
 
 def kind_of(obj: Any) -> str:
-    """The kind ``register`` would use for ``obj`` (TypeError if it has none)."""
+    """The kind ``register`` would use for ``obj`` (TypeError if it has none).
+
+    By class name along the MRO first; a class not known by name is matched by
+    the shape of its ``stats()`` (the kind whose keys it has, the most specific
+    one), so a new class that keeps an existing ``stats()`` contract needs no
+    registration of its own.  That fallback calls ``stats()`` once.
+    """
     for cls in type(obj).__mro__:
         kind = _CLASS_KINDS.get(cls.__name__)
         if kind is not None:
             return kind
+    stats = getattr(obj, "stats", None)
+    if callable(stats):
+        keys = stats()
+        if isinstance(keys, Mapping):
+            fits = [kind for kind, shape in SHAPES.items() if shape <= keys.keys()]
+            if fits:
+                return max(fits, key=lambda kind: len(SHAPES[kind]))
     raise TypeError(
         f"no metrics for {type(obj).__name__}: register() knows "
-        f"{', '.join(sorted(_CLASS_KINDS))}; add others with buttress.metrics.add_kind()")
+        f"{', '.join(sorted(_CLASS_KINDS))} and the stats() shapes of "
+        f"{', '.join(sorted(SHAPES))}; add others with buttress.metrics.add_kind()")
 
 
 def add_kind(class_name: str, kind: str, emit: Emit | None = None, *,
@@ -419,6 +433,22 @@ KINDS: dict[str, tuple[str, Emit]] = {
     "queue": ("queue", _queue),
     "worker": ("queue", _worker),
     "shutdown": ("service", _shutdown),
+}
+# The stats() keys that identify a kind when the class name does not.
+SHAPES: dict[str, frozenset[str]] = {
+    "scheduler": frozenset((*SCHEDULER_OUTCOMES, "queued", "running", "state", "workers",
+                            "queued_by_priority")),
+    "bloom": frozenset(("num_bits", "num_hashes", "fill_ratio", "estimated_fp_rate",
+                        "keys_inserted")),
+    "bloom_guard": frozenset(("lookups", "backend_calls_avoided", "false_positive_hits",
+                              "filter")),
+    "dedupe": frozenset((*DEDUPE_OUTCOMES, "fenced", "takeovers", "store_calls", "store")),
+    "leader": frozenset(("is_leader", "fencing_token", "terms_won", "terms_lost",
+                         "election")),
+    "queue": frozenset((*QUEUE_OUTCOMES, "depth", "depth_by_tenant", "leased", "enqueued")),
+    "worker": frozenset((*WORKER_OUTCOMES, "worker", "running", "draining")),
+    "shutdown": frozenset(("state", "in_flight", "requests_total", "requests_aborted",
+                           "budget")),
 }
 _CLASS_KINDS: dict[str, str] = {
     "TaskScheduler": "scheduler",
