@@ -108,4 +108,9 @@ class Worker(_Process):
         self.process = subprocess.Popen(command, env=service_env(redis_url, queue, **(env or {})),
                                         stdout=log or subprocess.DEVNULL,
                                         stderr=log or subprocess.DEVNULL)
+        self.client_name = f"buttress-worker:{queue}:{self.process.pid}"
+
+    def serving(self, client: Any) -> bool:
+        """True once the worker talks to Redis (its signal handlers are installed by then)."""
+        return any(entry.get("name") == self.client_name for entry in client.client_list())
 
