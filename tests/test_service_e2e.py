@@ -143,7 +143,7 @@ def test_end_to_end_with_rolling_restart_kill_and_redis_pause(tmp_path: Path) ->
         gateway_args = ("--high-water", str(HIGH_WATER), "--leader-ttl-ms", "1000",
                         "--maintenance-interval", "0.1", "--redis-timeout", "0.5",
                         "-v")
-        env = {"BUTTRESS_GRACE_PERIOD": "5"}
+        env = {"BUTTRESS_GRACE_PERIOD": "8"}  # cleanup (step down, close) gets 0.8 s
         logs: list[Path] = []
 
         def start_gateway() -> Gateway:
