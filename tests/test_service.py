@@ -214,8 +214,8 @@ def test_worker_runs_each_id_once_even_when_enqueued_twice(redis_url: str,
                               tenant="t")
         wait_until(lambda: queue.stats()["completed"] == 40, timeout=60)
     finally:
-        for worker in workers:
-            assert worker.terminate() == 0
+        codes = [worker.terminate() for worker in workers]  # every one, before asserting
+    assert codes == [0, 0]
     runs = {k.decode(): int(v) for k, v in module_redis.hgetall(f"{queue_name}:runs").items()}
     assert runs == {f"w-{i}": 1 for i in range(20)}
     assert module_redis.hget(f"buttress:svc:{queue_name}:task:{{w-3}}", "state") == b"done"
