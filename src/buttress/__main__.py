@@ -22,6 +22,7 @@ buttress: building blocks for resilient Python services.
   python -m buttress bench            run the benchmark suites (the main job)
   python -m buttress bench compare    compare two saved benchmark runs
   python -m buttress worker           run workers of a distributed FairQueue
+  python -m buttress serve            run the ingest gateway (HTTP -> dedupe -> fair queue)
   python -m buttress drain            preStop hook: drain a local service and wait
 
 Run a command with --help for its options.
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_cli(commands)
     _add_worker_cli(commands)
     _add_optional_cli(commands, "drain", "buttress.shutdown.drain", extra="http")
+    _add_optional_cli(commands, "serve", "buttress.service.app", extra="redis,http,metrics")
     return parser
 
 
@@ -117,6 +119,9 @@ def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
                           max_attempts=args.max_attempts, retry_delay_ms=args.retry_delay_ms,
                           completion_log=args.completion_log)
         worker = Worker(queue, handlers, concurrency=args.concurrency, prefetch=args.prefetch)
+        from buttress.service.worker import export_worker  # on BUTTRESS_WORKER_METRICS_PORT
+
+        export_worker(worker)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
         parser.error(f"worker: {exc}")
     worker.run()

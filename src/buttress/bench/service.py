@@ -1,0 +1,385 @@
+"""Suite ``service``: what the gateway's guarantees cost, and what metrics registration costs.
+
+Gateway cases: two servers run side by side, each in its own process, both the
+same ASGI app (:class:`buttress.service.Gateway`: JSON parsing, validation, the
+shutdown middleware, a bounded Redis thread pool) served by ``serve_asgi`` on
+uvicorn.  One admits through the real path (dedupe claim on the id, fair-queue
+enqueue script, task record, done write); the other, the baseline, does one
+bare ``LPUSH`` of the task into a Redis list.  A client process sends POSTs
+with fresh ids over keep-alive connections with a raw-socket HTTP client:
+
+* throughput: requests spread over 8 connections (time per request is 1 / throughput);
+* latency: one connection, one request at a time; p50 and p99 are in the notes.
+
+The promise: the guarantees cost at most 2x the bare app's time per request.
+
+Metrics cases: a component's own work (the scheduler running no-op tasks, a
+Bloom filter's batch insert and query) with the object registered in a
+prometheus-client registry that is scraped during the run, and unregistered.
+Registration adds nothing to the hot path; the scrape costs one ``stats()``.
+
+Also runnable directly: ``python -m buttress.bench.service serve ...`` and
+``... load`` are the two helper processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Any
+
+ORDER = 70
+
+GUARANTEES = "buttress"
+BARE = "bare LPUSH app"
+NOTES = {GUARANTEES: "dedupe claim + fair-queue enqueue, batched",
+         BARE: "same app, one LPUSH per request"}
+CONNECTIONS = 8
+
+
+def register(session: Any) -> None:
+    if session.peer("uvicorn") is None or session.peer("prometheus_client") is None:
+        session.notes.append("service: uvicorn or prometheus-client is not installed; skipped")
+        return
+    _metrics_cases(session)
+    url = session.redis_url()
+    throughput_n = 2000 if session.quick else 4000
+    latency_n = 500 if session.quick else 1000
+    repeats = 5 if session.quick else 9
+    client = _LoadClient()
+    session.on_close(client.close)
+    servers = {}
+    for name in (GUARANTEES, BARE):
+        server = _Server(url, bare=name == BARE)
+        session.on_close(server.close)
+        servers[name] = server
+    for requests, connections, title in (
+        (throughput_n, CONNECTIONS, f"{CONNECTIONS} keep-alive connections"),
+        (latency_n, 1, "1 connection, one request at a time (latency)"),
+    ):
+        case = session.case("service", f"gateway POST /v1/tasks: {requests:,} requests, "
+                            f"{title}", unit="request", repeats=repeats)
+        for name, server in servers.items():
+            row_note = NOTES[name]
+            case.add(name, _load(client, server, requests, connections, case, name, row_note),
+                     setup=server.reset, items=requests, note=row_note)
+        case.target(GUARANTEES, BARE, max_ratio=2.0)
+
+
+def _load(client: _LoadClient, server: _Server, requests: int, connections: int, case: Any,
+          name: str, note: str) -> Any:
+    latencies: list[float] = []
+
+    def work(_: Any = None) -> None:
+        answer = client.run(server.port, requests, connections)
+        latencies.extend(answer["latencies"])
+        ordered = sorted(latencies)
+        p50, p99 = ordered[len(ordered) // 2], ordered[int(len(ordered) * 0.99)]
+        row = case.row(name)
+        if row is not None:
+            row.note = f"{note}; p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms"
+        if answer["errors"]:
+            raise RuntimeError(f"{name}: {answer['errors']} requests not answered 202")
+
+    return work
+
+
+def _metrics_cases(session: Any) -> None:
+    """A component's own case with and without registration (scraped once per run)."""
+    import numpy as np
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from buttress import BloomFilter, TaskScheduler
+    from buttress.metrics import register as register_metrics
+
+    tasks = 20_000 if session.quick else 50_000
+    case = session.case("service", f"metrics: TaskScheduler, {tasks:,} no-op tasks, "
+                        "registered and scraped vs not registered", unit="task",
+                        repeats=7 if session.quick else 11)
+
+    def scheduler_run(registered: bool) -> Any:
+        def work(_: Any = None) -> None:
+            scheduler = TaskScheduler(workers=2, high_water=tasks + 1).start()
+            registry = CollectorRegistry()
+            if registered:
+                register_metrics(scheduler, registry, name="bench")
+            noop = _noop
+            for i in range(tasks):
+                scheduler.enqueue(noop, priority=i & 7)
+                if registered and i == tasks // 2:
+                    generate_latest(registry)  # a scrape in the middle of the run
+            scheduler.shutdown(drain=True)
+        return work
+
+    case.add("registered", scheduler_run(True), items=tasks,
+             note="registered in a registry, scraped once mid-run")
+    case.add("not registered", scheduler_run(False), items=tasks)
+    case.add("not registered again", scheduler_run(False), items=tasks,
+             note="the same run again: the noise floor")
+    case.target("registered", "not registered", max_ratio=1.05)
+
+    keys = np.random.default_rng(0).integers(0, 2**63, size=200_000 if session.quick
+                                             else 1_000_000, dtype=np.uint64)
+    bloom_case = session.case("service", f"metrics: BloomFilter insert_many + contains_many, "
+                              f"{len(keys):,} keys, registered vs not", unit="key",
+                              repeats=7 if session.quick else 11)
+
+    def bloom_run(registered: bool) -> Any:
+        def work(_: Any = None) -> None:
+            bloom = BloomFilter.for_capacity(len(keys), 0.01)
+            registry = CollectorRegistry()
+            if registered:
+                register_metrics(bloom, registry, name="bench")
+            half = len(keys) // 2
+            bloom.insert_many(keys[:half])
+            if registered:
+                generate_latest(registry)
+            bloom.insert_many(keys[half:])
+            bloom.contains_many(keys)
+        return work
+
+    bloom_case.add("registered", bloom_run(True), items=len(keys),
+                   note="registered, scraped once mid-run")
+    bloom_case.add("not registered", bloom_run(False), items=len(keys))
+    bloom_case.add("not registered again", bloom_run(False), items=len(keys),
+                   note="the same run again: the noise floor")
+    bloom_case.target("registered", "not registered", max_ratio=1.05)
+
+
+def _noop() -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- the processes
+
+
+class _Server:
+    """A gateway process (real admission, or the bare LPUSH baseline) on a free port."""
+
+    def __init__(self, redis_url: str, *, bare: bool) -> None:
+        from buttress.testing import free_port
+
+        self.redis_url = redis_url
+        self.bare = bare
+        self.queue = f"bench-{'bare' if bare else 'svc'}-{os.getpid()}"
+        self.port = free_port()
+        command = [sys.executable, "-m", "buttress.bench.service", "serve", "--redis",
+                   redis_url, "--queue", self.queue, "--port", str(self.port)]
+        if bare:
+            command.append("--bare")
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        _wait_ready(self.port, self.process)
+
+    def reset(self) -> None:
+        """Untimed: empty this server's keys so every run starts from the same state."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            for pattern in (f"buttress:{{{self.queue}}}:*", f"buttress:svc:{self.queue}:*",
+                            f"{{buttress:svc:{self.queue}:admit}}:*", f"{self.queue}:*"):
+                batch = list(client.scan_iter(pattern, count=10_000))
+                for start in range(0, len(batch), 10_000):
+                    client.delete(*batch[start:start + 10_000])
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"bench gateway exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
+                if b" 200 " in sock.recv(1024):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"bench gateway on port {port} not ready in {timeout}s")
+
+
+class _LoadClient:
+    """A client process fed one command per run over a pipe (so it starts once)."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "buttress.bench.service", "load"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        self.runs = 0
+
+    def run(self, port: int, requests: int, connections: int) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.runs += 1
+        command = {"port": port, "requests": requests, "connections": connections,
+                   "prefix": f"r{self.runs}-"}
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the bench load client exited")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """The server process: the real gateway, or the same app with a bare LPUSH admission."""
+    import redis
+
+    from buttress.service import Gateway, Outcome, Service, TaskRequest, settings_from
+    from buttress.shutdown import GracefulShutdown, ShutdownBudget, serve_asgi
+
+    controller = GracefulShutdown(ShutdownBudget(drain_delay=0, drain_timeout=5))
+    settings = settings_from({"redis_url": args.redis, "queue": args.queue,
+                              "high_water": "100000000"}, {})
+    if not args.bare:
+        service = Service(settings, controller=controller)
+        controller.add_cleanup(service.close)
+        return serve_asgi(service.app, host="127.0.0.1", port=args.port, controller=controller)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = redis.Redis.from_url(args.redis, max_connections=16)
+    pool = ThreadPoolExecutor(max_workers=8)
+    key = f"{args.queue}:list"
+
+    class BareAdmission:
+        """The same port as ThreadedAdmission: one LPUSH on the same kind of thread pool."""
+
+        def __init__(self) -> None:
+            self._pending = 0
+
+        def _push(self, request: TaskRequest) -> Outcome:
+            client.lpush(key, json.dumps(request._asdict()))
+            return Outcome(202, {"id": request.id, "state": "queued"}, "accepted")
+
+        async def admit(self, request: TaskRequest) -> Outcome:
+            import asyncio
+
+            self._pending += 1
+            try:
+                return await asyncio.get_running_loop().run_in_executor(pool, self._push,
+                                                                        request)
+            finally:
+                self._pending -= 1
+
+        async def status(self, task_id: str) -> Outcome:
+            return Outcome(404, {"id": task_id}, "not_found")
+
+        def pending(self) -> int:
+            return self._pending
+
+        def stats(self) -> dict[str, Any]:
+            return {"pending": self._pending, "batches": 0}
+
+        def close(self) -> None:
+            pool.shutdown()
+
+    app = Gateway(BareAdmission(), max_body_bytes=settings.max_body_bytes,
+                  max_tenant_bytes=settings.max_tenant_bytes)
+    return serve_asgi(app, host="127.0.0.1", port=args.port, controller=controller)
+
+
+def _load_loop(stdin: IO[str], stdout: IO[str]) -> int:
+    """The client process: for each command line, send the POSTs and answer with timings."""
+    for line in stdin:
+        command = json.loads(line)
+        answer = _send(command["port"], command["requests"], command["connections"],
+                       command["prefix"])
+        stdout.write(json.dumps(answer) + "\n")
+        stdout.flush()
+    return 0
+
+
+def _send(port: int, requests: int, connections: int, prefix: str) -> dict[str, Any]:
+    per_connection = [requests // connections + (i < requests % connections)
+                      for i in range(connections)]
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def one_connection(number: int, count: int) -> None:
+        mine: list[float] = []
+        failed = 0
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader = sock.makefile("rb")
+            for i in range(count):
+                body = json.dumps({"id": f"{prefix}{number}-{i}", "tenant": f"t{i % 3}",
+                                   "task": "noop", "priority": 0,
+                                   "payload": {"n": i}}).encode()
+                request = (b"POST /v1/tasks HTTP/1.1\r\nHost: bench\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(body), body))
+                started = time.perf_counter()
+                sock.sendall(request)
+                status = reader.readline()
+                length = 0
+                while True:
+                    header = reader.readline()
+                    if header in (b"\r\n", b""):
+                        break
+                    if header.lower().startswith(b"content-length:"):
+                        length = int(header.split(b":")[1])
+                reader.read(length)
+                mine.append(time.perf_counter() - started)
+                if b" 202 " not in status:
+                    failed += 1
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
+
+    threads = [threading.Thread(target=one_connection, args=(n, count))
+               for n, count in enumerate(per_connection)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"latencies": latencies, "errors": errors[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m buttress.bench.service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve")
+    serve.add_argument("--redis", required=True)
+    serve.add_argument("--queue", required=True)
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--bare", action="store_true")
+    commands.add_parser("load")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _load_loop(sys.stdin, sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
