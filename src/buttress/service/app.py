@@ -138,7 +138,9 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(f"serve: {exc}")
     controller.add_cleanup(service.close, name="gateway")
     service.start()
+    # The shutdown middleware answers /metrics itself, outside the in-flight count,
+    # so a scrape never holds or extends the drain.
     code = serve_asgi(service.app, host=settings.host, port=settings.port,
-                      controller=controller)
+                      controller=controller, metrics_registry=service.registry)
     sys.stdout.flush()
     return code
