@@ -200,7 +200,9 @@ def test_a_forked_child_reopens_its_own_connection(tmp_path):
     ({"table": "x; DROP TABLE y"}, ValueError),
     ({"busy_timeout": -1}, ValueError),
     ({"lock_retries": -1}, ValueError),
-    ({"lock_retries": 1.5}, ValueError),
+    ({"lock_retries": 1.5}, TypeError),  # wrong type: TypeError (buttress._validate)
+    ({"busy_timeout": "5"}, TypeError),
+    ({"sweep_batch": True}, TypeError),
     ({"sweep_every": 0}, ValueError),
     ({"sweep_budget": 0}, ValueError),
     ({"sweep_batch": 0}, ValueError),
@@ -343,11 +345,12 @@ def test_redis_lost_between_handler_and_done_write_raises_after_the_handler(uniq
         store.close()
 
 
-@pytest.mark.parametrize(("namespace", "partitions"), [
-    ("", 1), ("a{b}", 1), ("ok", 0), ("ok", True),
+@pytest.mark.parametrize(("namespace", "partitions", "error"), [
+    ("", 1, ValueError), ("a{b}", 1, ValueError), ("ok", 0, ValueError),
+    ("ok", True, TypeError), ("ok", "2", TypeError), (5, 1, TypeError),
 ])
-def test_bad_redis_settings_are_refused(redis_client, namespace, partitions):
-    with pytest.raises(ValueError):
+def test_bad_redis_settings_are_refused(redis_client, namespace, partitions, error):
+    with pytest.raises(error):
         RedisStore(redis_client, namespace=namespace, partitions=partitions)
     with pytest.raises(TypeError, match="client"):
         RedisStore(object())

@@ -51,6 +51,9 @@ _LAZY: dict[str, str] = {
     "DedupeStatus": "buttress.dedupe",
     "SQLiteStore": "buttress.dedupe",
     "RedisStore": "buttress.dedupe",
+    "AsyncDeduplicator": "buttress.dedupe",
+    "AsyncRedisStore": "buttress.dedupe",
+    "AsyncSQLiteStore": "buttress.dedupe",
     # priority task scheduler (native heap)
     "PriorityDeque": "buttress.scheduler",
     "TaskScheduler": "buttress.scheduler",
