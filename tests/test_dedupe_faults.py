@@ -13,8 +13,6 @@ DUPLICATE or IN_PROGRESS, and no done write may come back fenced.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +33,7 @@ from buttress import (
     StoreUnavailable,
 )
 from buttress.testing import RedisServer
+from conftest import PausedRedis, commands_run
 
 MODES = ["at_most_once", "effectively_once"]
 SOCKET_TIMEOUT = 0.2
@@ -69,41 +68,21 @@ def async_client(url: str) -> redis.asyncio.Redis:
                                         retry=redis.asyncio.retry.Retry(NoBackoff(), 20))
 
 
-class Pause:
-    """SIGSTOP the server now and SIGCONT it after ``seconds`` from a timer thread."""
-
-    def __init__(self, server: RedisServer, seconds: float = PAUSE) -> None:
-        assert server.pid is not None
-        self.pid = server.pid
-        os.kill(self.pid, signal.SIGSTOP)
-        self.timer = threading.Timer(seconds, self.resume)
-        self.timer.start()
-
-    def resume(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-
-    def close(self) -> None:
-        self.timer.cancel()
-        self.resume()
-
-
-def copies_run(control: redis.Redis, *commands: str) -> int:
-    """How many times the server ran ``commands`` since the last CONFIG RESETSTAT."""
-    stats = control.info("commandstats")
-    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in commands)
+def pause_server(server: RedisServer, seconds: float = PAUSE) -> PausedRedis:
+    return PausedRedis(server, seconds)
 
 
 class Handler:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.pause_on: tuple[str, RedisServer] | None = None
-        self.pauses: list[Pause] = []
+        self.pauses: list[PausedRedis] = []
 
     def __call__(self, msg_id: str, payload: Any) -> str:
         self.calls.append(msg_id)
         if self.pause_on is not None and msg_id == self.pause_on[0]:
             # The done write that follows this handler meets a paused server.
-            self.pauses.append(Pause(self.pause_on[1]))
+            self.pauses.append(pause_server(self.pause_on[1]))
         return msg_id
 
 
@@ -133,7 +112,7 @@ def test_a_resent_claim_is_the_callers_own_sync(server, control, namespace, mode
                           lease=30)
     ids = [f"m-{i}" for i in range(size)]
     control.config_resetstat()
-    pause = Pause(server)
+    pause = pause_server(server)
     try:
         if size == 1:
             results = [dedupe.process_message(ids[0], {"n": ids[0]})]
@@ -141,7 +120,7 @@ def test_a_resent_claim_is_the_callers_own_sync(server, control, namespace, mode
             results = dedupe.process_batch([(i, {"n": i}) for i in ids])
     finally:
         pause.close()
-    assert copies_run(control, "set", "evalsha") >= 2, "no resend happened: not a test"
+    assert commands_run(control, "set", "evalsha") >= 2, "no resend happened: not a test"
     assert [r.status for r in results] == [DedupeStatus.PROCESSED] * size
     assert not any(r.fenced for r in results)
     assert handler.calls == ids
@@ -168,7 +147,7 @@ def test_a_resent_done_write_is_not_fenced_sync(server, control, namespace, size
     finally:
         for pause in handler.pauses:
             pause.close()
-    assert copies_run(control, "evalsha") >= 3, "no resend of the done write: not a test"
+    assert commands_run(control, "evalsha") >= 3, "no resend of the done write: not a test"
     assert [(r.status, r.fenced) for r in results] == [(DedupeStatus.PROCESSED, False)] * size
     assert all(dedupe.lookup(i).state == "done" for i in ids)  # type: ignore[union-attr]
     assert dedupe.stats()["fenced"] == 0
@@ -188,7 +167,7 @@ def test_a_resent_claim_is_the_callers_own_async(server, control, namespace, mod
         dedupe = AsyncDeduplicator(handler, AsyncRedisStore(client, namespace=namespace),
                                    ttl=60, mode=mode, lease=30)
         control.config_resetstat()
-        pause = Pause(server)
+        pause = pause_server(server)
         try:
             if size == 1:
                 results = [await dedupe.process_message(ids[0], {"n": ids[0]})]
@@ -201,7 +180,7 @@ def test_a_resent_claim_is_the_callers_own_async(server, control, namespace, mod
         return [results, again]
 
     results, again = asyncio.run(scenario())
-    assert copies_run(control, "set", "evalsha") >= 2, "no resend happened: not a test"
+    assert commands_run(control, "set", "evalsha") >= 2, "no resend happened: not a test"
     assert [r.status for r in results] == [DedupeStatus.PROCESSED] * size
     assert not any(r.fenced for r in results)
     assert handler.calls == ids
@@ -219,14 +198,14 @@ def test_a_claim_whose_every_send_timed_out_is_found_on_redelivery(server, contr
         dedupe = Deduplicator(handler, RedisStore(client, namespace=f"{namespace}:{mode}"),
                               ttl=60, mode=mode)
         control.config_resetstat()
-        pause = Pause(server, seconds=0.5)
+        pause = pause_server(server, 0.5)
         try:
             with pytest.raises(StoreUnavailable, match="Timeout"):
                 dedupe.process_batch([("a", 1), ("b", 2)])
         finally:
-            pause.timer.join()
+            pause.wait()
             pause.close()
-        assert copies_run(control, "evalsha") == 1  # it ran, after the client gave up
+        assert commands_run(control, "evalsha") == 1  # it ran, after the client gave up
         assert dedupe.stats()["unanswered_claims"] == 2
         # The queue redelivers: the claim that ran is found as this consumer's own.
         assert dedupe.process_message("a", 1).status is DedupeStatus.PROCESSED
