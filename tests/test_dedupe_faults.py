@@ -102,6 +102,19 @@ def warm(store_client: Any) -> None:
         store_client.script_load(FINISH.source)
 
 
+def deliver(dedupe: Deduplicator, ids: list[str]) -> list[Any]:
+    """One message through process_message, several through process_batch."""
+    if len(ids) == 1:
+        return [dedupe.process_message(ids[0], {"n": ids[0]})]
+    return dedupe.process_batch([(i, {"n": i}) for i in ids])
+
+
+async def deliver_async(dedupe: AsyncDeduplicator, ids: list[str]) -> list[Any]:
+    if len(ids) == 1:
+        return [await dedupe.process_message(ids[0], {"n": ids[0]})]
+    return await dedupe.process_batch([(i, {"n": i}) for i in ids])
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", [1, 50])
 def test_a_resent_claim_is_the_callers_own_sync(server, control, namespace, mode, size):
@@ -114,10 +127,7 @@ def test_a_resent_claim_is_the_callers_own_sync(server, control, namespace, mode
     control.config_resetstat()
     pause = pause_server(server)
     try:
-        if size == 1:
-            results = [dedupe.process_message(ids[0], {"n": ids[0]})]
-        else:
-            results = dedupe.process_batch([(i, {"n": i}) for i in ids])
+        results = deliver(dedupe, ids)
     finally:
         pause.close()
     assert commands_run(control, "set", "evalsha") >= 2, "no resend happened: not a test"
@@ -140,10 +150,7 @@ def test_a_resent_done_write_is_not_fenced_sync(server, control, namespace, size
     ids = [f"m-{i}" for i in range(size)]
     control.config_resetstat()
     try:
-        if size == 1:
-            results = [dedupe.process_message(ids[0], {"n": ids[0]})]
-        else:
-            results = dedupe.process_batch([(i, {"n": i}) for i in ids])
+        results = deliver(dedupe, ids)
     finally:
         for pause in handler.pauses:
             pause.close()
@@ -169,10 +176,7 @@ def test_a_resent_claim_is_the_callers_own_async(server, control, namespace, mod
         control.config_resetstat()
         pause = pause_server(server)
         try:
-            if size == 1:
-                results = [await dedupe.process_message(ids[0], {"n": ids[0]})]
-            else:
-                results = await dedupe.process_batch([(i, {"n": i}) for i in ids])
+            results = await deliver_async(dedupe, ids)
         finally:
             pause.close()
         again = await dedupe.process_batch([(i, {"n": i}) for i in ids])
@@ -185,6 +189,34 @@ def test_a_resent_claim_is_the_callers_own_async(server, control, namespace, mod
     assert not any(r.fenced for r in results)
     assert handler.calls == ids
     assert {r.status for r in again} == {DedupeStatus.DUPLICATE}
+
+
+@pytest.mark.parametrize("size", [1, 50])
+def test_a_resent_done_write_is_not_fenced_async(server, control, namespace, size):
+    warm(control)
+    handler = Handler()
+    handler.pause_on = (f"m-{size - 1}", server)
+    ids = [f"m-{i}" for i in range(size)]
+
+    async def scenario() -> tuple[list[Any], list[Any], int]:
+        client = async_client(server.url)
+        await client.ping()
+        dedupe = AsyncDeduplicator(handler, AsyncRedisStore(client, namespace=namespace),
+                                   ttl=60, mode="effectively_once", lease=30)
+        control.config_resetstat()
+        try:
+            results = await deliver_async(dedupe, ids)
+        finally:
+            for pause in handler.pauses:
+                pause.close()
+        records = [await dedupe.lookup(i) for i in ids]
+        await client.aclose()
+        return results, records, dedupe.stats()["fenced"]
+
+    results, records, fenced = asyncio.run(scenario())
+    assert commands_run(control, "evalsha") >= 3, "no resend of the done write: not a test"
+    assert [(r.status, r.fenced) for r in results] == [(DedupeStatus.PROCESSED, False)] * size
+    assert all(r is not None and r.state == "done" for r in records) and fenced == 0
 
 
 def test_a_claim_whose_every_send_timed_out_is_found_on_redelivery(server, control,

@@ -207,12 +207,14 @@ def test_sqlite_claims_survive_a_process_restart(tmp_path):
 # -- the consumer process -----------------------------------------------------------------
 
 
-def consume(config: dict[str, Any]) -> None:
-    if config.get("flavour") == "async":
-        asyncio.run(consume_async(config))
-        return
-    from buttress import DedupeStatus, Deduplicator
+async def consume(config: dict[str, Any]) -> None:
+    """One consumer: Deduplicator (``flavour`` "sync") or AsyncDeduplicator ("async").
 
+    The loop is a coroutine for both; the sync consumer's calls simply block it.
+    """
+    from buttress import AsyncDeduplicator, DedupeStatus, Deduplicator
+
+    is_async = config.get("flavour") == "async"
     ids = Path(config["ids"]).read_text().split("\n")
     log = open(config["log"], "a", buffering=1)  # noqa: SIM115 - line-buffered for SIGKILL
     stick_after = config.get("stick_after")
@@ -226,58 +228,20 @@ def consume(config: dict[str, Any]) -> None:
             while True:  # stuck mid-batch until the test kills this process
                 time.sleep(1)
 
-    store = open_store(config["store"])
-    dedupe = Deduplicator(handler, store, mode=config["mode"], ttl=600,
-                          lease=config.get("lease", 30))
-    Path(config["ready"]).touch()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(config["go"]):
-        if time.monotonic() > deadline:
-            raise SystemExit("never told to go")
-        time.sleep(0.005)
+    async def async_handler(msg_id: str, payload: Any) -> None:
+        await asyncio.sleep(0)
+        handler(msg_id, payload)
 
-    batch = config["batch"]
-    pending = ids
-    while pending:
-        unfinished = []
-        for start in range(0, len(pending), batch):
-            chunk = pending[start:start + batch]
-            results = dedupe.process_batch([(i, {"id": i}) for i in chunk])
-            for result in results:
-                if result.status is DedupeStatus.PROCESSED and not result.fenced \
-                        and dedupe.mode == "effectively_once":
-                    log.write(f"done {result.msg_id}\n")
-                elif result.status in (DedupeStatus.IN_PROGRESS, DedupeStatus.FAILED):
-                    unfinished.append(result.msg_id)
-        if not config.get("until_done") or time.monotonic() > deadline:
-            break
-        pending = unfinished
-        if pending:
-            time.sleep(0.05)  # a redelivery delay, as a queue would have
-    store.close()
-    log.close()
+    store = open_store(config["store"], "async" if is_async else "sync")
+    dedupe: Any = (AsyncDeduplicator(async_handler, store, mode=config["mode"], ttl=600,
+                                     lease=config.get("lease", 30)) if is_async
+                   else Deduplicator(handler, store, mode=config["mode"], ttl=600,
+                                     lease=config.get("lease", 30)))
 
+    async def process_batch(messages: list[tuple[str, Any]]) -> Any:
+        results = dedupe.process_batch(messages)
+        return await results if is_async else results
 
-async def consume_async(config: dict[str, Any]) -> None:
-    """``consume`` with an AsyncDeduplicator and a coroutine handler."""
-    from buttress import AsyncDeduplicator, DedupeStatus
-
-    ids = Path(config["ids"]).read_text().split("\n")
-    log = open(config["log"], "a", buffering=1)  # noqa: SIM115 - line-buffered for SIGKILL
-    stick_after = config.get("stick_after")
-    ran = 0
-
-    async def handler(msg_id: str, payload: Any) -> None:
-        nonlocal ran
-        log.write(f"ran {msg_id}\n")
-        ran += 1
-        if stick_after is not None and ran > stick_after:
-            while True:  # stuck mid-batch until the test kills this process
-                await asyncio.sleep(1)
-
-    store = open_store(config["store"], "async")
-    dedupe = AsyncDeduplicator(handler, store, mode=config["mode"], ttl=600,
-                               lease=config.get("lease", 30))
     Path(config["ready"]).touch()
     deadline = time.monotonic() + 60
     while not os.path.exists(config["go"]):
@@ -291,8 +255,7 @@ async def consume_async(config: dict[str, Any]) -> None:
         unfinished = []
         for start in range(0, len(pending), batch):
             chunk = pending[start:start + batch]
-            results = await dedupe.process_batch([(i, {"id": i}) for i in chunk])
-            for result in results:
+            for result in await process_batch([(i, {"id": i}) for i in chunk]):
                 if result.status is DedupeStatus.PROCESSED and not result.fenced \
                         and dedupe.mode == "effectively_once":
                     log.write(f"done {result.msg_id}\n")
@@ -303,9 +266,11 @@ async def consume_async(config: dict[str, Any]) -> None:
         pending = unfinished
         if pending:
             await asyncio.sleep(0.05)  # a redelivery delay, as a queue would have
-    await store.close()
+    closed = store.close()
+    if is_async:
+        await closed
     log.close()
 
 
 if __name__ == "__main__":
-    consume(json.loads(sys.argv[1]))
+    asyncio.run(consume(json.loads(sys.argv[1])))

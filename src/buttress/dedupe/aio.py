@@ -64,10 +64,7 @@ class AsyncDeduplicator(DedupeCore):
         except StoreUnavailable:
             self._unanswered_claim([msg_id], token)
             raise
-        if code > 0:
-            results, _ = await self._run_handlers([msg_id], [payload], [code])
-        else:
-            results = [self._not_run(msg_id, code)]
+        results, _ = await self._run_handlers([msg_id], [payload], [code])
         store_calls = 1 + (await self._finish(results, token) if self._effectively_once else 0)
         result = results[0]
         self._count_one(result, code, store_calls)
@@ -124,17 +121,7 @@ class AsyncDeduplicator(DedupeCore):
         except StoreUnavailable:
             self._unanswered_claim(ids, token)
             raise
-        if codes.count(1) == len(codes):
-            results, failed = await self._run_handlers(ids, payloads, codes)
-        else:
-            results, failed = [], 0
-            for msg_id, payload, code in zip(ids, payloads, codes, strict=True):
-                if code > 0:
-                    ran, failures = await self._run_handlers([msg_id], [payload], [code])
-                    results.extend(ran)
-                    failed += failures
-                else:
-                    results.append(self._not_run(msg_id, code))
+        results, failed = await self._run_handlers(ids, payloads, codes)
         store_calls = 1
         if self._effectively_once:
             store_calls += await self._finish(results, token)
@@ -142,23 +129,23 @@ class AsyncDeduplicator(DedupeCore):
         return results
 
     async def _run_handlers(self, ids: list[str], payloads: list[Any],
-                            attempts: list[int]) -> tuple[list[DedupeResult], int]:
-        """Call (and await) the handler on each claimed message; exceptions become FAILED."""
-        handler, processed = self.handler, DedupeStatus.PROCESSED
-        new, result = tuple.__new__, DedupeResult
-        isawaitable = inspect.isawaitable
+                            codes: list[int]) -> tuple[list[DedupeResult], int]:
+        """Call (and await) the handler on each message claimed here, as the sync class."""
+        handler, processed, not_run = self.handler, DedupeStatus.PROCESSED, self._not_run
+        new, result, isawaitable = tuple.__new__, DedupeResult, inspect.isawaitable
         results: list[DedupeResult] = []
         failed = 0
-        for msg_id, payload, attempt in zip(ids, payloads, attempts, strict=True):
+        for msg_id, payload, attempt in zip(ids, payloads, codes, strict=True):
+            if attempt <= 0:
+                results.append(not_run(msg_id, attempt))
+                continue
             try:
                 value = handler(msg_id, payload)
                 if isawaitable(value):
                     value = await value
                 results.append(new(result, (msg_id, processed, value, None, attempt, False)))
             except Exception as exc:
-                logger.warning("handler failed on message %r (attempt %d): %r",
-                               msg_id, attempt, exc)
-                results.append(result(msg_id, DedupeStatus.FAILED, None, exc, attempt))
+                results.append(self._failed(msg_id, attempt, exc))
                 failed += 1
         return results, failed
 

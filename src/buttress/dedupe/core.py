@@ -298,6 +298,11 @@ class DedupeCore:
         # Done; or, in at_most_once, any live claim: there a claim is final.
         return DedupeResult(msg_id, DedupeStatus.DUPLICATE)
 
+    @staticmethod
+    def _failed(msg_id: str, attempt: int, exc: Exception) -> DedupeResult:
+        logger.warning("handler failed on message %r (attempt %d): %r", msg_id, attempt, exc)
+        return DedupeResult(msg_id, DedupeStatus.FAILED, None, exc, attempt)
+
     def _finish_plan(self, results: list[DedupeResult]) -> tuple[list[int], list[DedupeResult]]:
         """Positions of the results to mark done, and the failed results to release."""
         processed = [i for i, r in enumerate(results) if r.status is DedupeStatus.PROCESSED]
@@ -385,10 +390,7 @@ class Deduplicator(DedupeCore):
         except StoreUnavailable:
             self._unanswered_claim([msg_id], token)
             raise
-        if code > 0:
-            results, _ = self._run_handlers([msg_id], [payload], [code])
-        else:
-            results = [self._not_run(msg_id, code)]
+        results, _ = self._run_handlers([msg_id], [payload], [code])
         store_calls = 1 + (self._finish(results, token) if self._effectively_once else 0)
         result = results[0]
         self._count_one(result, code, store_calls)
@@ -449,18 +451,7 @@ class Deduplicator(DedupeCore):
         except StoreUnavailable:
             self._unanswered_claim(ids, token)
             raise
-        if codes.count(1) == len(codes):
-            # The common case, every id new: no status to decide per message.
-            results, failed = self._run_handlers(ids, payloads, codes)
-        else:
-            results, failed = [], 0
-            for msg_id, payload, code in zip(ids, payloads, codes, strict=True):
-                if code > 0:
-                    ran, failures = self._run_handlers([msg_id], [payload], [code])
-                    results.extend(ran)
-                    failed += failures
-                else:
-                    results.append(self._not_run(msg_id, code))
+        results, failed = self._run_handlers(ids, payloads, codes)
         store_calls = 1
         if self._effectively_once:
             store_calls += self._finish(results, token)
@@ -468,25 +459,27 @@ class Deduplicator(DedupeCore):
         return results
 
     def _run_handlers(self, ids: list[str], payloads: list[Any],
-                      attempts: list[int]) -> tuple[list[DedupeResult], int]:
-        """Call the handler on each claimed message; an exception becomes a FAILED result.
+                      codes: list[int]) -> tuple[list[DedupeResult], int]:
+        """Call the handler on each message claimed here (code > 0, its attempt).
 
-        Returns the results and how many failed.
+        A message not claimed gets its result from the code; a handler
+        exception becomes a FAILED result.  Returns the results and how many failed.
         """
-        handler, processed = self.handler, DedupeStatus.PROCESSED
+        handler, processed, not_run = self.handler, DedupeStatus.PROCESSED, self._not_run
         # tuple.__new__ straight: the NamedTuple's own __new__ is a Python function.
         new, result = tuple.__new__, DedupeResult
         results: list[DedupeResult] = []
         failed = 0
         append = results.append
-        for msg_id, payload, attempt in zip(ids, payloads, attempts, strict=True):
+        for msg_id, payload, attempt in zip(ids, payloads, codes, strict=True):
+            if attempt <= 0:
+                append(not_run(msg_id, attempt))
+                continue
             try:
                 append(new(result, (msg_id, processed, handler(msg_id, payload), None, attempt,
                                     False)))
             except Exception as exc:
-                logger.warning("handler failed on message %r (attempt %d): %r",
-                               msg_id, attempt, exc)
-                append(result(msg_id, DedupeStatus.FAILED, None, exc, attempt))
+                append(self._failed(msg_id, attempt, exc))
                 failed += 1
         return results, failed
 
