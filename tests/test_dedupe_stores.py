@@ -360,3 +360,30 @@ def test_store_reprs_name_where_they_are(tmp_path, redis_client):
     assert "d.db" in repr(SQLiteStore(tmp_path / "d.db"))
     assert "partitions=1" in repr(RedisStore(redis_client))
     assert Path(SQLiteStore(tmp_path / "d.db").path).name == "d.db"
+
+
+# -- resends: a second copy of a call, same owner token ---------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_second_copy_of_a_call_finds_its_own_token(tmp_path, redis_url, unique_name, kind):
+    """What a resent command meets: the record its first copy wrote, under its own token."""
+    store = SQLiteStore(tmp_path / "d.db") if kind == "sqlite" \
+        else RedisStore.from_url(redis_url, namespace=unique_name)
+    fps = [fingerprint("a"), fingerprint("b")]
+    lease = {"lease_ms": 30_000, "ttl_ms": 60_000}
+    assert store.claim(["a", "b"], fps, token="T1", **lease) == [1, 1]
+    assert store.claim(["a", "b"], fps, token="T1", **lease) == [1, 1]  # ours, not in progress
+    assert store.claim(["a", "b"], fps, token="T2", **lease) == [-1, -1]  # someone else's
+    assert store.complete(["a"], [1], token="T1", ttl_ms=60_000) == [True]
+    assert store.complete(["a"], [1], token="T1", ttl_ms=60_000) == [True]  # not fenced
+    assert store.claim(["a"], fps[:1], token="T1", **lease) == [0]  # done is done
+    assert store.release(["b"], [1], token="T1") == [True]
+    assert store.release(["b"], [1], token="T1") == [True]
+    assert store.claim(["b"], fps[1:], token="T3", **lease) == [2]  # released: taken over
+    # A single at_most_once claim (SET NX PX on Redis), sent twice.
+    forever = {"lease_ms": 120_000, "ttl_ms": 60_000}
+    assert store.claim(["c"], [fingerprint("c")], token="T4", **forever) == [1]
+    assert store.claim(["c"], [fingerprint("c")], token="T4", **forever) == [1]
+    assert store.claim(["c"], [fingerprint("c")], token="T5", **forever) == [-1]
+    store.close()
