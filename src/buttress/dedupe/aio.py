@@ -27,7 +27,6 @@ from buttress.dedupe.core import (
     DedupeResult,
     DedupeStatus,
     _check_id,
-    _new_token,
     _rounds,
     fingerprint,
 )
@@ -56,8 +55,7 @@ class AsyncDeduplicator(DedupeCore):
         """Claim ``msg_id`` and run the handler if the claim is ours; say what happened."""
         _check_id(msg_id)
         fingerprints = [fingerprint(payload)]
-        token = self._unanswered.pop(msg_id, None) if self._unanswered else None
-        token = token or _new_token()
+        token = self._token_for(msg_id)
         try:
             code = (await self.store.claim([msg_id], fingerprints, token=token,
                                            lease_ms=self._lease_ms, ttl_ms=self._ttl_ms))[0]

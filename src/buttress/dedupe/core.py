@@ -48,6 +48,13 @@ The race between two consumers A and B on the same id, step by step:
    lapsed, takes over as attempt 2 with B's token and runs the handler; if A
    wakes and tries to mark done, the check in step 5 fails and A's result says
    ``fenced``: only B's done write lands.
+
+A command that timed out may still run, once or twice (docs/redis.md): each
+claim call's owner token is drawn before its first send, and a copy of the
+call that finds its own token takes the claim as its own (step 3 never turns
+against the caller).  :class:`DedupeCore` holds every decision above, shared
+by :class:`Deduplicator` and the asyncio twin
+:class:`~buttress.AsyncDeduplicator`, which only do the I/O.
 """
 
 from __future__ import annotations
@@ -262,6 +269,15 @@ class DedupeCore:
         _check_ids(ids)
         return ids, payloads, _fingerprints(payloads)
 
+    def _token_for(self, msg_id: str) -> str:
+        """The owner token of a single claim: remembered if its last claim went unanswered."""
+        if self._unanswered:
+            with self._counts_lock:
+                token = self._unanswered.pop(msg_id, None)
+            if token is not None:
+                return token
+        return _new_token()
+
     def _token_groups(self, ids: list[str]) -> list[tuple[str, list[int] | None]]:
         """The owner token of each claim call for ``ids``: one new token, positions None.
 
@@ -382,8 +398,7 @@ class Deduplicator(DedupeCore):
         _check_id(msg_id)
         fingerprints = [fingerprint(payload)]
         # One owner per claim call, drawn before the first send; takeovers replace it.
-        token = self._unanswered.pop(msg_id, None) if self._unanswered else None
-        token = token or _new_token()
+        token = self._token_for(msg_id)
         try:
             code = self.store.claim([msg_id], fingerprints, token=token,
                                     lease_ms=self._lease_ms, ttl_ms=self._ttl_ms)[0]
