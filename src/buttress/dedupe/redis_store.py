@@ -108,6 +108,7 @@ class _RedisRecords:
         self._owns_client = False  # close() closes only a client this store created
         self._keys = Keys(namespace)
         self._prefix = self._keys.base_bytes
+        self._partitions: dict[int, Keys] = {}
 
     def _check_client(self, client: Any) -> Any:
         return require_sync_client(client, owner=self._OWNER, twin=self._TWIN)
@@ -116,7 +117,14 @@ class _RedisRecords:
         """The Redis key of ``msg_id``'s record."""
         if self.partitions == 1:
             return self._keys.key(msg_id)
-        return Keys(f"{self.namespace}:{self._partition(msg_id)}").key(msg_id)
+        return self._partition_keys(self._partition(msg_id)).key(msg_id)
+
+    def _partition_keys(self, partition: int) -> Keys:
+        """The keys of one partition (hash tag ``{namespace:p}``), built once each."""
+        keys = self._partitions.get(partition)
+        if keys is None:
+            keys = self._partitions[partition] = Keys(f"{self.namespace}:{partition}")
+        return keys
 
     def _partition(self, msg_id: str) -> int:
         return xxh64(msg_id) % self.partitions
@@ -130,7 +138,8 @@ class _RedisRecords:
     def _set_claim_request(self, msg_id: str, fingerprint: int, token: str) -> tuple[Any, str]:
         """Key and value of a single claim sent as SET NX PX (its lease never lapses)."""
         self._set_claims += 1
-        key = self._prefix + msg_id.encode() if self.partitions == 1 else self.key(msg_id)
+        key = (self._prefix if self.partitions == 1 else self._partition_keys(
+            self._partition(msg_id)).base_bytes) + msg_id.encode()
         return key, f"c|1|{NEVER_MS}|{fingerprint:016x}|{token}"
 
     def _claim_calls(self, msg_ids: Sequence[str], fingerprints: Sequence[int], token: str,
@@ -178,8 +187,9 @@ class _RedisRecords:
             return [([prefix + msg_id.encode() for msg_id in msg_ids], None)]
         groups: dict[int, tuple[list[bytes], list[int]]] = {}
         for position, msg_id in enumerate(msg_ids):
-            keys, positions = groups.setdefault(self._partition(msg_id), ([], []))
-            keys.append(self.key(msg_id).encode())
+            partition = self._partition(msg_id)
+            keys, positions = groups.setdefault(partition, ([], []))
+            keys.append(self._partition_keys(partition).base_bytes + msg_id.encode())
             positions.append(position)
         return list(groups.values())
 
