@@ -93,3 +93,38 @@ def wait_until(
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+class PausedRedis:
+    """SIGSTOP a private RedisServer now and SIGCONT it after ``seconds`` (a timer thread).
+
+    For fault tests: a command sent meanwhile times out on the client, is resent,
+    and runs (every copy of it) when the server resumes.  ``close()`` resumes at once.
+    """
+
+    def __init__(self, server: RedisServer, seconds: float) -> None:
+        import signal
+        import threading
+
+        assert server.pid is not None
+        self._pid, self._cont = server.pid, signal.SIGCONT
+        os.kill(self._pid, signal.SIGSTOP)
+        self.timer = threading.Timer(seconds, self.resume)
+        self.timer.start()
+
+    def resume(self) -> None:
+        os.kill(self._pid, self._cont)
+
+    def wait(self) -> None:
+        """Until the timer has resumed the server."""
+        self.timer.join()
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.resume()
+
+
+def commands_run(control: redis.Redis, *commands: str) -> int:
+    """How many times the server ran ``commands`` since its last CONFIG RESETSTAT."""
+    stats = control.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in commands)

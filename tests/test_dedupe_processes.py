@@ -1,5 +1,10 @@
 """Real consumer processes racing on one store, and consumers killed with SIGKILL mid-batch.
 
+Every test runs with sync consumers (Deduplicator) and with asyncio ones
+(AsyncDeduplicator with AsyncRedisStore / AsyncSQLiteStore); the race of eight
+consumers also runs "mixed", four of each on one store, which is how sync and
+async consumers are shown to interoperate (same scripts, same records).
+
 Each consumer is this file run as a script (see ``consume`` at the bottom): it
 reads its ids, waits for a start signal so all consumers race, and logs every
 handler call (``ran <id>``) and every done write that landed (``done <id>``),
@@ -8,6 +13,7 @@ line-buffered, to its own file, so a SIGKILLed consumer leaves what it did.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -67,13 +73,23 @@ def store_spec(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str)
     return f"redis:{url}#{unique_name}"
 
 
-def open_store(spec: str) -> Any:
-    from buttress import RedisStore, SQLiteStore
+@pytest.fixture(params=["sync", "async"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    """Consumers as Deduplicator ("sync") or AsyncDeduplicator ("async")."""
+    return str(request.param)
+
+
+def open_store(spec: str, flavour: str = "sync") -> Any:
+    from buttress import AsyncRedisStore, AsyncSQLiteStore, RedisStore, SQLiteStore
 
     kind, _, where = spec.partition(":")
     if kind == "sqlite":
+        if flavour == "async":
+            return AsyncSQLiteStore(where, busy_timeout=10.0, lock_retries=10)
         return SQLiteStore(where, busy_timeout=10.0, lock_retries=10)
     url, _, namespace = where.partition("#")
+    if flavour == "async":
+        return AsyncRedisStore.from_url(url, namespace=namespace)
     return RedisStore.from_url(url, namespace=namespace)
 
 
@@ -82,15 +98,19 @@ def open_store(spec: str) -> Any:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mix", "count"), [("sync", 20_000), ("mixed", 5_000)])
 def test_eight_consumers_racing_on_the_same_20k_ids_handle_each_exactly_once(
-        tmp_path, store_spec, mode):
-    ids = [f"order-{i}" for i in range(20_000)]
+        tmp_path, store_spec, mode, mix, count):
+    # "mixed": consumers 1, 3, 5, 7 are AsyncDeduplicators on the same store (fewer ids:
+    # the property shows at 5k and the suite stays fast).
+    ids = [f"order-{i}" for i in range(count)]
     consumers = []
     for n in range(8):
         order = ids[:]
         random.Random(n).shuffle(order)  # each gets every id, in its own order
         consumers.append(start_consumer(tmp_path, f"c{n}", store_spec, order, mode=mode,
-                                        batch=500, lease=60))
+                                        batch=500, lease=60,
+                                        flavour="async" if mix == "mixed" and n % 2 else "sync"))
     wait_until(lambda: all((tmp_path / f"c{n}.ready").exists() for n in range(8)), 60,
                message="8 consumers to be ready")
     (tmp_path / "go").touch()  # all start together, so they race on every id
@@ -107,10 +127,11 @@ def test_eight_consumers_racing_on_the_same_20k_ids_handle_each_exactly_once(
 
 
 @pytest.mark.slow
-def test_kill_9_mid_batch_at_most_once_never_runs_an_id_twice(tmp_path, store_spec):
+def test_kill_9_mid_batch_at_most_once_never_runs_an_id_twice(tmp_path, store_spec, flavour):
     ids = [f"m-{i}" for i in range(300)]
     victim, victim_log = start_consumer(tmp_path, "victim", store_spec, ids,
-                                        mode="at_most_once", batch=300, stick_after=40)
+                                        mode="at_most_once", batch=300, stick_after=40,
+                                        flavour=flavour)
     (tmp_path / "go").touch()
     wait_until(lambda: len(read_log(victim_log)[0]) > 40, 60,
                message="the victim to be stuck mid-batch")
@@ -120,7 +141,7 @@ def test_kill_9_mid_batch_at_most_once_never_runs_an_id_twice(tmp_path, store_sp
     ran_by_victim = read_log(victim_log)[0]
 
     survivor, survivor_log = start_consumer(tmp_path, "survivor", store_spec, ids,
-                                            mode="at_most_once", batch=50)
+                                            mode="at_most_once", batch=50, flavour=flavour)
     finish(survivor)
     ran_after = read_log(survivor_log)[0]
     # The victim claimed the whole batch before running it: every id is taken, none
@@ -131,12 +152,12 @@ def test_kill_9_mid_batch_at_most_once_never_runs_an_id_twice(tmp_path, store_sp
 
 @pytest.mark.slow
 def test_kill_9_mid_batch_effectively_once_others_complete_it_after_the_lease(
-        tmp_path, store_spec):
+        tmp_path, store_spec, flavour):
     ids = [f"m-{i}" for i in range(300)]
     lease = 1.5
     victim, victim_log = start_consumer(tmp_path, "victim", store_spec, ids,
                                         mode="effectively_once", batch=300, lease=lease,
-                                        stick_after=40)
+                                        stick_after=40, flavour=flavour)
     (tmp_path / "go").touch()
     wait_until(lambda: len(read_log(victim_log)[0]) > 40, 60,
                message="the victim to be stuck mid-batch")
@@ -145,7 +166,8 @@ def test_kill_9_mid_batch_effectively_once_others_complete_it_after_the_lease(
 
     # Two consumers keep redelivering the same ids until each is finished.
     takers = [start_consumer(tmp_path, f"taker{n}", store_spec, ids[::1 - 2 * n],
-                             mode="effectively_once", batch=60, lease=lease, until_done=True)
+                             mode="effectively_once", batch=60, lease=lease, until_done=True,
+                             flavour=flavour if n else "sync")
               for n in range(2)]
     for process, _ in takers:
         finish(process)
@@ -185,9 +207,14 @@ def test_sqlite_claims_survive_a_process_restart(tmp_path):
 # -- the consumer process -----------------------------------------------------------------
 
 
-def consume(config: dict[str, Any]) -> None:
-    from buttress import DedupeStatus, Deduplicator
+async def consume(config: dict[str, Any]) -> None:
+    """One consumer: Deduplicator (``flavour`` "sync") or AsyncDeduplicator ("async").
 
+    The loop is a coroutine for both; the sync consumer's calls simply block it.
+    """
+    from buttress import AsyncDeduplicator, DedupeStatus, Deduplicator
+
+    is_async = config.get("flavour") == "async"
     ids = Path(config["ids"]).read_text().split("\n")
     log = open(config["log"], "a", buffering=1)  # noqa: SIM115 - line-buffered for SIGKILL
     stick_after = config.get("stick_after")
@@ -201,15 +228,26 @@ def consume(config: dict[str, Any]) -> None:
             while True:  # stuck mid-batch until the test kills this process
                 time.sleep(1)
 
-    store = open_store(config["store"])
-    dedupe = Deduplicator(handler, store, mode=config["mode"], ttl=600,
-                          lease=config.get("lease", 30))
+    async def async_handler(msg_id: str, payload: Any) -> None:
+        await asyncio.sleep(0)
+        handler(msg_id, payload)
+
+    store = open_store(config["store"], "async" if is_async else "sync")
+    dedupe: Any = (AsyncDeduplicator(async_handler, store, mode=config["mode"], ttl=600,
+                                     lease=config.get("lease", 30)) if is_async
+                   else Deduplicator(handler, store, mode=config["mode"], ttl=600,
+                                     lease=config.get("lease", 30)))
+
+    async def process_batch(messages: list[tuple[str, Any]]) -> Any:
+        results = dedupe.process_batch(messages)
+        return await results if is_async else results
+
     Path(config["ready"]).touch()
     deadline = time.monotonic() + 60
     while not os.path.exists(config["go"]):
         if time.monotonic() > deadline:
             raise SystemExit("never told to go")
-        time.sleep(0.005)
+        await asyncio.sleep(0.005)
 
     batch = config["batch"]
     pending = ids
@@ -217,8 +255,7 @@ def consume(config: dict[str, Any]) -> None:
         unfinished = []
         for start in range(0, len(pending), batch):
             chunk = pending[start:start + batch]
-            results = dedupe.process_batch([(i, {"id": i}) for i in chunk])
-            for result in results:
+            for result in await process_batch([(i, {"id": i}) for i in chunk]):
                 if result.status is DedupeStatus.PROCESSED and not result.fenced \
                         and dedupe.mode == "effectively_once":
                     log.write(f"done {result.msg_id}\n")
@@ -228,10 +265,12 @@ def consume(config: dict[str, Any]) -> None:
             break
         pending = unfinished
         if pending:
-            time.sleep(0.05)  # a redelivery delay, as a queue would have
-    store.close()
+            await asyncio.sleep(0.05)  # a redelivery delay, as a queue would have
+    closed = store.close()
+    if is_async:
+        await closed
     log.close()
 
 
 if __name__ == "__main__":
-    consume(json.loads(sys.argv[1]))
+    asyncio.run(consume(json.loads(sys.argv[1])))

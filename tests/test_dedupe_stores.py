@@ -200,7 +200,9 @@ def test_a_forked_child_reopens_its_own_connection(tmp_path):
     ({"table": "x; DROP TABLE y"}, ValueError),
     ({"busy_timeout": -1}, ValueError),
     ({"lock_retries": -1}, ValueError),
-    ({"lock_retries": 1.5}, ValueError),
+    ({"lock_retries": 1.5}, TypeError),  # wrong type: TypeError (buttress._validate)
+    ({"busy_timeout": "5"}, TypeError),
+    ({"sweep_batch": True}, TypeError),
     ({"sweep_every": 0}, ValueError),
     ({"sweep_budget": 0}, ValueError),
     ({"sweep_batch": 0}, ValueError),
@@ -343,11 +345,12 @@ def test_redis_lost_between_handler_and_done_write_raises_after_the_handler(uniq
         store.close()
 
 
-@pytest.mark.parametrize(("namespace", "partitions"), [
-    ("", 1), ("a{b}", 1), ("ok", 0), ("ok", True),
+@pytest.mark.parametrize(("namespace", "partitions", "error"), [
+    ("", 1, ValueError), ("a{b}", 1, ValueError), ("ok", 0, ValueError),
+    ("ok", True, TypeError), ("ok", "2", TypeError), (5, 1, TypeError),
 ])
-def test_bad_redis_settings_are_refused(redis_client, namespace, partitions):
-    with pytest.raises(ValueError):
+def test_bad_redis_settings_are_refused(redis_client, namespace, partitions, error):
+    with pytest.raises(error):
         RedisStore(redis_client, namespace=namespace, partitions=partitions)
     with pytest.raises(TypeError, match="client"):
         RedisStore(object())
@@ -357,3 +360,30 @@ def test_store_reprs_name_where_they_are(tmp_path, redis_client):
     assert "d.db" in repr(SQLiteStore(tmp_path / "d.db"))
     assert "partitions=1" in repr(RedisStore(redis_client))
     assert Path(SQLiteStore(tmp_path / "d.db").path).name == "d.db"
+
+
+# -- resends: a second copy of a call, same owner token ---------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_second_copy_of_a_call_finds_its_own_token(tmp_path, redis_url, unique_name, kind):
+    """What a resent command meets: the record its first copy wrote, under its own token."""
+    store = SQLiteStore(tmp_path / "d.db") if kind == "sqlite" \
+        else RedisStore.from_url(redis_url, namespace=unique_name)
+    fps = [fingerprint("a"), fingerprint("b")]
+    lease = {"lease_ms": 30_000, "ttl_ms": 60_000}
+    assert store.claim(["a", "b"], fps, token="T1", **lease) == [1, 1]
+    assert store.claim(["a", "b"], fps, token="T1", **lease) == [1, 1]  # ours, not in progress
+    assert store.claim(["a", "b"], fps, token="T2", **lease) == [-1, -1]  # someone else's
+    assert store.complete(["a"], [1], token="T1", ttl_ms=60_000) == [True]
+    assert store.complete(["a"], [1], token="T1", ttl_ms=60_000) == [True]  # not fenced
+    assert store.claim(["a"], fps[:1], token="T1", **lease) == [0]  # done is done
+    assert store.release(["b"], [1], token="T1") == [True]
+    assert store.release(["b"], [1], token="T1") == [True]
+    assert store.claim(["b"], fps[1:], token="T3", **lease) == [2]  # released: taken over
+    # A single at_most_once claim (SET NX PX on Redis), sent twice.
+    forever = {"lease_ms": 120_000, "ttl_ms": 60_000}
+    assert store.claim(["c"], [fingerprint("c")], token="T4", **forever) == [1]
+    assert store.claim(["c"], [fingerprint("c")], token="T4", **forever) == [1]
+    assert store.claim(["c"], [fingerprint("c")], token="T5", **forever) == [-1]
+    store.close()

@@ -115,31 +115,37 @@ def private_redis() -> Iterator[RedisServer]:
 # -- arguments ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ttl_ms", [0, -1, 1.5, True, None, "100"])
-def test_ttl_must_be_a_positive_int(redis_client, ttl_ms):
-    with pytest.raises(ValueError, match="ttl_ms"):
+# Wrong type -> TypeError, right type wrong value -> ValueError (buttress._validate).
+@pytest.mark.parametrize(("ttl_ms", "error"), [
+    (0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError),
+    (None, TypeError), ("100", TypeError), ("5", TypeError)])
+def test_ttl_must_be_a_positive_int(redis_client, ttl_ms, error):
+    with pytest.raises(error, match="ttl_ms"):
         LeaderElection(redis_client, "x", ttl_ms=ttl_ms)
 
 
-@pytest.mark.parametrize("name", ["", "a{b", "b}", None, 7])
-def test_name_must_be_a_plain_non_empty_str(redis_client, name):
-    with pytest.raises(ValueError, match="name"):
+@pytest.mark.parametrize(("name", "error"), [
+    ("", ValueError), ("a{b", ValueError), ("b}", ValueError), (None, TypeError), (7, TypeError)])
+def test_name_must_be_a_plain_non_empty_str(redis_client, name, error):
+    with pytest.raises(error, match="name"):
         LeaderElection(redis_client, name, ttl_ms=100)
 
 
-@pytest.mark.parametrize("drift_ms", [-1, 100, 250, 1.0])
-def test_drift_margin_must_fit_inside_the_ttl(redis_client, drift_ms):
-    with pytest.raises(ValueError, match="drift_ms"):
+@pytest.mark.parametrize(("drift_ms", "error"), [
+    (-1, ValueError), (100, ValueError), (250, ValueError), (1.0, TypeError)])
+def test_drift_margin_must_fit_inside_the_ttl(redis_client, drift_ms, error):
+    with pytest.raises(error, match="drift_ms"):
         LeaderElection(redis_client, "x", ttl_ms=100, drift_ms=drift_ms)
 
 
-@pytest.mark.parametrize("instance_id", ["", None, b"a", 3])
-def test_instance_id_must_be_a_non_empty_str(redis_client, unique_name, instance_id):
+@pytest.mark.parametrize(("instance_id", "error"), [
+    ("", ValueError), (None, TypeError), (b"a", TypeError), (3, TypeError)])
+def test_instance_id_must_be_a_non_empty_str(redis_client, unique_name, instance_id, error):
     election = LeaderElection(redis_client, unique_name, ttl_ms=100)
     for method in (election.acquire_leader, election.renew_leader, election.release_leader):
-        with pytest.raises(ValueError, match="instance_id"):
+        with pytest.raises(error, match="instance_id"):
             method(instance_id)
-    with pytest.raises(ValueError, match="instance_id"):
+    with pytest.raises(error, match="instance_id"):
         LeaderElector(election, instance_id)
 
 
@@ -157,10 +163,12 @@ def test_elector_arguments_are_checked(redis_client, unique_name):
         LeaderElector(election, "a").stop(timeout=0)
 
 
-@pytest.mark.parametrize("token", [0, -3, 2**53, True, "5", 1.0])
-def test_fenced_write_needs_a_valid_token(redis_client, unique_name, token):
+@pytest.mark.parametrize(("token", "error"), [
+    (0, ValueError), (-3, ValueError), (2**53, ValueError), (True, TypeError), ("5", TypeError),
+    (1.0, TypeError)])
+def test_fenced_write_needs_a_valid_token(redis_client, unique_name, token, error):
     store = FencedStore(redis_client, unique_name)
-    with pytest.raises(ValueError, match="fencing_token"):
+    with pytest.raises(error, match="fencing_token"):
         store.write(token, "f", "v")
     with pytest.raises(TypeError, match="value"):
         store.write(1, "f", None)  # type: ignore[arg-type]

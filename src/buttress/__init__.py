@@ -54,6 +54,9 @@ _LAZY: dict[str, str] = {
     "DedupeStatus": "buttress.dedupe",
     "SQLiteStore": "buttress.dedupe",
     "RedisStore": "buttress.dedupe",
+    "AsyncDeduplicator": "buttress.dedupe",
+    "AsyncRedisStore": "buttress.dedupe",
+    "AsyncSQLiteStore": "buttress.dedupe",
     # priority task scheduler (native heap)
     "PriorityDeque": "buttress.scheduler",
     "TaskScheduler": "buttress.scheduler",
@@ -69,6 +72,9 @@ if TYPE_CHECKING:
     from buttress._hash import encode_key, hash_key, xxh64, xxh64_many
     from buttress.bloom import BloomFilter, BloomGuard
     from buttress.dedupe import (
+        AsyncDeduplicator,
+        AsyncRedisStore,
+        AsyncSQLiteStore,
         DedupeResult,
         DedupeStatus,
         Deduplicator,

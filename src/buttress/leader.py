@@ -33,19 +33,32 @@ the ones it does not.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import queue
-import random
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from buttress._redis import (
+    Backoff,
+    Keys,
+    Script,
+    StoreErrors,
+    check_tag,
+    is_unavailable,
+    load_script,
+    require_async_client,
+    require_sync_client,
+)
+from buttress._validate import require_callable, require_int, require_number, require_str
 from buttress.errors import FencingRejected, StoreUnavailable
 
 __all__ = [
@@ -98,56 +111,12 @@ class ElectionProtocol:
     Subclasses only run the scripts, blocking or with ``await``.
     """
 
-    # KEYS[1] lease key, KEYS[2] fencing counter (same hash tag)
-    # ARGV[1] instance id, ARGV[2] ttl in milliseconds
-    # Returns the new term's fencing token (> 0); 0 if the lease is held;
-    # -1 if the counter was missing and a quarantine lease was set instead.
-    #
-    # A missing counter means a first use or a Redis that lost its data (a
-    # restart without persistence, a failover, a flush).  In the second case
-    # the leader elected before the loss may still believe it leads until its
-    # local deadline, at most one ttl from now, so nobody gets the lease for
-    # one ttl: the quarantine lease belongs to no instance ('0:').  The new
-    # counter starts at the server clock in microseconds, so tokens keep
-    # increasing across the loss for resources fenced outside this Redis.
-    ACQUIRE_SCRIPT = """
-if redis.call('EXISTS', KEYS[2]) == 0 then
-    local now = redis.call('TIME')
-    redis.call('SET', KEYS[2], now[1] .. string.format('%06d', now[2]))
-    redis.call('SET', KEYS[1], '0:', 'PX', ARGV[2])
-    return -1
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    return 0
-end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], string.format('%d', token) .. ':' .. ARGV[1], 'PX', ARGV[2])
-return token
-"""
+    # The scripts (KEYS/ARGV contract in each file's header): buttress/_redis/leader_*.lua.
+    ACQUIRE = load_script("leader_acquire.lua")
+    RENEW = load_script("leader_renew.lua")
+    RELEASE = load_script("leader_release.lua")
 
-    # KEYS[1] lease key
-    # ARGV[1] lease value "<token>:<instance id>", ARGV[2] ttl in milliseconds
-    # Returns 1 if the lease was this term's and now lasts ttl from now, else 0.
-    # Comparing the token too means an instance id reused by another process
-    # (or by this one in a later term) cannot extend someone else's term.
-    RENEW_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return 1
-end
-return 0
-"""
-
-    # KEYS[1] lease key
-    # ARGV[1] lease value "<token>:<instance id>"
-    # Returns 1 if this term's lease was deleted, 0 if it was not ours (or gone).
-    RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('DEL', KEYS[1])
-    return 1
-end
-return 0
-"""
+    _ASYNC = False  # which redis-py client the class runs its scripts on
 
     def __init__(
         self,
@@ -158,40 +127,38 @@ return 0
         drift_ms: int | None = None,
         prefix: str = DEFAULT_PREFIX,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty str, got {name!r}")
-        if "{" in name or "}" in name:
-            # The name is the hash tag that keeps both keys in one cluster slot.
-            raise ValueError(f"name must not contain '{{' or '}}', got {name!r}")
-        if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be an int > 0, got {ttl_ms!r}")
+        # The name is the hash tag that keeps the election's keys in one cluster slot.
+        check_tag("name", name)
+        ttl_ms = require_int("ttl_ms", ttl_ms, minimum=1)
         if drift_ms is None:
             # 1% covers clock rate differences (NTP slews at most 0.05%) and
             # 2 ms covers the server's expiry granularity.
             drift_ms = min(ttl_ms // 100 + 2, ttl_ms // 2)
-        if isinstance(drift_ms, bool) or not isinstance(drift_ms, int) or drift_ms < 0:
-            raise ValueError(f"drift_ms must be an int >= 0, got {drift_ms!r}")
+        drift_ms = require_int("drift_ms", drift_ms, minimum=0)
         if drift_ms >= ttl_ms:
             raise ValueError(
                 f"drift_ms must be smaller than ttl_ms, got drift_ms={drift_ms} ttl_ms={ttl_ms}"
             )
+        require_str("prefix", prefix)
+        self.redis = _check_client(redis_client, self._ASYNC, type(self).__name__)
         self.name = name
         self.ttl_ms = ttl_ms
         self.drift_ms = drift_ms
-        self.lease_key = f"{prefix}:{{{name}}}:lease"
-        self.fence_key = f"{prefix}:{{{name}}}:fence"
+        keys = Keys(name, prefix)
+        self.lease_key = keys.key("lease")
+        self.fence_key = keys.key("fence")
+        # The nonce of the acquire call that set the lease: a resent acquire finds its own.
+        self.acquire_key = keys.key("acquire")
+        self._errors = StoreErrors(f"election {name!r}", redis_client)
+        # (instance_id, nonce) of an acquire whose reply was lost: the next acquire of that
+        # instance resends the same nonce, so a copy that ran after all is found as its own.
+        self._unanswered_acquire: tuple[str, str] | None = None
         self._lock = threading.Lock()
         self._term: Term | None = None
         self._last_token: int | None = None
         self._counts = dict.fromkeys(
             ("acquire_attempts", "terms_won", "renewals", "renewals_failed", "releases",
              "store_errors", "quarantines"), 0)
-        self.redis = redis_client
-        # register_script (sync or asyncio client alike) runs EVALSHA and
-        # reloads the script after NOSCRIPT.
-        self._acquire_script = redis_client.register_script(self.ACQUIRE_SCRIPT)
-        self._renew_script = redis_client.register_script(self.RENEW_SCRIPT)
-        self._release_script = redis_client.register_script(self.RELEASE_SCRIPT)
 
     # -- the local view ---------------------------------------------------
 
@@ -229,11 +196,22 @@ return 0
     # -- requests and replies (the decisions, shared with the async twin) --
 
     def _acquire_request(self, instance_id: str) -> tuple[list[str], list[object]]:
+        """The acquire script's keys and args, with a nonce drawn before the first send.
+
+        A resend of the same call (redis-py's retry, or the next acquire of the
+        same instance after this one's reply was lost) carries the same nonce.
+        """
         _check_instance_id(instance_id)
         self._counts["acquire_attempts"] += 1
-        return [self.lease_key, self.fence_key], [instance_id, self.ttl_ms]
+        pending = self._unanswered_acquire
+        nonce = pending[1] if pending is not None and pending[0] == instance_id \
+            else os.urandom(12).hex()
+        self._unanswered_acquire = (instance_id, nonce)  # until a reply arrives
+        return ([self.lease_key, self.fence_key, self.acquire_key],
+                [instance_id, self.ttl_ms, nonce])
 
     def _acquire_reply(self, instance_id: str, sent_at: float, reply: object) -> bool:
+        self._unanswered_acquire = None
         token = int(reply)  # type: ignore[call-overload]
         if token == -1:
             self._counts["quarantines"] += 1
@@ -299,10 +277,11 @@ return 0
         self._counts["releases"] += released
         return released
 
-    def _store_error(self, operation: str, exc: Exception) -> StoreUnavailable:
+    def _store_error(self, operation: str, exc: BaseException) -> StoreUnavailable:
+        """The StoreUnavailable for an unavailable Redis during ``operation`` (counted)."""
         self._counts["store_errors"] += 1
-        return StoreUnavailable(
-            f"election {self.name!r}: {operation} failed on Redis: {exc}")
+        return StoreUnavailable(f"election {self.name!r}: {operation} failed: "
+                                f"{self._errors.error(exc)}")
 
     def _end_term(self, term: Term, reason: str | None) -> None:
         with self._lock:
@@ -316,12 +295,14 @@ return 0
 
 
 def _check_instance_id(instance_id: object) -> None:
-    if not isinstance(instance_id, str) or not instance_id:
-        raise ValueError(f"instance_id must be a non-empty str, got {instance_id!r}")
+    require_str("instance_id", instance_id)
 
 
-# What a failed Redis call raises (OSError: a socket error redis-py did not wrap).
-_REDIS_ERRORS = (RedisError, OSError)
+def _check_client(client: Any, is_async: bool, owner: str) -> Any:
+    """The sync or ``redis.asyncio`` client ``owner`` needs; TypeError naming both otherwise."""
+    if is_async:
+        return require_async_client(client, owner=owner, twin=owner.removeprefix("Async"))
+    return require_sync_client(client, owner=owner, twin=f"Async{owner}")
 
 
 class LeaderElection(ElectionProtocol):
@@ -354,7 +335,7 @@ class LeaderElection(ElectionProtocol):
         """
         keys, args = self._acquire_request(instance_id)
         sent_at = time.monotonic()
-        reply = self._call("acquire", self._acquire_script, keys, args)
+        reply = self._call("acquire", self.ACQUIRE, keys, args)
         return self._acquire_reply(instance_id, sent_at, reply)
 
     def renew_leader(self, instance_id: str) -> bool:
@@ -368,7 +349,7 @@ class LeaderElection(ElectionProtocol):
         if term is None:
             return False
         sent_at = time.monotonic()
-        reply = self._call("renew", self._renew_script, keys, args)
+        reply = self._call("renew", self.RENEW, keys, args)
         return self._renew_reply(term, sent_at, reply)
 
     def release_leader(self, instance_id: str) -> bool:
@@ -379,14 +360,12 @@ class LeaderElection(ElectionProtocol):
         term, keys, args = self._release_request(instance_id)
         if term is None:
             return False
-        reply = self._call("release", self._release_script, keys, args)
+        reply = self._call("release", self.RELEASE, keys, args)
         return self._release_reply(reply)
 
-    def _call(self, operation: str, script: Any, keys: list[str], args: list[object]) -> object:
-        try:
-            return script(keys=keys, args=args)
-        except _REDIS_ERRORS as exc:
-            raise self._store_error(operation, exc) from exc
+    def _call(self, operation: str, script: Script, keys: list[str], args: list[object]) -> object:
+        with _mapped(self, operation):
+            return script.run(self.redis, keys, args)
 
 
 # --------------------------------------------------------------------------
@@ -437,23 +416,20 @@ class ElectorCore:
     ) -> None:
         _check_instance_id(instance_id)
         if not isinstance(election, ElectionProtocol):
-            raise TypeError(f"election must be a LeaderElection, got {election!r}")
+            raise TypeError(f"election must be a LeaderElection, got {type(election).__name__}")
         usable_ms = election.ttl_ms - election.drift_ms
         if renew_interval_ms is None:
             renew_interval_ms = max(1, election.ttl_ms // 3)
         if retry_interval_ms is None:
             retry_interval_ms = max(1, election.ttl_ms // 4)
-        for label, value in (("renew_interval_ms", renew_interval_ms),
-                             ("retry_interval_ms", retry_interval_ms)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{label} must be an int > 0, got {value!r}")
+        renew_interval_ms = require_int("renew_interval_ms", renew_interval_ms, minimum=1)
+        retry_interval_ms = require_int("retry_interval_ms", retry_interval_ms, minimum=1)
         if renew_interval_ms >= usable_ms:
             raise ValueError(
                 f"renew_interval_ms must be below ttl_ms - drift_ms = {usable_ms} so a "
                 f"renewal goes out before the deadline, got {renew_interval_ms}")
-        for label, callback in (("on_elected", on_elected), ("on_lost", on_lost)):
-            if callback is not None and not callable(callback):
-                raise TypeError(f"{label} must be callable, got {callback!r}")
+        require_callable("on_elected", on_elected, allow_none=True)
+        require_callable("on_lost", on_lost, allow_none=True)
         self.instance_id = instance_id
         self.on_elected = on_elected
         self.on_lost = on_lost
@@ -461,7 +437,9 @@ class ElectorCore:
         self.retry_interval = retry_interval_ms / 1e3
         self.election = election
         self._protocol: ElectionProtocol = election
-        self._random = random.Random(seed)
+        # Jittered so contenders do not retry in lockstep; constant: a contender retries
+        # at the same pace however long the lease has been held.
+        self._backoff = Backoff(self.retry_interval, self.retry_interval, seed=seed)
         self._token: int | None = None  # the term this elector leads, if any
         self._counts = dict.fromkeys(
             ("terms_won", "terms_lost", "renew_errors", "acquire_errors", "callback_errors"), 0)
@@ -525,13 +503,15 @@ class ElectorCore:
         """The bool a finished call returned, or None after a Redis error."""
         try:
             return bool(outcome.result())
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, RedisError) as exc:
+            # Unavailable, or another Redis error (a clobbered key): a failed attempt,
+            # counted and logged; the deadline still ends the term on time.
             self._counts[error_count] += 1
             logger.warning("elector %r: %s", self.instance_id, exc)
             return None
 
     def _retry_delay(self) -> float:
-        return self.retry_interval * self._random.uniform(0.5, 1.0)
+        return self._backoff.next()
 
     def _elected(self) -> None:
         token = self._protocol.fencing_token
@@ -601,9 +581,7 @@ class LeaderElector(ElectorCore):
         Waits up to ``timeout`` seconds in all; the lease expires by itself
         if Redis does not answer in time.
         """
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0, got {timeout!r}")
-        self._stop_timeout = timeout
+        self._stop_timeout = require_number("timeout", timeout, above=0)
         self._stopping.set()
         self._wake.set()
         if self._thread is threading.current_thread():
@@ -707,31 +685,20 @@ class _CallThread:
 class FencedResource:
     """Validation, keys and the script of a fenced resource; subclasses run it."""
 
-    # KEYS[1] highest accepted token, KEYS[2] data hash (same hash tag)
-    # ARGV[1] token, ARGV[2] field, ARGV[3] value
-    # Returns {1, token} if written, {0, highest accepted token} if rejected.
-    # Equal tokens are accepted: a leader writes many times in one term.
-    WRITE_SCRIPT = """
-local highest = redis.call('GET', KEYS[1])
-if highest and tonumber(highest) > tonumber(ARGV[1]) then
-    return {0, highest}
-end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-return {1, ARGV[1]}
-"""
+    # KEYS/ARGV contract in the file's header: buttress/_redis/fenced_write.lua.
+    WRITE = load_script("fenced_write.lua")
+    _ASYNC = False
 
     def __init__(self, redis_client: Any, resource: str, *, prefix: str = FENCED_PREFIX) -> None:
-        if not isinstance(resource, str) or not resource:
-            raise ValueError(f"resource must be a non-empty str, got {resource!r}")
-        if "{" in resource or "}" in resource:
-            raise ValueError(f"resource must not contain '{{' or '}}', got {resource!r}")
+        check_tag("resource", resource)
+        require_str("prefix", prefix)
+        self.redis = _check_client(redis_client, self._ASYNC, type(self).__name__)
         self.resource = resource
-        self.token_key = f"{prefix}:{{{resource}}}:token"
-        self.data_key = f"{prefix}:{{{resource}}}:data"
+        keys = Keys(resource, prefix)
+        self.token_key = keys.key("token")
+        self.data_key = keys.key("data")
         self._counts = {"writes": 0, "rejected": 0}
-        self.redis = redis_client
-        self._write_script = redis_client.register_script(self.WRITE_SCRIPT)
+        self._errors = StoreErrors(f"fenced resource {resource!r}", redis_client)
 
     def stats(self) -> dict[str, Any]:
         return {"resource": self.resource, **self._counts}
@@ -739,10 +706,7 @@ return {1, ARGV[1]}
     def _write_request(
         self, fencing_token: int, field: str | bytes, value: str | bytes | int | float,
     ) -> tuple[list[str], list[object]]:
-        if (isinstance(fencing_token, bool) or not isinstance(fencing_token, int)
-                or not 0 < fencing_token <= MAX_TOKEN):
-            raise ValueError(
-                f"fencing_token must be an int in 1..2**53-1, got {fencing_token!r}")
+        require_int("fencing_token", fencing_token, minimum=1, maximum=MAX_TOKEN)
         if not isinstance(field, (str, bytes)):
             raise TypeError(f"field must be str or bytes, got {type(field).__name__}")
         if not isinstance(value, (str, bytes, int, float)) or isinstance(value, bool):
@@ -756,8 +720,9 @@ return {1, ARGV[1]}
             raise FencingRejected(self.resource, fencing_token, highest)
         self._counts["writes"] += 1
 
-    def _store_error(self, operation: str, exc: Exception) -> StoreUnavailable:
-        return StoreUnavailable(f"fenced resource {self.resource!r}: {operation} failed: {exc}")
+    def _store_error(self, operation: str, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"fenced resource {self.resource!r}: {operation} failed: "
+                                f"{self._errors.error(exc)}")
 
 
 class FencedStore(FencedResource):
@@ -776,23 +741,28 @@ class FencedStore(FencedResource):
     ) -> None:
         """Set ``field`` to ``value`` if ``fencing_token`` is current; else FencingRejected."""
         keys, args = self._write_request(fencing_token, field, value)
-        try:
-            reply = self._write_script(keys=keys, args=args)
-        except _REDIS_ERRORS as exc:
-            raise self._store_error("write", exc) from exc
+        with _mapped(self, "write"):
+            reply = self.WRITE.run(self.redis, keys, args)
         self._write_reply(fencing_token, reply)
 
     def read(self, field: str | bytes) -> Any:
         """The value of ``field`` (as the client returns it), or None."""
-        try:
+        with _mapped(self, "read"):
             return self.redis.hget(self.data_key, field)
-        except _REDIS_ERRORS as exc:
-            raise self._store_error("read", exc) from exc
 
     def highest_token(self) -> int | None:
         """The highest token accepted so far, or None before the first write."""
-        try:
+        with _mapped(self, "read"):
             value = self.redis.get(self.token_key)
-        except _REDIS_ERRORS as exc:
-            raise self._store_error("read", exc) from exc
         return None if value is None else int(value)
+
+
+@contextlib.contextmanager
+def _mapped(owner: ElectionProtocol | FencedResource, operation: str) -> Iterator[None]:
+    """The core's error mapping, with the operation named (sync and async shells alike)."""
+    try:
+        yield
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise owner._store_error(operation, exc) from exc
+        raise

@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from buttress._redis import Script
+from buttress._validate import require_number
 from buttress.leader import (
-    _REDIS_ERRORS,
     ElectionProtocol,
     ElectorCore,
     FencedResource,
+    _mapped,
     _Sleep,
 )
 
@@ -35,13 +37,18 @@ logger = logging.getLogger("buttress.leader")
 
 
 class AsyncLeaderElection(ElectionProtocol):
-    """:class:`buttress.LeaderElection` for a ``redis.asyncio`` client (methods are coroutines)."""
+    """:class:`buttress.LeaderElection` for a ``redis.asyncio`` client (methods are coroutines).
+
+    A sync client is a TypeError naming both (use :class:`buttress.LeaderElection`).
+    """
+
+    _ASYNC = True
 
     async def acquire_leader(self, instance_id: str) -> bool:
         """Start a new term for ``instance_id`` if no lease is held; True if won."""
         keys, args = self._acquire_request(instance_id)
         sent_at = time.monotonic()
-        reply = await self._call("acquire", self._acquire_script, keys, args)
+        reply = await self._call("acquire", self.ACQUIRE, keys, args)
         return self._acquire_reply(instance_id, sent_at, reply)
 
     async def renew_leader(self, instance_id: str) -> bool:
@@ -50,7 +57,7 @@ class AsyncLeaderElection(ElectionProtocol):
         if term is None:
             return False
         sent_at = time.monotonic()
-        reply = await self._call("renew", self._renew_script, keys, args)
+        reply = await self._call("renew", self.RENEW, keys, args)
         return self._renew_reply(term, sent_at, reply)
 
     async def release_leader(self, instance_id: str) -> bool:
@@ -58,16 +65,14 @@ class AsyncLeaderElection(ElectionProtocol):
         term, keys, args = self._release_request(instance_id)
         if term is None:
             return False
-        reply = await self._call("release", self._release_script, keys, args)
+        reply = await self._call("release", self.RELEASE, keys, args)
         return self._release_reply(reply)
 
     async def _call(
-        self, operation: str, script: Any, keys: list[str], args: list[object],
+        self, operation: str, script: Script, keys: list[str], args: list[object],
     ) -> object:
-        try:
-            return await script(keys=keys, args=args)
-        except _REDIS_ERRORS as exc:
-            raise self._store_error(operation, exc) from exc
+        with _mapped(self, operation):
+            return await script.run_async(self.redis, keys, args)
 
 
 class AsyncLeaderElector(ElectorCore):
@@ -97,9 +102,7 @@ class AsyncLeaderElector(ElectorCore):
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Step down (``on_lost``), release the lease and end the task."""
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0, got {timeout!r}")
-        self._stop_timeout = timeout
+        self._stop_timeout = require_number("timeout", timeout, above=0)
         self._stopping.set()
         if self._task is not None:
             try:
@@ -174,28 +177,24 @@ class AsyncLeaderElector(ElectorCore):
 class AsyncFencedStore(FencedResource):
     """:class:`buttress.FencedStore` for a ``redis.asyncio`` client."""
 
+    _ASYNC = True
+
     async def write(
         self, fencing_token: int, field: str | bytes, value: str | bytes | int | float,
     ) -> None:
         """Set ``field`` to ``value`` if ``fencing_token`` is current; else FencingRejected."""
         keys, args = self._write_request(fencing_token, field, value)
-        try:
-            reply = await self._write_script(keys=keys, args=args)
-        except _REDIS_ERRORS as exc:
-            raise self._store_error("write", exc) from exc
+        with _mapped(self, "write"):
+            reply = await self.WRITE.run_async(self.redis, keys, args)
         self._write_reply(fencing_token, reply)
 
     async def read(self, field: str | bytes) -> Any:
         """The value of ``field`` (as the client returns it), or None."""
-        try:
+        with _mapped(self, "read"):
             return await self.redis.hget(self.data_key, field)
-        except _REDIS_ERRORS as exc:
-            raise self._store_error("read", exc) from exc
 
     async def highest_token(self) -> int | None:
         """The highest token accepted so far, or None before the first write."""
-        try:
+        with _mapped(self, "read"):
             value = await self.redis.get(self.token_key)
-        except _REDIS_ERRORS as exc:
-            raise self._store_error("read", exc) from exc
         return None if value is None else int(value)

@@ -8,10 +8,13 @@
 :class:`Deduplicator` holds the semantics (modes, fingerprints, the race; read
 ``buttress.dedupe.core``); a store does the I/O behind one small interface
 (:class:`~buttress.dedupe.store.DedupeStore`): :class:`SQLiteStore` embedded,
-:class:`RedisStore` for consumers on many machines.  docs/dedupe.md covers
-both modes, the race between consumers and how cleanup scales.
+:class:`RedisStore` for consumers on many machines.  :class:`AsyncDeduplicator`
+with :class:`AsyncRedisStore` or :class:`AsyncSQLiteStore` is the asyncio twin.
+docs/dedupe.md covers both modes, the race between consumers and how cleanup
+scales; docs/redis.md how every Redis call survives a resend.
 """
 
+from buttress.dedupe.aio import AsyncDeduplicator
 from buttress.dedupe.core import (
     MAX_ID_BYTES,
     DedupeResult,
@@ -19,12 +22,16 @@ from buttress.dedupe.core import (
     Deduplicator,
     fingerprint,
 )
-from buttress.dedupe.redis_store import RedisStore
-from buttress.dedupe.sqlite_store import SQLiteStore
-from buttress.dedupe.store import ClaimRecord, DedupeStore
+from buttress.dedupe.redis_store import AsyncRedisStore, RedisStore
+from buttress.dedupe.sqlite_store import AsyncSQLiteStore, SQLiteStore
+from buttress.dedupe.store import AsyncDedupeStore, ClaimRecord, DedupeStore
 
 __all__ = [
     "MAX_ID_BYTES",
+    "AsyncDedupeStore",
+    "AsyncDeduplicator",
+    "AsyncRedisStore",
+    "AsyncSQLiteStore",
     "ClaimRecord",
     "DedupeResult",
     "DedupeStatus",

@@ -48,15 +48,22 @@ The race between two consumers A and B on the same id, step by step:
    lapsed, takes over as attempt 2 with B's token and runs the handler; if A
    wakes and tries to mark done, the check in step 5 fails and A's result says
    ``fenced``: only B's done write lands.
+
+A command that timed out may still run, once or twice (docs/redis.md): each
+claim call's owner token is drawn before its first send, and a copy of the
+call that finds its own token takes the claim as its own (step 3 never turns
+against the caller).  :class:`DedupeCore` holds every decision above, shared
+by :class:`Deduplicator` and the asyncio twin
+:class:`~buttress.AsyncDeduplicator`, which only do the I/O.
 """
 
 from __future__ import annotations
 
 import enum
+import inspect
 import itertools
 import json
 import logging
-import math
 import os
 import threading
 from collections import Counter
@@ -65,6 +72,13 @@ from typing import Any, NamedTuple
 
 from buttress._canonical import canonical_xxh64
 from buttress._hash import xxh64
+from buttress._validate import (
+    require_bool,
+    require_callable,
+    require_choice,
+    require_number,
+    require_str,
+)
 from buttress.dedupe.store import (
     CLAIM_CONFLICT,
     CLAIM_DUPLICATE,
@@ -72,8 +86,10 @@ from buttress.dedupe.store import (
     ClaimRecord,
     DedupeStore,
 )
+from buttress.errors import StoreUnavailable
 
-__all__ = ["MAX_ID_BYTES", "DedupeResult", "DedupeStatus", "Deduplicator", "fingerprint"]
+__all__ = ["MAX_ID_BYTES", "DedupeCore", "DedupeResult", "DedupeStatus", "Deduplicator",
+           "fingerprint"]
 
 logger = logging.getLogger("buttress.dedupe")
 
@@ -156,7 +172,202 @@ def _fingerprints(payloads: list[Any]) -> list[int]:
         raise
 
 
-class Deduplicator:
+class DedupeCore:
+    """Everything a Deduplicator decides, with no I/O: shared by the sync and async shells.
+
+    Validation, fingerprints, owner tokens, what each claim code means, which
+    messages to mark done or release, what a fenced completion looks like, and
+    the accounting.  :class:`Deduplicator` and
+    :class:`~buttress.AsyncDeduplicator` only call the store and the handler,
+    blocking or with ``await``.
+
+    Owner tokens and resends: every claim call draws its token before the first
+    send, so a copy of the call that Redis runs twice (a resend after a client
+    timeout) finds its own token and is answered as the same claim.  If the
+    claim still fails (StoreUnavailable: the reply was lost, the command may have
+    run), the token is remembered per message id, and the next claim of that id
+    in this process (the queue's redelivery, the caller's retry) is sent with
+    it, so it too finds its own claim instead of a stranger's.
+    """
+
+    _STORE_INTERFACE: Any = DedupeStore
+    _ASYNC = False  # the store's methods are coroutines
+    UNANSWERED_LIMIT = 65_536  # remembered tokens of claims that got no reply (oldest dropped)
+
+    def __init__(
+        self,
+        handler: Callable[[str, Any], Any],
+        store: Any,
+        *,
+        ttl: float = 86_400.0,
+        mode: str = "at_most_once",
+        lease: float = 30.0,
+        release_on_failure: bool | None = None,
+    ) -> None:
+        require_callable("handler", handler)
+        self._check_store(store)
+        mode = require_choice("mode", mode, MODES)
+        self.ttl = require_number("ttl", ttl, above=0)
+        self.lease = require_number("lease", lease, above=0)
+        if mode == "effectively_once" and self.lease > self.ttl:
+            raise ValueError(f"lease must be <= ttl, got lease={lease!r} > ttl={ttl!r}")
+        if release_on_failure is None:
+            release_on_failure = mode == "effectively_once"
+        elif require_bool("release_on_failure", release_on_failure) and mode == "at_most_once":
+            raise ValueError("release_on_failure=True contradicts mode='at_most_once', which "
+                             "never runs a message twice; use mode='effectively_once'")
+        self.handler = handler
+        self.store = store
+        self.mode = mode
+        self.release_on_failure = release_on_failure
+        self._effectively_once = mode == "effectively_once"
+        self._ttl_ms = max(1, round(self.ttl * 1000))
+        # at_most_once: a claim is final and is never taken over; only its expiry frees the
+        # id.  A lease that outlives the record (2 x TTL) says so in the store's own terms.
+        self._lease_ms = max(1, round(self.lease * 1000)) if self._effectively_once \
+            else 2 * self._ttl_ms
+        self._counts_lock = threading.Lock()
+        self._counts = {status.value: 0 for status in DedupeStatus}
+        self._counts.update(fenced=0, takeovers=0, store_calls=0, unanswered_claims=0)
+        # msg_id -> owner token of a claim that raised StoreUnavailable (it may have run).
+        self._unanswered: dict[str, str] = {}
+
+    def _check_store(self, store: Any) -> None:
+        """TypeError unless ``store`` is a store of this class's kind (sync or asyncio)."""
+        is_async = inspect.iscoroutinefunction(getattr(store, "claim", None))
+        if isinstance(store, self._STORE_INTERFACE) and is_async == self._ASYNC:
+            return
+        hint = ""
+        if isinstance(store, DedupeStore):  # the right methods, the wrong kind
+            hint = (" (an asyncio store: use AsyncDeduplicator)" if is_async
+                    else " (a sync store: use Deduplicator)")
+        raise TypeError(f"{type(self).__name__} needs a store implementing the "
+                        f"{self._STORE_INTERFACE.__name__} interface (claim, complete, release, "
+                        f"lookup, sweep, stats, close), got {type(store).__name__}{hint}")
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per status, fenced completions, takeovers and store calls; the store's stats."""
+        with self._counts_lock:
+            counts: dict[str, Any] = dict(self._counts)
+        counts.update(mode=self.mode, ttl=self.ttl, store=self.store.stats())
+        if self._effectively_once:
+            counts["lease"] = self.lease
+        return counts
+
+    # -- decisions ----------------------------------------------------------------------
+
+    def _batch_request(self, messages: Iterable[tuple[str, Any]]
+                       ) -> tuple[list[str], list[Any], list[int]]:
+        """Validate a batch: its ids, payloads and fingerprints (in input order)."""
+        pairs = messages if isinstance(messages, list) else list(messages)
+        try:
+            ids: list[str] = [msg_id for msg_id, _ in pairs]
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"messages must be an iterable of (msg_id, payload) pairs: {exc}") \
+                from exc
+        payloads = [payload for _, payload in pairs]
+        _check_ids(ids)
+        return ids, payloads, _fingerprints(payloads)
+
+    def _token_for(self, msg_id: str) -> str:
+        """The owner token of a single claim: remembered if its last claim went unanswered."""
+        if self._unanswered:
+            with self._counts_lock:
+                token = self._unanswered.pop(msg_id, None)
+            if token is not None:
+                return token
+        return _new_token()
+
+    def _token_groups(self, ids: list[str]) -> list[tuple[str, list[int] | None]]:
+        """The owner token of each claim call for ``ids``: one new token, positions None.
+
+        Ids whose last claim got no reply go with their remembered token (one
+        group per token), so a claim that ran after all is found as their own.
+        """
+        unanswered = self._unanswered
+        if not unanswered or not any(msg_id in unanswered for msg_id in ids):
+            return [(_new_token(), None)]
+        groups: dict[str, list[int]] = {}
+        fresh = _new_token()
+        with self._counts_lock:
+            for position, msg_id in enumerate(ids):
+                groups.setdefault(unanswered.pop(msg_id, fresh), []).append(position)
+        return list(groups.items())
+
+    def _unanswered_claim(self, ids: list[str], token: str) -> None:
+        """Remember ``token`` for ``ids``: their claim raised, so it may have run."""
+        with self._counts_lock:
+            self._counts["unanswered_claims"] += len(ids)
+            unanswered = self._unanswered
+            for msg_id in ids:
+                unanswered[msg_id] = token
+            while len(unanswered) > self.UNANSWERED_LIMIT:
+                del unanswered[next(iter(unanswered))]
+
+    def _not_run(self, msg_id: str, code: int) -> DedupeResult:
+        """The result for a message this call did not claim, from the store's claim code."""
+        if code == CLAIM_CONFLICT:
+            logger.warning("message %r seen again with a different payload", msg_id)
+            return DedupeResult(msg_id, DedupeStatus.CONFLICT)
+        if code == CLAIM_IN_PROGRESS and self._effectively_once:
+            return DedupeResult(msg_id, DedupeStatus.IN_PROGRESS)
+        # Done; or, in at_most_once, any live claim: there a claim is final.
+        return DedupeResult(msg_id, DedupeStatus.DUPLICATE)
+
+    @staticmethod
+    def _failed(msg_id: str, attempt: int, exc: Exception) -> DedupeResult:
+        logger.warning("handler failed on message %r (attempt %d): %r", msg_id, attempt, exc)
+        return DedupeResult(msg_id, DedupeStatus.FAILED, None, exc, attempt)
+
+    def _finish_plan(self, results: list[DedupeResult]) -> tuple[list[int], list[DedupeResult]]:
+        """Positions of the results to mark done, and the failed results to release."""
+        processed = [i for i, r in enumerate(results) if r.status is DedupeStatus.PROCESSED]
+        failed = [r for r in results if r.status is DedupeStatus.FAILED] \
+            if self.release_on_failure else []
+        return processed, failed
+
+    def _marked(self, results: list[DedupeResult], processed: list[int],
+                marked: list[bool]) -> None:
+        """Turn the results whose done write was fenced into ``fenced`` results, in place."""
+        fenced = [i for i, ok in zip(processed, marked, strict=True) if not ok]
+        for i in fenced:
+            result = results[i]
+            logger.warning("message %r: lease lapsed and attempt %d was taken over; not "
+                           "marked done here", result.msg_id, result.attempt)
+            results[i] = DedupeResult(result.msg_id, result.status, result.value,
+                                      attempt=result.attempt, fenced=True)
+        if fenced:
+            with self._counts_lock:
+                self._counts["fenced"] += len(fenced)
+
+    def _count_one(self, result: DedupeResult, code: int, store_calls: int) -> None:
+        with self._counts_lock:
+            self._counts[result.status.value] += 1
+            self._counts["store_calls"] += store_calls
+            if code > 1:
+                self._counts["takeovers"] += 1
+
+    def _count_batch(self, codes: list[int], failed: int, store_calls: int) -> None:
+        tally = Counter({1: len(codes)}) if codes.count(1) == len(codes) else Counter(codes)
+        claimed = sum(n for code, n in tally.items() if code > 0)
+        in_progress = tally[CLAIM_IN_PROGRESS]
+        self._bump(processed=claimed - failed, failed=failed,
+                   duplicate=tally[CLAIM_DUPLICATE] + (0 if self._effectively_once
+                                                       else in_progress),
+                   in_progress=in_progress if self._effectively_once else 0,
+                   conflict=tally[CLAIM_CONFLICT], takeovers=claimed - tally[1],
+                   store_calls=store_calls)
+
+    def _bump(self, **increments: int) -> None:
+        with self._counts_lock:
+            for name, increment in increments.items():
+                self._counts[name] += increment
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r}, ttl={self.ttl}, store={self.store!r})"
+
+
+class Deduplicator(DedupeCore):
     """Run ``handler(msg_id, payload)`` once per message id, whoever else sees the id.
 
     ``store`` is a :class:`~buttress.SQLiteStore` (one machine) or a
@@ -172,50 +383,11 @@ class Deduplicator:
     :class:`~buttress.StoreUnavailable` before any handler runs.  If it becomes
     unreachable between the handler and the done write (effectively_once),
     StoreUnavailable is raised too: do not acknowledge the message; its lease
-    will lapse and it will be retried.
+    will lapse and it will be retried.  A claim that raised StoreUnavailable
+    may have run on the server: its token is remembered, so this
+    Deduplicator's next claim of the id finds it as its own (docs/redis.md).
+    :class:`~buttress.AsyncDeduplicator` is the asyncio twin.
     """
-
-    def __init__(
-        self,
-        handler: Callable[[str, Any], Any],
-        store: DedupeStore,
-        *,
-        ttl: float = 86_400.0,
-        mode: str = "at_most_once",
-        lease: float = 30.0,
-        release_on_failure: bool | None = None,
-    ) -> None:
-        if not callable(handler):
-            raise TypeError(f"handler must be callable, got {type(handler).__name__}")
-        if not isinstance(store, DedupeStore):
-            raise TypeError(f"store must implement the DedupeStore interface (claim, complete, "
-                            f"release, lookup, sweep, stats, close), got {type(store).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.ttl = _positive_seconds("ttl", ttl)
-        self.lease = _positive_seconds("lease", lease)
-        if mode == "effectively_once" and self.lease > self.ttl:
-            raise ValueError(f"lease must be <= ttl, got lease={lease!r} > ttl={ttl!r}")
-        if release_on_failure is None:
-            release_on_failure = mode == "effectively_once"
-        elif not isinstance(release_on_failure, bool):
-            raise TypeError(f"release_on_failure must be a bool, got {release_on_failure!r}")
-        elif release_on_failure and mode == "at_most_once":
-            raise ValueError("release_on_failure=True contradicts mode='at_most_once', which "
-                             "never runs a message twice; use mode='effectively_once'")
-        self.handler = handler
-        self.store = store
-        self.mode = mode
-        self.release_on_failure = release_on_failure
-        self._effectively_once = mode == "effectively_once"
-        self._ttl_ms = max(1, round(self.ttl * 1000))
-        # at_most_once: a claim is final and is never taken over; only its expiry frees the
-        # id.  A lease that outlives the record (2 x TTL) says so in the store's own terms.
-        self._lease_ms = max(1, round(self.lease * 1000)) if self._effectively_once \
-            else 2 * self._ttl_ms
-        self._counts_lock = threading.Lock()
-        self._counts = {status.value: 0 for status in DedupeStatus}
-        self._counts.update(fenced=0, takeovers=0, store_calls=0)
 
     # -- public API -------------------------------------------------------------------
 
@@ -225,20 +397,18 @@ class Deduplicator:
         # call's cost is held against one bare SET NX PX round trip.
         _check_id(msg_id)
         fingerprints = [fingerprint(payload)]
-        token = _new_token()  # one owner per claim call; takeovers replace it
-        code = self.store.claim([msg_id], fingerprints, token=token, lease_ms=self._lease_ms,
-                                ttl_ms=self._ttl_ms)[0]
-        if code > 0:
-            results, _ = self._run_handlers([msg_id], [payload], [code])
-        else:
-            results = [self._not_run(msg_id, code)]
+        # One owner per claim call, drawn before the first send; takeovers replace it.
+        token = self._token_for(msg_id)
+        try:
+            code = self.store.claim([msg_id], fingerprints, token=token,
+                                    lease_ms=self._lease_ms, ttl_ms=self._ttl_ms)[0]
+        except StoreUnavailable:
+            self._unanswered_claim([msg_id], token)
+            raise
+        results, _ = self._run_handlers([msg_id], [payload], [code])
         store_calls = 1 + (self._finish(results, token) if self._effectively_once else 0)
         result = results[0]
-        with self._counts_lock:
-            self._counts[result.status.value] += 1
-            self._counts["store_calls"] += store_calls
-            if code > 1:
-                self._counts["takeovers"] += 1
+        self._count_one(result, code, store_calls)
         return result
 
     def process_batch(self, messages: Iterable[tuple[str, Any]]) -> list[DedupeResult]:
@@ -251,32 +421,17 @@ class Deduplicator:
         whole batch are one more store call after the handlers, so a crash
         mid-batch leaves the batch's handled messages to be retried after the lease.
         """
-        pairs = messages if isinstance(messages, list) else list(messages)
-        try:
-            ids: list[str] = [msg_id for msg_id, _ in pairs]
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"messages must be an iterable of (msg_id, payload) pairs: {exc}") \
-                from exc
-        payloads = [payload for _, payload in pairs]
-        _check_ids(ids)
-        fingerprints = _fingerprints(payloads)
+        ids, payloads, fingerprints = self._batch_request(messages)
         if not ids:
             return []
-        if len(set(ids)) == len(ids):
-            return self._process(ids, payloads, fingerprints)
-        # An id repeated within the batch: its copies go in rounds, one claim call each, so
-        # every copy meets the store as a later redelivery would (done, released, conflict).
-        rounds: list[list[int]] = []
-        copies: Counter[str] = Counter()
-        for position, msg_id in enumerate(ids):
-            if copies[msg_id] == len(rounds):
-                rounds.append([])
-            rounds[copies[msg_id]].append(position)
-            copies[msg_id] += 1
+        rounds = _rounds(ids)
+        if rounds is None:
+            return self._process_tokens(ids, payloads, fingerprints)
         results: list[DedupeResult | None] = [None] * len(ids)
         for positions in rounds:
-            done = self._process([ids[i] for i in positions], [payloads[i] for i in positions],
-                                 [fingerprints[i] for i in positions])
+            done = self._process_tokens([ids[i] for i in positions],
+                                        [payloads[i] for i in positions],
+                                        [fingerprints[i] for i in positions])
             for position, result in zip(positions, done, strict=True):
                 results[position] = result
         return results  # type: ignore[return-value]  # every position is filled
@@ -286,115 +441,96 @@ class Deduplicator:
         _check_id(msg_id)
         return self.store.lookup(msg_id)
 
-    def stats(self) -> dict[str, Any]:
-        """Counts per status, fenced completions, takeovers and store calls; the store's stats."""
-        with self._counts_lock:
-            counts: dict[str, Any] = dict(self._counts)
-        counts.update(mode=self.mode, ttl=self.ttl, store=self.store.stats())
-        if self._effectively_once:
-            counts["lease"] = self.lease
-        return counts
-
     # -- the work -----------------------------------------------------------------------
 
-    def _process(self, ids: list[str], payloads: list[Any],
-                 fingerprints: list[int]) -> list[DedupeResult]:
-        token = _new_token()  # one owner per claim call; takeovers replace it
-        codes = self.store.claim(ids, fingerprints, token=token, lease_ms=self._lease_ms,
-                                 ttl_ms=self._ttl_ms)
-        if codes.count(1) == len(codes):
-            # The common case, every id new: no status to decide per message.
-            tally = Counter({1: len(codes)})
-            results, failed = self._run_handlers(ids, payloads, codes)
-        else:
-            tally = Counter(codes)
-            results, failed = [], 0
-            for msg_id, payload, code in zip(ids, payloads, codes, strict=True):
-                if code > 0:
-                    ran, failures = self._run_handlers([msg_id], [payload], [code])
-                    results.extend(ran)
-                    failed += failures
-                else:
-                    results.append(self._not_run(msg_id, code))
+    def _process_tokens(self, ids: list[str], payloads: list[Any],
+                        fingerprints: list[int]) -> list[DedupeResult]:
+        """One claim call per owner token (one, unless a claim of some id went unanswered)."""
+        groups = self._token_groups(ids)
+        if len(groups) == 1 and groups[0][1] is None:
+            return self._process(ids, payloads, fingerprints, groups[0][0])
+        results: list[Any] = [None] * len(ids)
+        for token, positions in groups:
+            assert positions is not None
+            done = self._process([ids[i] for i in positions], [payloads[i] for i in positions],
+                                 [fingerprints[i] for i in positions], token)
+            for position, result in zip(positions, done, strict=True):
+                results[position] = result
+        return results
+
+    def _process(self, ids: list[str], payloads: list[Any], fingerprints: list[int],
+                 token: str) -> list[DedupeResult]:
+        try:
+            codes = self.store.claim(ids, fingerprints, token=token, lease_ms=self._lease_ms,
+                                     ttl_ms=self._ttl_ms)
+        except StoreUnavailable:
+            self._unanswered_claim(ids, token)
+            raise
+        results, failed = self._run_handlers(ids, payloads, codes)
         store_calls = 1
         if self._effectively_once:
             store_calls += self._finish(results, token)
-        claimed = sum(n for code, n in tally.items() if code > 0)
-        in_progress = tally[CLAIM_IN_PROGRESS]
-        self._bump(processed=claimed - failed, failed=failed,
-                   duplicate=tally[CLAIM_DUPLICATE] + (0 if self._effectively_once
-                                                       else in_progress),
-                   in_progress=in_progress if self._effectively_once else 0,
-                   conflict=tally[CLAIM_CONFLICT], takeovers=claimed - tally[1],
-                   store_calls=store_calls)
+        self._count_batch(codes, failed, store_calls)
         return results
 
     def _run_handlers(self, ids: list[str], payloads: list[Any],
-                      attempts: list[int]) -> tuple[list[DedupeResult], int]:
-        """Call the handler on each claimed message; an exception becomes a FAILED result.
+                      codes: list[int]) -> tuple[list[DedupeResult], int]:
+        """Call the handler on each message claimed here (code > 0, its attempt).
 
-        Returns the results and how many failed.
+        A message not claimed gets its result from the code; a handler
+        exception becomes a FAILED result.  Returns the results and how many failed.
         """
-        handler, processed = self.handler, DedupeStatus.PROCESSED
+        handler, processed, not_run = self.handler, DedupeStatus.PROCESSED, self._not_run
         # tuple.__new__ straight: the NamedTuple's own __new__ is a Python function.
         new, result = tuple.__new__, DedupeResult
         results: list[DedupeResult] = []
         failed = 0
         append = results.append
-        for msg_id, payload, attempt in zip(ids, payloads, attempts, strict=True):
+        for msg_id, payload, attempt in zip(ids, payloads, codes, strict=True):
+            if attempt <= 0:
+                append(not_run(msg_id, attempt))
+                continue
             try:
                 append(new(result, (msg_id, processed, handler(msg_id, payload), None, attempt,
                                     False)))
             except Exception as exc:
-                logger.warning("handler failed on message %r (attempt %d): %r",
-                               msg_id, attempt, exc)
-                append(result(msg_id, DedupeStatus.FAILED, None, exc, attempt))
+                append(self._failed(msg_id, attempt, exc))
                 failed += 1
         return results, failed
 
-    def _not_run(self, msg_id: str, code: int) -> DedupeResult:
-        """The result for a message this call did not claim, from the store's claim code."""
-        if code == CLAIM_CONFLICT:
-            logger.warning("message %r seen again with a different payload", msg_id)
-            return DedupeResult(msg_id, DedupeStatus.CONFLICT)
-        if code == CLAIM_IN_PROGRESS and self._effectively_once:
-            return DedupeResult(msg_id, DedupeStatus.IN_PROGRESS)
-        # Done; or, in at_most_once, any live claim: there a claim is final.
-        return DedupeResult(msg_id, DedupeStatus.DUPLICATE)
-
     def _finish(self, results: list[DedupeResult], token: str) -> int:
         """Mark handled messages done and release failed ones; return the store calls made."""
+        processed, failed = self._finish_plan(results)
         calls = 0
-        processed = [i for i, r in enumerate(results) if r.status is DedupeStatus.PROCESSED]
         if processed:
             calls += 1
             marked = self.store.complete([results[i].msg_id for i in processed],
                                          [results[i].attempt for i in processed],
                                          token=token, ttl_ms=self._ttl_ms)
-            fenced = [i for i, ok in zip(processed, marked, strict=True) if not ok]
-            for i in fenced:
-                result = results[i]
-                logger.warning("message %r: lease lapsed and attempt %d was taken over; not "
-                               "marked done here", result.msg_id, result.attempt)
-                results[i] = DedupeResult(result.msg_id, result.status, result.value,
-                                          attempt=result.attempt, fenced=True)
-            if fenced:
-                with self._counts_lock:
-                    self._counts["fenced"] += len(fenced)
-        failed = [r for r in results if r.status is DedupeStatus.FAILED]
-        if failed and self.release_on_failure:
+            self._marked(results, processed, marked)
+        if failed:
             calls += 1
             self.store.release([r.msg_id for r in failed], [r.attempt for r in failed],
                                token=token)
         return calls
 
-    def _bump(self, **increments: int) -> None:
-        with self._counts_lock:
-            for name, increment in increments.items():
-                self._counts[name] += increment
 
-    def __repr__(self) -> str:
-        return f"Deduplicator(mode={self.mode!r}, ttl={self.ttl}, store={self.store!r})"
+def _rounds(ids: list[str]) -> list[list[int]] | None:
+    """Positions per claim round when an id repeats within a batch; None if none repeats.
+
+    Copies go in rounds, one claim call each, so every copy meets the store as
+    a later redelivery would (done, released, conflict).
+    """
+    if len(set(ids)) == len(ids):
+        return None
+    rounds: list[list[int]] = []
+    copies: Counter[str] = Counter()
+    for position, msg_id in enumerate(ids):
+        if copies[msg_id] == len(rounds):
+            rounds.append([])
+        rounds[copies[msg_id]].append(position)
+        copies[msg_id] += 1
+    return rounds
 
 
 class _TokenSource:
@@ -436,27 +572,10 @@ def _check_ids(ids: list[str]) -> None:
 
 
 def _check_id(msg_id: object) -> None:
-    if not isinstance(msg_id, str):
-        raise TypeError(f"msg_id must be a str, got {type(msg_id).__name__}: {msg_id!r:.80}")
-    if not msg_id:
-        raise ValueError("msg_id must not be empty")
     # A str of n characters is at most 4n bytes of UTF-8: skip the encode for short ids.
-    if len(msg_id) > _SHORT_ID or not msg_id.isascii():
-        try:
-            size = len(msg_id.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"msg_id is not valid UTF-8 text: {msg_id!r:.80}") from exc
-        if size > MAX_ID_BYTES:
-            raise ValueError(f"msg_id must be at most {MAX_ID_BYTES} bytes of UTF-8, got "
-                             f"{size}: {msg_id!r:.80}")
-
-
-def _positive_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-    return float(value)
+    if type(msg_id) is not str or not msg_id or len(msg_id) > _SHORT_ID \
+            or not msg_id.isascii():
+        require_str("msg_id", msg_id, max_bytes=MAX_ID_BYTES)
 
 
 # Canonical JSON: sorted keys, no whitespace, UTF-8 text as is, no NaN/Infinity.

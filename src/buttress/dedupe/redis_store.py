@@ -1,27 +1,39 @@
-"""RedisStore: claim records as Redis strings, transitions in Lua, cleanup by native TTL.
+"""RedisStore and AsyncRedisStore: claim records as Redis strings, transitions in Lua.
 
 For consumers on many machines.  Each message id is one string key holding
 ``state|attempt|lease_until_ms|fingerprint|token``
 (fingerprint in 16 hex digits) (``state`` is ``c`` for
 claimed, ``d`` for done) with a PX expiry, so Redis itself deletes old records
-and there is nothing to sweep.  Every transition is a Lua script (atomic on the
-server; lease times come from the server clock, so consumers' clocks do not
-matter) registered once and called by EVALSHA; redis-py reloads a script when
-the server answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+and there is nothing to sweep.  Every transition is a Lua script of the Redis
+core (``buttress/_redis/dedupe_claim.lua`` and ``dedupe_finish.lua``, their
+KEYS/ARGV contract in their header), atomic on the server, with lease times
+from the server clock so consumers' clocks do not matter, run by EVALSHA.
+
+A command that timed out may still run, once or twice (redis-py resends it
+after reconnecting, and the server runs both copies when it resumes).  Every
+claim call carries an owner token chosen before its first send, and the
+scripts recognise it: a claim that finds a record holding its own token is the
+caller's own claim (an earlier copy of the same call ran first), never someone
+else's; a done or release write that finds its own transition already applied
+reports it applied.  docs/redis.md walks through each case.
 
 One claim is not a script: a single id whose lease outlives its record
 (``lease_ms >= ttl_ms``, as in at_most_once) is claimed with a plain
 ``SET key value NX PX ttl``, the same command a hand-rolled dedupe sends.  Such
 a lease can never lapse before Redis deletes the record, so it needs no clock:
 its ``lease_until_ms`` is :data:`NEVER_MS`, here and in the script alike.  Only
-when SET NX finds the key taken does a second round trip, the claim script,
-read the record and decide (duplicate, in progress, conflict, takeover; or a
-fresh claim if the record expired in between).
+when SET NX finds the key taken (another consumer's record, or this call's own
+from an earlier copy of the SET) does a second round trip, the claim script,
+read the record and decide.
 
 Keys are ``{namespace}:<msg_id>``: the braces are a hash tag, so every key a
 script touches lives in one Redis Cluster slot.  With ``partitions=N`` the tag
 becomes ``{namespace:p}`` (``p`` from the id's XXH64) to spread a namespace over
 N slots; a batch then costs one script call per partition it touches.
+
+The two classes share every decision (keys, argument packing, reply parsing:
+:class:`_RedisRecords`); they differ only in sending the commands, blocking or
+with ``await``.  Sync and asyncio consumers of one namespace interoperate.
 """
 
 from __future__ import annotations
@@ -32,18 +44,30 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from buttress._hash import xxh64
+from buttress._redis import (
+    Keys,
+    StoreErrors,
+    check_tag,
+    load_script,
+    require_async_client,
+    require_sync_client,
+)
+from buttress._validate import require_int
 from buttress.dedupe.store import ClaimRecord
-from buttress.errors import StoreUnavailable
 
-__all__ = ["NEVER_MS", "RedisStore"]
+__all__ = ["NEVER_MS", "AsyncRedisStore", "RedisStore"]
 
 logger = logging.getLogger("buttress.dedupe")
 
 T = TypeVar("T")
 
-
-_ONE = ord("1")  # an "applied" flag in FINISH_SCRIPT's reply
+_ONE = ord("1")  # an "applied" flag in the finish script's reply
 NEVER_MS = 9_999_999_999_999  # lease_until_ms of a claim whose lease outlives its record
+CLAIM = load_script("dedupe_claim.lua")
+FINISH = load_script("dedupe_finish.lua")
+
+# One script call: positions in the input (None: all of them, in order), keys, arguments.
+_Call = tuple[list[int] | None, list[bytes], list[Any]]
 
 
 def _merge(answers: list[tuple[list[int] | None, list[T]]], size: int) -> list[T]:
@@ -58,203 +82,95 @@ def _merge(answers: list[tuple[list[int] | None, list[T]]], size: int) -> list[T
     return out
 
 
-class RedisStore:
-    """Claim records in Redis, for consumers on many machines.
+def _claim_codes(reply: bytes | str) -> list[int]:
+    return list(map(int, (reply.encode() if isinstance(reply, str) else reply).split(b",")))
 
-    ``client`` is a redis-py ``Redis`` or ``RedisCluster`` (bytes or decoded
-    responses).
-    ``namespace`` prefixes every key; ``partitions`` (default 1) spreads keys
-    over that many hash tags for Redis Cluster.  Connection failures raise
-    :class:`~buttress.StoreUnavailable`.
-    """
 
-    # KEYS[i]: record key of message i (one hash tag, so one slot).
-    # ARGV[1]: owner token of this claim call; ARGV[2]: lease in ms (>= the TTL: never lapses,
-    # written as NEVER_MS, as the single-claim SET NX path writes it); ARGV[3]: record TTL in ms;
-    # ARGV[4]: the payload fingerprints, 16 hex digits per key, concatenated in KEYS order (one
-    # argument, not one per key: packing arguments is most of a batch's client-side cost).
-    # Returns one code per key, comma-separated: n > 0 claimed by this call as attempt n (n > 1:
-    # taken over after attempt n - 1's lease lapsed); 0 duplicate (done); -1 in progress
-    # (another owner's lease is live); -2 conflict (the record holds another fingerprint).
-    # SET NX decides every race: of two consumers claiming one id, exactly one SET NX succeeds,
-    # whether it came from this script or bare (RedisStore._set_claim): Redis runs one at a time.
-    CLAIM_SCRIPT = """
-local now_parts = redis.call('TIME')
-local now = now_parts[1] * 1000 + math.floor(now_parts[2] / 1000)
-local token, ttl, fingerprints = ARGV[1], ARGV[3], ARGV[4]
-local lease_until = string.format('%d', now + tonumber(ARGV[2]))
-if tonumber(ARGV[2]) >= tonumber(ttl) then lease_until = 'NEVER_MS' end
-local fresh_head, fresh_tail = 'c|1|' .. lease_until .. '|', '|' .. token
-local codes = {}
-for i, key in ipairs(KEYS) do
-  local fingerprint = string.sub(fingerprints, 16 * i - 15, 16 * i)
-  if redis.call('SET', key, fresh_head .. fingerprint .. fresh_tail, 'NX', 'PX', ttl) then
-    codes[i] = 1
-  else
-    local state, attempt, until_ms, held = string.match(
-      redis.call('GET', key), '^(%a)|(%d+)|(%d+)|(%x+)|')
-    if held ~= fingerprint then
-      codes[i] = -2
-    elseif state == 'd' then
-      codes[i] = 0
-    elseif tonumber(until_ms) > now then
-      codes[i] = -1
-    else
-      local next_attempt = tonumber(attempt) + 1
-      redis.call('SET', key, 'c|' .. next_attempt .. '|' .. lease_until .. '|' .. fingerprint
-        .. '|' .. token, 'PX', ttl)
-      codes[i] = next_attempt
-    end
-  end
-end
-return table.concat(codes, ',')
-""".replace("NEVER_MS", str(NEVER_MS))
+def _finish_flags(reply: bytes | str) -> list[bool]:
+    return [flag == _ONE for flag in (reply.encode() if isinstance(reply, str) else reply)]
 
-    # KEYS[i]: record key of message i.  ARGV[1]: owner token; ARGV[2]: the transition, 'd' to
-    # mark done (kept ARGV[3] ms) or 'c' to release (lease ended, TTL kept, ARGV[3] unused);
-    # ARGV[4]: the attempt each key was claimed as, comma-separated in KEYS order.
-    # Applies the transition only where the record is still claimed by this token at this
-    # attempt: an owner whose lease lapsed and was taken over is fenced off.  A released
-    # record's next claim takes it over at once as attempt + 1.  Returns a string with one
-    # character per key: 1 applied, 0 fenced.
-    FINISH_SCRIPT = """
-local token, target, ttl = ARGV[1], ARGV[2], ARGV[3]
-local applied, i = {}, 0
-for claimed_attempt in string.gmatch(ARGV[4], '%d+') do
-  i = i + 1
-  applied[i] = '0'
-  local record = redis.call('GET', KEYS[i])
-  if record then
-    local state, attempt, fingerprint, holder = string.match(
-      record, '^(%a)|(%d+)|%d+|(%x+)|(.*)$')
-    if state == 'c' and attempt == claimed_attempt and holder == token then
-      local value = target .. '|' .. attempt .. '|0|' .. fingerprint .. '|' .. token
-      if target == 'd' then
-        redis.call('SET', KEYS[i], value, 'PX', ttl)
-      else
-        redis.call('SET', KEYS[i], value, 'KEEPTTL')
-      end
-      applied[i] = '1'
-    end
-  end
-end
-return table.concat(applied)
-"""
+
+class _RedisRecords:
+    """Keys, script arguments and replies of the Redis dedupe records: no I/O."""
+
+    _OWNER = "RedisStore"
+    _TWIN = "AsyncRedisStore"
 
     def __init__(self, client: Any, *, namespace: str = "buttress:dedupe",
                  partitions: int = 1) -> None:
-        import redis
-
-        if not callable(getattr(client, "register_script", None)):
-            raise TypeError(f"client must be a redis-py client, got {type(client).__name__}")
-        if not isinstance(namespace, str) or not namespace or "{" in namespace \
-                or "}" in namespace:
-            raise ValueError(f"namespace must be a non-empty str without braces, got {namespace!r}")
-        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-            raise ValueError(f"partitions must be an int >= 1, got {partitions!r}")
-        self.client = client
-        self.namespace = namespace
-        self.partitions = partitions
+        self.namespace = check_tag("namespace", namespace)
+        self.partitions = require_int("partitions", partitions, minimum=1)
+        self.client = self._check_client(client)
         # The server cannot take writes now; anything else (a script error) is a bug to see.
-        self._unavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                             redis.exceptions.ReadOnlyError, redis.exceptions.ClusterError,
-                             redis.exceptions.TryAgainError)
-        self._claim = client.register_script(self.CLAIM_SCRIPT)
-        self._finish = client.register_script(self.FINISH_SCRIPT)
+        self._errors = StoreErrors("dedupe records", client)
         self._script_calls = 0
         self._set_claims = 0  # single claims sent as a plain SET NX PX
         self._owns_client = False  # close() closes only a client this store created
-        self._prefix = f"{{{namespace}}}:".encode()
+        self._keys = Keys(namespace)
+        self._prefix = self._keys.base_bytes
+        self._partitions: dict[int, Keys] = {}
 
-    @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
-        """A store on a new redis-py client for ``url`` (``redis://host:port/db``)."""
-        import redis
-
-        store = cls(redis.Redis.from_url(url), **kwargs)
-        store._owns_client = True
-        return store
+    def _check_client(self, client: Any) -> Any:
+        return require_sync_client(client, owner=self._OWNER, twin=self._TWIN)
 
     def key(self, msg_id: str) -> str:
         """The Redis key of ``msg_id``'s record."""
         if self.partitions == 1:
-            return f"{{{self.namespace}}}:{msg_id}"
-        return f"{{{self.namespace}:{self._partition(msg_id)}}}:{msg_id}"
+            return self._keys.key(msg_id)
+        return self._partition_keys(self._partition(msg_id)).key(msg_id)
+
+    def _partition_keys(self, partition: int) -> Keys:
+        """The keys of one partition (hash tag ``{namespace:p}``), built once each."""
+        keys = self._partitions.get(partition)
+        if keys is None:
+            keys = self._partitions[partition] = Keys(f"{self.namespace}:{partition}")
+        return keys
 
     def _partition(self, msg_id: str) -> int:
         return xxh64(msg_id) % self.partitions
 
-    # -- the store interface ------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {"store": "redis", "namespace": self.namespace, "partitions": self.partitions,
+                "script_calls": self._script_calls, "set_claims": self._set_claims}
 
-    def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
-              lease_ms: int, ttl_ms: int) -> list[int]:
-        if len(msg_ids) == 1 and lease_ms >= ttl_ms and self._set_claim(
-                msg_ids[0], fingerprints[0], token, ttl_ms):
-            return [1]
-        answers = []
+    # -- requests and replies ---------------------------------------------------------
+
+    def _set_claim_request(self, msg_id: str, fingerprint: int, token: str) -> tuple[Any, str]:
+        """Key and value of a single claim sent as SET NX PX (its lease never lapses)."""
+        self._set_claims += 1
+        key = (self._prefix if self.partitions == 1 else self._partition_keys(
+            self._partition(msg_id)).base_bytes) + msg_id.encode()
+        return key, f"c|1|{NEVER_MS}|{fingerprint:016x}|{token}"
+
+    def _claim_calls(self, msg_ids: Sequence[str], fingerprints: Sequence[int], token: str,
+                     lease_ms: int, ttl_ms: int) -> list[_Call]:
+        calls: list[_Call] = []
         for keys, positions in self._groups(msg_ids):
             chosen = fingerprints if positions is None else [fingerprints[i] for i in positions]
             # 16 hex digits per fingerprint, big-endian: what f"{fp:016x}" gives, at C speed.
             packed = struct.pack(f">{len(chosen)}Q", *chosen).hex()
-            reply = self._run(self._claim, keys, [token, lease_ms, ttl_ms, packed])
-            answers.append((positions, list(map(int, reply.split(b",")))))
-        return _merge(answers, len(msg_ids))
+            calls.append((positions, keys, [token, lease_ms, ttl_ms, packed]))
+        self._script_calls += len(calls)
+        return calls
 
-    def _set_claim(self, msg_id: str, fingerprint: int, token: str, ttl_ms: int) -> bool:
-        """Claim one id with a plain SET NX PX; False if its key exists (the script decides)."""
-        key = self._prefix + msg_id.encode() if self.partitions == 1 else self.key(msg_id)
-        self._set_claims += 1
-        try:
-            return bool(self.client.set(key, f"c|1|{NEVER_MS}|{fingerprint:016x}|{token}",
-                                        nx=True, px=ttl_ms))
-        except self._unavailable as exc:
-            raise self._unreachable(exc) from exc
+    def _finish_calls(self, msg_ids: Sequence[str], attempts: Sequence[int], token: str,
+                      target: str, ttl_ms: int) -> list[_Call]:
+        """Finish-script calls per hash tag: ``target`` "d" marks done, "c" releases."""
+        calls: list[_Call] = []
+        for keys, positions in self._groups(msg_ids):
+            chosen = attempts if positions is None else [attempts[i] for i in positions]
+            calls.append((positions, keys, [token, target, ttl_ms, ",".join(map(str, chosen))]))
+        self._script_calls += len(calls)
+        return calls
 
-    def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
-                 ttl_ms: int) -> list[bool]:
-        return self._transition(msg_ids, attempts, token, "d", ttl_ms)
-
-    def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
-                token: str) -> list[bool]:
-        return self._transition(msg_ids, attempts, token, "c", 0)
-
-    def lookup(self, msg_id: str) -> ClaimRecord | None:
-        try:
-            raw = self.client.get(self.key(msg_id))
-        except self._unavailable as exc:
-            raise self._unreachable(exc) from exc
+    @staticmethod
+    def _record(msg_id: str, raw: bytes | str | None) -> ClaimRecord | None:
         if raw is None:
             return None
         text = raw.decode() if isinstance(raw, bytes) else raw
         state, attempt, lease_until, fingerprint, token = text.split("|", 4)
         return ClaimRecord(msg_id, "done" if state == "d" else "claimed", int(attempt),
                            int(fingerprint, 16), token, int(lease_until))
-
-    def sweep(self, *, budget: float = 0.05) -> int:
-        """Nothing to do: Redis expires records itself (PX on every write)."""
-        return 0
-
-    def stats(self) -> dict[str, Any]:
-        return {"store": "redis", "namespace": self.namespace, "partitions": self.partitions,
-                "script_calls": self._script_calls, "set_claims": self._set_claims}
-
-    def close(self) -> None:
-        """Close the client if this store made it (``from_url``); one you passed stays open."""
-        if self._owns_client:
-            self.client.close()
-
-    # -- helpers ----------------------------------------------------------------------
-
-    def _transition(self, msg_ids: Sequence[str], attempts: Sequence[int], token: str,
-                    target: str, ttl_ms: int) -> list[bool]:
-        """Run FINISH_SCRIPT per hash tag: ``target`` "d" marks done, "c" releases."""
-        answers = []
-        for keys, positions in self._groups(msg_ids):
-            chosen = attempts if positions is None else [attempts[i] for i in positions]
-            reply = self._run(self._finish, keys,
-                              [token, target, ttl_ms, ",".join(map(str, chosen))])
-            answers.append((positions, [flag == _ONE for flag in reply]))
-        return _merge(answers, len(msg_ids))
 
     def _groups(self, msg_ids: Sequence[str]) -> list[tuple[list[bytes], list[int] | None]]:
         """The record keys per hash tag, with their positions in ``msg_ids``.
@@ -271,25 +187,142 @@ return table.concat(applied)
             return [([prefix + msg_id.encode() for msg_id in msg_ids], None)]
         groups: dict[int, tuple[list[bytes], list[int]]] = {}
         for position, msg_id in enumerate(msg_ids):
-            keys, positions = groups.setdefault(self._partition(msg_id), ([], []))
-            keys.append(self.key(msg_id).encode())
+            partition = self._partition(msg_id)
+            keys, positions = groups.setdefault(partition, ([], []))
+            keys.append(self._partition_keys(partition).base_bytes + msg_id.encode())
             positions.append(position)
         return list(groups.values())
 
-    def _run(self, script: Any, keys: list[bytes], args: list[Any]) -> bytes:
-        """One EVALSHA (redis-py loads the script on NOSCRIPT); the reply as bytes."""
-        self._script_calls += 1
-        try:
-            reply = script(keys=keys, args=args)
-        except self._unavailable as exc:
-            raise self._unreachable(exc) from exc
-        return reply.encode() if isinstance(reply, str) else reply
-
-    def _unreachable(self, exc: Exception) -> StoreUnavailable:
-        where = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
-        address = f"{where.get('host', '?')}:{where.get('port', '?')}" if where else "?"
-        return StoreUnavailable(f"Redis at {address} is unavailable for dedupe records "
-                                f"({type(exc).__name__}: {exc})")
-
     def __repr__(self) -> str:
-        return f"RedisStore(namespace={self.namespace!r}, partitions={self.partitions})"
+        return f"{type(self).__name__}(namespace={self.namespace!r}, partitions={self.partitions})"
+
+
+class RedisStore(_RedisRecords):
+    """Claim records in Redis, for consumers on many machines.
+
+    ``client`` is a redis-py ``Redis`` or ``RedisCluster`` (bytes or decoded
+    responses; a ``redis.asyncio`` client is a TypeError: use
+    :class:`AsyncRedisStore`).  ``namespace`` prefixes every key;
+    ``partitions`` (default 1) spreads keys over that many hash tags for Redis
+    Cluster.  A server that cannot serve (connection or timeout errors,
+    LOADING, READONLY, MASTERDOWN, CLUSTERDOWN, TRYAGAIN) raises
+    :class:`~buttress.StoreUnavailable`, cause chained.
+    """
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
+        """A store on a new redis-py client for ``url`` (``redis://host:port/db``)."""
+        import redis
+
+        store = cls(redis.Redis.from_url(url), **kwargs)
+        store._owns_client = True
+        return store
+
+    def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
+              lease_ms: int, ttl_ms: int) -> list[int]:
+        with self._errors:
+            if len(msg_ids) == 1 and lease_ms >= ttl_ms:
+                key, value = self._set_claim_request(msg_ids[0], fingerprints[0], token)
+                if self.client.set(key, value, nx=True, px=ttl_ms):
+                    return [1]
+            client = self.client
+            return _merge([(positions, _claim_codes(CLAIM.run(client, keys, args)))
+                           for positions, keys, args in self._claim_calls(
+                               msg_ids, fingerprints, token, lease_ms, ttl_ms)], len(msg_ids))
+
+    def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
+                 ttl_ms: int) -> list[bool]:
+        return self._transition(self._finish_calls(msg_ids, attempts, token, "d", ttl_ms),
+                                len(msg_ids))
+
+    def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
+                token: str) -> list[bool]:
+        return self._transition(self._finish_calls(msg_ids, attempts, token, "c", 0),
+                                len(msg_ids))
+
+    def lookup(self, msg_id: str) -> ClaimRecord | None:
+        with self._errors:
+            return self._record(msg_id, self.client.get(self.key(msg_id)))
+
+    def sweep(self, *, budget: float = 0.05) -> int:
+        """Nothing to do: Redis expires records itself (PX on every write)."""
+        return 0
+
+    def close(self) -> None:
+        """Close the client if this store made it (``from_url``); one you passed stays open."""
+        if self._owns_client:
+            self.client.close()
+
+    def _transition(self, calls: list[_Call], size: int) -> list[bool]:
+        with self._errors:
+            client = self.client
+            return _merge([(positions, _finish_flags(FINISH.run(client, keys, args)))
+                           for positions, keys, args in calls], size)
+
+
+class AsyncRedisStore(_RedisRecords):
+    """:class:`RedisStore` for a ``redis.asyncio`` client: the same records and scripts.
+
+    Every store method is a coroutine except :meth:`stats`.  A sync client is
+    a TypeError (use :class:`RedisStore`).
+    """
+
+    _OWNER = "AsyncRedisStore"
+    _TWIN = "RedisStore"
+
+    def _check_client(self, client: Any) -> Any:
+        return require_async_client(client, owner=self._OWNER, twin=self._TWIN)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> AsyncRedisStore:
+        """A store on a new ``redis.asyncio`` client for ``url``."""
+        import redis.asyncio
+
+        store = cls(redis.asyncio.Redis.from_url(url), **kwargs)
+        store._owns_client = True
+        return store
+
+    async def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
+                    lease_ms: int, ttl_ms: int) -> list[int]:
+        with self._errors:
+            if len(msg_ids) == 1 and lease_ms >= ttl_ms:
+                key, value = self._set_claim_request(msg_ids[0], fingerprints[0], token)
+                if await self.client.set(key, value, nx=True, px=ttl_ms):
+                    return [1]
+            answers = []
+            for positions, keys, args in self._claim_calls(msg_ids, fingerprints, token,
+                                                           lease_ms, ttl_ms):
+                answers.append((positions,
+                                _claim_codes(await CLAIM.run_async(self.client, keys, args))))
+            return _merge(answers, len(msg_ids))
+
+    async def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
+                       ttl_ms: int) -> list[bool]:
+        return await self._transition(
+            self._finish_calls(msg_ids, attempts, token, "d", ttl_ms), len(msg_ids))
+
+    async def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
+                      token: str) -> list[bool]:
+        return await self._transition(
+            self._finish_calls(msg_ids, attempts, token, "c", 0), len(msg_ids))
+
+    async def lookup(self, msg_id: str) -> ClaimRecord | None:
+        with self._errors:
+            return self._record(msg_id, await self.client.get(self.key(msg_id)))
+
+    async def sweep(self, *, budget: float = 0.05) -> int:
+        """Nothing to do: Redis expires records itself (PX on every write)."""
+        return 0
+
+    async def close(self) -> None:
+        """Close the client if this store made it (``from_url``); one you passed stays open."""
+        if self._owns_client:
+            await self.client.aclose()
+
+    async def _transition(self, calls: list[_Call], size: int) -> list[bool]:
+        with self._errors:
+            answers = []
+            for positions, keys, args in calls:
+                answers.append((positions,
+                                _finish_flags(await FINISH.run_async(self.client, keys, args))))
+            return _merge(answers, size)

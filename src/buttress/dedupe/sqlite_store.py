@@ -16,6 +16,9 @@ so it never holds the write lock for long.  The store sweeps by itself every
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import logging
 import os
 import random
@@ -26,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from buttress._validate import require_choice, require_int, require_number, require_str
 from buttress.dedupe.store import (
     CLAIM_CONFLICT,
     CLAIM_DUPLICATE,
@@ -34,7 +38,7 @@ from buttress.dedupe.store import (
 )
 from buttress.errors import StoreUnavailable
 
-__all__ = ["SQLiteStore"]
+__all__ = ["AsyncSQLiteStore", "SQLiteStore"]
 
 logger = logging.getLogger("buttress.dedupe")
 
@@ -75,21 +79,16 @@ class SQLiteStore:
     ) -> None:
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        if not table.isidentifier():
+        if not require_str("table", table).isidentifier():
             raise ValueError(f"table must be a plain identifier, got {table!r}")
-        if busy_timeout < 0:
-            raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
-        if isinstance(lock_retries, bool) or not isinstance(lock_retries, int) \
-                or lock_retries < 0:
-            raise ValueError(f"lock_retries must be an int >= 0, got {lock_retries!r}")
-        if sweep_every is not None and sweep_every <= 0:
-            raise ValueError(f"sweep_every must be > 0 seconds or None, got {sweep_every!r}")
-        if sweep_budget <= 0:
-            raise ValueError(f"sweep_budget must be > 0 seconds, got {sweep_budget!r}")
-        if isinstance(sweep_batch, bool) or not isinstance(sweep_batch, int) or sweep_batch < 1:
-            raise ValueError(f"sweep_batch must be an int >= 1, got {sweep_batch!r}")
-        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        busy_timeout = require_number("busy_timeout", busy_timeout, minimum=0)
+        lock_retries = require_int("lock_retries", lock_retries, minimum=0)
+        if sweep_every is not None:
+            sweep_every = require_number("sweep_every", sweep_every, above=0)
+        sweep_budget = require_number("sweep_budget", sweep_budget, above=0)
+        sweep_batch = require_int("sweep_batch", sweep_batch, minimum=1)
+        require_choice("synchronous", require_str("synchronous", synchronous).upper(),
+                       ("OFF", "NORMAL", "FULL", "EXTRA"))
         self.path = os.fspath(path)
         self.table = table
         self.busy_timeout = busy_timeout
@@ -180,8 +179,7 @@ class SQLiteStore:
         cost follows the number of expired rows, not the table's size; claims
         wait at most one batch for the write lock.
         """
-        if budget <= 0:
-            raise ValueError(f"budget must be > 0 seconds, got {budget!r}")
+        require_number("budget", budget, above=0)
         deadline = time.monotonic() + budget
         deleted = 0
         while True:
@@ -223,8 +221,13 @@ class SQLiteStore:
         takeovers: list[tuple[int, int, str, int, int, int, str]] = []
         for msg_id, fp in zip(msg_ids, signed, strict=True):
             state, held, holder, attempt, held_lease, held_expiry = existing[msg_id]
-            if holder == token:
-                codes.append(1)  # inserted by this very transaction
+            if holder == token and held_expiry > now:
+                # Ours: inserted by this very transaction, or by an earlier claim call with
+                # this token whose reply was lost (the Deduplicator resends its token).
+                codes.append(CLAIM_DUPLICATE if state == _DONE else attempt)
+                if state != _DONE and held_lease != lease_until:
+                    takeovers.append((_CLAIMED, fp, token, attempt, lease_until, expires_at,
+                                      msg_id))
             elif held_expiry <= now:  # expired, not yet swept: as good as absent
                 takeovers.append((_CLAIMED, fp, token, 1, lease_until, expires_at, msg_id))
                 codes.append(1)
@@ -320,6 +323,65 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, table={self.table!r})"
+
+
+class AsyncSQLiteStore:
+    """:class:`SQLiteStore` for an :class:`~buttress.AsyncDeduplicator`: one dedicated thread.
+
+    Each call runs the sync store's own method on a single thread owned by this
+    store, so the event loop never blocks on SQLite's locks or fsyncs, and
+    records, SQL and transactions are the sync store's, byte for byte (a sync
+    and an async consumer share one file).  One thread, not a pool: SQLite
+    takes one writer at a time anyway, and one thread keeps one connection
+    and the calls in order.  Arguments as :class:`SQLiteStore`; ``store``
+    wraps an existing one instead.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 store: SQLiteStore | None = None, **kwargs: Any) -> None:
+        if (path is None) == (store is None):
+            raise TypeError("AsyncSQLiteStore needs a path or store=SQLiteStore(...), not both")
+        if store is not None and not isinstance(store, SQLiteStore):
+            raise TypeError(f"store must be a SQLiteStore, got {type(store).__name__}")
+        self.store = store if store is not None else SQLiteStore(path, **kwargs)  # type: ignore[arg-type]
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="buttress-sqlite")
+
+    async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor,
+                                          functools.partial(function, *args, **kwargs))
+
+    async def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
+                    lease_ms: int, ttl_ms: int) -> list[int]:
+        return await self._call(self.store.claim, msg_ids, fingerprints, token=token,
+                                lease_ms=lease_ms, ttl_ms=ttl_ms)
+
+    async def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
+                       ttl_ms: int) -> list[bool]:
+        return await self._call(self.store.complete, msg_ids, attempts, token=token,
+                                ttl_ms=ttl_ms)
+
+    async def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
+                      token: str) -> list[bool]:
+        return await self._call(self.store.release, msg_ids, attempts, token=token)
+
+    async def lookup(self, msg_id: str) -> ClaimRecord | None:
+        return await self._call(self.store.lookup, msg_id)
+
+    async def sweep(self, *, budget: float = 0.05) -> int:
+        return await self._call(self.store.sweep, budget=budget)
+
+    def stats(self) -> dict[str, Any]:
+        return self.store.stats()
+
+    async def close(self) -> None:
+        """Close the connection on its thread, then stop the thread."""
+        await self._call(self.store.close)
+        self._executor.shutdown(wait=False)
+
+    def __repr__(self) -> str:
+        return f"AsyncSQLiteStore({self.store.path!r}, table={self.store.table!r})"
 
 
 class _Statements:

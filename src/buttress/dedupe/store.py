@@ -27,6 +27,7 @@ __all__ = [
     "CLAIM_CONFLICT",
     "CLAIM_DUPLICATE",
     "CLAIM_IN_PROGRESS",
+    "AsyncDedupeStore",
     "ClaimRecord",
     "DedupeStore",
 ]
@@ -95,3 +96,29 @@ class DedupeStore(Protocol):
     def close(self) -> None:
         """Release the store's connections."""
         ...
+
+
+@runtime_checkable
+class AsyncDedupeStore(Protocol):
+    """:class:`DedupeStore` for an :class:`~buttress.AsyncDeduplicator`: coroutine methods.
+
+    The same calls, codes and records (``stats`` stays a plain method), so a
+    sync and an async consumer of one store interoperate.
+    """
+
+    async def claim(self, msg_ids: Sequence[str], fingerprints: Sequence[int], *, token: str,
+                    lease_ms: int, ttl_ms: int) -> list[int]: ...
+
+    async def complete(self, msg_ids: Sequence[str], attempts: Sequence[int], *, token: str,
+                       ttl_ms: int) -> list[bool]: ...
+
+    async def release(self, msg_ids: Sequence[str], attempts: Sequence[int], *,
+                      token: str) -> list[bool]: ...
+
+    async def lookup(self, msg_id: str) -> ClaimRecord | None: ...
+
+    async def sweep(self, *, budget: float = 0.05) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
