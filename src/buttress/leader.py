@@ -301,8 +301,10 @@ def _check_instance_id(instance_id: object) -> None:
 def _check_client(client: Any, is_async: bool, owner: str) -> Any:
     """The sync or ``redis.asyncio`` client ``owner`` needs; TypeError naming both otherwise."""
     if is_async:
-        return require_async_client(client, owner=owner, twin=owner.removeprefix("Async"))
-    return require_sync_client(client, owner=owner, twin=f"Async{owner}")
+        return require_async_client(client, owner=owner, twin=owner.removeprefix("Async"),
+                                    argument="redis_client")
+    return require_sync_client(client, owner=owner, twin=f"Async{owner}",
+                               argument="redis_client")
 
 
 class LeaderElection(ElectionProtocol):

@@ -24,24 +24,29 @@ def _kind(client: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def require_sync_client(client: Any, *, owner: str, twin: str | None = None) -> Any:
+def require_sync_client(
+    client: Any, *, owner: str, twin: str | None = None, argument: str = "client"
+) -> Any:
     """``client`` if it is a sync redis-py client; TypeError naming both classes otherwise."""
     if callable(getattr(client, "execute_command", None)) and not is_async_client(client):
         return client
     hint = f"; use {twin} with a redis.asyncio client" if twin and is_async_client(client) \
         else ""
-    raise TypeError(f"{owner} needs a sync redis-py client (redis.Redis or "
+    raise TypeError(f"{owner} needs a sync redis-py client as {argument} (redis.Redis or "
                     f"redis.cluster.RedisCluster), got {_kind(client)}{hint}")
 
 
-def require_async_client(client: Any, *, owner: str, twin: str | None = None) -> Any:
+def require_async_client(
+    client: Any, *, owner: str, twin: str | None = None, argument: str = "client"
+) -> Any:
     """``client`` if it is a ``redis.asyncio`` client; TypeError naming both classes otherwise."""
     if is_async_client(client):
         return client
     hint = f"; use {twin} with a sync client" if twin and callable(
         getattr(client, "execute_command", None)) else ""
-    raise TypeError(f"{owner} needs a redis.asyncio client (redis.asyncio.Redis or "
-                    f"redis.asyncio.RedisCluster), got {_kind(client)}{hint}")
+    raise TypeError(f"{owner} needs a redis.asyncio client as {argument} "
+                    f"(redis.asyncio.Redis or redis.asyncio.RedisCluster), "
+                    f"got {_kind(client)}{hint}")
 
 
 def describe(client: Any) -> str:

@@ -259,8 +259,8 @@ class DedupeCore:
     def _batch_request(self, messages: Iterable[tuple[str, Any]]
                        ) -> tuple[list[str], list[Any], list[int]]:
         """Validate a batch: its ids, payloads and fingerprints (in input order)."""
-        pairs = messages if isinstance(messages, list) else list(messages)
         try:
+            pairs = messages if isinstance(messages, list) else list(messages)
             ids: list[str] = [msg_id for msg_id, _ in pairs]
         except (TypeError, ValueError) as exc:
             raise TypeError(f"messages must be an iterable of (msg_id, payload) pairs: {exc}") \

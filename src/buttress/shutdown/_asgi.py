@@ -38,7 +38,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
-from buttress._validate import require_int, require_number
+from buttress._validate import (
+    require_bool,
+    require_callable,
+    require_int,
+    require_number,
+    require_str,
+)
 from buttress.shutdown._lifecycle import GracefulShutdown, listen
 
 __all__ = ["ASGIMiddleware", "ASGIServer", "serve_asgi"]
@@ -73,11 +79,19 @@ def serve_asgi(
     ``metrics_registry``, ``GET /metrics`` serves it.  Raises
     :class:`PortInUseError` naming the port if it is taken.
     """
+    check_serve_arguments(app, host, handle_signals)
     controller = controller if controller is not None else GracefulShutdown()
     middleware = ASGIMiddleware(app, controller, metrics_registry=metrics_registry)
     server = ASGIServer(middleware, host=host, port=port, controller=controller,
                         **uvicorn_options)
     return controller.run(server, handle_signals=handle_signals)
+
+
+def check_serve_arguments(app: Any, host: Any, handle_signals: Any) -> None:
+    """The checks serve_asgi and serve_wsgi share, made before anything binds or serves."""
+    require_callable("app", app)
+    require_str("host", host)
+    require_bool("handle_signals", handle_signals)
 
 
 def uvicorn_defaults(controller: GracefulShutdown | None, options: dict[str, Any]) -> None:

@@ -411,6 +411,9 @@ class GracefulShutdown:
         if probe_paths is not None and not isinstance(probe_paths, ProbePaths):
             raise TypeError(f"probe_paths must be a ProbePaths, got "
                             f"{type(probe_paths).__name__}: {probe_paths!r}")
+        if isinstance(force_signals, (str, bytes)) or not hasattr(force_signals, "__iter__"):
+            raise TypeError(f"force_signals must be a tuple of signal numbers, got "
+                            f"{type(force_signals).__name__}: {force_signals!r}")
         force_signals = tuple(force_signals)
         for index, signum in enumerate(force_signals):
             require_int(f"force_signals[{index}]", signum, minimum=1)

@@ -44,6 +44,7 @@ from buttress.shutdown._asgi import (
     Scope,
     Send,
     _probe_paths,
+    check_serve_arguments,
 )
 from buttress.shutdown._lifecycle import GracefulShutdown
 
@@ -71,11 +72,12 @@ def serve_wsgi(
     """Serve ``app`` until SIGTERM/SIGINT, drain it gracefully, return the exit code.
 
     ``sys.exit(serve_wsgi(app, port=8080))`` is a complete service: uvicorn
-    (h11) with the application on ``threads`` worker threads.  Extra keyword
+    (httptools) with the application on ``threads`` worker threads.  Extra keyword
     arguments go to ``uvicorn.Config``.  With a prometheus-client
     ``metrics_registry``, ``GET /metrics`` serves it.  Raises
     :class:`PortInUseError` naming the port if it is taken.
     """
+    check_serve_arguments(app, host, handle_signals)
     controller = controller if controller is not None else GracefulShutdown()
     server = WSGIServer(WSGIMiddleware(app, controller, metrics_registry=metrics_registry),
                         host=host, port=port, threads=threads, **uvicorn_options)
