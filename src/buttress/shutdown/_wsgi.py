@@ -111,6 +111,13 @@ class WSGIServer(ASGIServer):
         options.setdefault("lifespan", "off")  # a WSGI application has no lifespan
         super().__init__(asgi, controller=controller, **options)
 
+    def close(self, timeout: float) -> None:
+        """Stop uvicorn, then let the pool's threads end (each after its current request)."""
+        try:
+            super().close(timeout)
+        finally:
+            self.gateway.pool.shutdown(wait=False)
+
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "threads": self.gateway.pool.stats()}
 
