@@ -224,7 +224,7 @@ def test_bad_keys_raise_type_error_never_cast(impl, layout):
             _ = key in bf
     with pytest.raises(OverflowError):
         bf.insert(2**64)
-    for array in (np.zeros(3), np.array(["a"], dtype=object), np.array(["a"]),
+    for array in (np.zeros(3), np.array(["a"], dtype=object), np.array([True]),
                   np.zeros((2, 2), dtype=np.int64)):
         with pytest.raises(TypeError):
             bf.insert_many(array)
