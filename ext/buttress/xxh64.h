@@ -14,8 +14,13 @@
 
 #if defined(_MSC_VER)
 #  define BUTTRESS_INLINE static __inline
+#  define BUTTRESS_FORCE_INLINE static __forceinline
+#elif defined(__GNUC__) || defined(__clang__)
+#  define BUTTRESS_INLINE static inline
+#  define BUTTRESS_FORCE_INLINE static inline __attribute__((always_inline))
 #else
 #  define BUTTRESS_INLINE static inline
+#  define BUTTRESS_FORCE_INLINE static inline
 #endif
 
 /* The five XXH64 primes of the specification. */
@@ -91,8 +96,9 @@ BUTTRESS_INLINE uint64_t buttress_xxh_avalanche(uint64_t h) {
     return h ^ (h >> 32);
 }
 
-/* XXH64 of `length` bytes at `data`. */
-BUTTRESS_INLINE uint64_t buttress_xxh64(const unsigned char *data, size_t length, uint64_t seed) {
+/* XXH64 of `length` bytes at `data`.  Forced inline: the batch loops call it
+ * once per key, and a call per key costs as much as hashing a short key. */
+BUTTRESS_FORCE_INLINE uint64_t buttress_xxh64(const unsigned char *data, size_t length, uint64_t seed) {
     const unsigned char *p = data;
     const unsigned char *end = data + length;
     uint64_t h;
