@@ -1,7 +1,7 @@
 # The C-level contract of buttress._hash: other extensions (the Bloom filter)
 # cimport these kernels and key sources and hash without touching Python objects.
 # The XXH64 kernels themselves live in xxh64.h (plain C, portable).
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef extern from "xxh64.h":
     uint64_t xxh64_bytes "buttress_xxh64"(const unsigned char* data, size_t length,
@@ -11,7 +11,9 @@ cdef extern from "xxh64.h":
         const unsigned char* data, Py_ssize_t count, Py_ssize_t width, int strip_nul,
         uint64_t seed, uint64_t* out) noexcept nogil
     Py_ssize_t ucs4_to_utf8 "buttress_ucs4_to_utf8"(
-        const unsigned char* ucs4, Py_ssize_t count, unsigned char* out) noexcept nogil
+        const uint32_t* ucs4, Py_ssize_t count, unsigned char* out) noexcept nogil
+    Py_ssize_t ucs4_first_unencodable "buttress_ucs4_first_unencodable"(
+        const uint32_t* ucs4, Py_ssize_t count) noexcept nogil
 
 
 # How a batch's keys are laid out in memory.
@@ -25,6 +27,7 @@ cdef enum KeyKind:
     KEYS_OFFSETS64 = 6  # Arrow large_string/large_binary: int64 offsets
     KEYS_VIEWS = 7      # Arrow string_view/binary_view: 16-byte views over `buffers`
     KEYS_NULL = 8       # Arrow null type: every key is null
+    KEYS_NPSTRING = 9   # numpy 2 StringDType: `width`-byte packed strings of dtype `descr`
 
 
 cdef struct KeySource:
@@ -40,6 +43,7 @@ cdef struct KeySource:
     Py_ssize_t width
     bint is_signed
     bint strip_nul
+    const void* descr             # KEYS_NPSTRING: the StringDType (its allocator reads them)
 
 
 cdef class KeyChunk:

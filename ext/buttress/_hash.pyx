@@ -75,6 +75,37 @@ cdef extern from "arrow_c.h":
     void release_schema "buttress_arrow_release_schema"(ArrowSchema* schema) noexcept
 
 
+# numpy 2's StringDType C API, called through numpy's API table (the slots
+# are fixed for numpy >= 2.0) so this module still builds and runs with
+# numpy 1.x, which has no StringDType.
+ctypedef struct NpyStaticString:
+    size_t size
+    const char* buf
+ctypedef int (*npstring_load_fn)(void* allocator, const void* packed,
+                                 NpyStaticString* out) noexcept nogil
+ctypedef void* (*npstring_acquire_fn)(const void* descr) noexcept nogil
+ctypedef void (*npstring_release_fn)(void* allocator) noexcept nogil
+
+cdef npstring_load_fn npstring_load = NULL
+cdef npstring_acquire_fn npstring_acquire = NULL
+cdef npstring_release_fn npstring_release = NULL
+
+
+cdef int bind_numpy_string_api() except -1:
+    global npstring_load, npstring_acquire, npstring_release
+    if int(np.__version__.split(".")[0]) < 2:
+        return 0
+    from numpy._core import _multiarray_umath
+    cdef void** api = <void**>PyCapsule_GetPointer(_multiarray_umath._ARRAY_API, NULL)
+    npstring_load = <npstring_load_fn>api[313]       # NpyString_load
+    npstring_acquire = <npstring_acquire_fn>api[316]  # NpyString_acquire_allocator
+    npstring_release = <npstring_release_fn>api[318]  # NpyString_release_allocator
+    return 0
+
+
+bind_numpy_string_api()
+
+
 # A numpy 'U' element is hashed from a stack buffer up to this many bytes of
 # UTF-8 (256 characters); longer elements use one heap buffer per call.
 DEF UTF8_STACK = 1024
@@ -121,6 +152,8 @@ cdef void hash_source(const KeySource* src, Py_ssize_t start, Py_ssize_t n, uint
     cdef int32_t size, buffer_index, buffer_offset
     cdef unsigned char stack[UTF8_STACK]
     cdef unsigned char* scratch
+    cdef void* allocator
+    cdef NpyStaticString unpacked
     cdef int kind = src.kind
     if kind == KEYS_HASHES:
         memcpy(out, src.ints + start, n * sizeof(uint64_t))
@@ -172,10 +205,20 @@ cdef void hash_source(const KeySource* src, Py_ssize_t start, Py_ssize_t n, uint
         if scratch == NULL:  # out of memory: the caller validated, so hash nothing new
             return
         for i in range(n):
-            length = ucs4_to_utf8(src.values + (start + i) * src.width, src.width // 4, scratch)
-            out[i] = xxh64_bytes(scratch, <size_t>(length if length > 0 else 0), seed)
+            length = ucs4_to_utf8(<const uint32_t*>(src.values + (start + i) * src.width),
+                                  src.width // 4, scratch)
+            out[i] = xxh64_bytes(scratch, <size_t>length, seed)
         if scratch != &stack[0]:
             free(scratch)
+    elif kind == KEYS_NPSTRING:
+        # the allocator's lock is held per window, never across Python code
+        allocator = npstring_acquire(src.descr)
+        for i in range(n):
+            if npstring_load(allocator, src.values + (start + i) * src.width, &unpacked) == 0:
+                out[i] = xxh64_bytes(<const unsigned char*>unpacked.buf, unpacked.size, seed)
+            else:  # a null (1) or a damaged string (-1): not hashed
+                out[i] = 0
+        npstring_release(allocator)
     else:  # KEYS_NULL
         for i in range(n):
             out[i] = 0
@@ -360,10 +403,7 @@ def iter_key_chunks(keys, uint64_t seed=0, str caller="insert_many/contains_many
     """
     array = as_key_array(keys)
     if array is not None:
-        if array.dtype.kind == "T":
-            yield from string_dtype_chunks(array, seed)
-        else:
-            yield numpy_chunk(array)
+        yield string_dtype_chunk(array) if array.dtype.kind == "T" else numpy_chunk(array)
         return
     if isinstance(keys, (str, bytes, bytearray, memoryview)):
         raise TypeError(f"{caller} take(s) a collection of keys, not a single "
@@ -419,39 +459,49 @@ cdef KeyChunk python_chunk(keys, uint64_t seed):
     return chunk
 
 
-# StringDType elements are read through Python str objects (numpy has no
-# stable layout for them outside its C API), this many at a time, so the
-# memory stays bounded; a missing value (the dtype's na_object) is a null.
-STRING_DTYPE_SLICE = 1 << 16
-
-
-def string_dtype_chunks(array, uint64_t seed):
-    cdef KeyChunk chunk
-    cdef uint64_t[::1] hashes_view
-    cdef Py_ssize_t i, n
-    for begin in range(0, max(array.shape[0], 1), STRING_DTYPE_SLICE):
-        items = array[begin:begin + STRING_DTYPE_SLICE].tolist()
-        n = len(items)
-        chunk = KeyChunk.__new__(KeyChunk)
-        hashes = np.zeros(n, dtype=np.uint64)
-        valid = np.ones(n, dtype=np.bool_)
-        if n:
-            hashes_view = hashes
-            for i in range(n):
-                if isinstance(items[i], str):
-                    hashes_view[i] = hash_object(items[i], seed)
-                else:
-                    valid[i] = False
-            chunk.src.ints = &hashes_view[0]
+cdef KeyChunk string_dtype_chunk(array):
+    """A numpy 2 StringDType array, read through numpy's string API (no str objects)."""
+    cdef KeyChunk chunk = KeyChunk.__new__(KeyChunk)
+    cdef Py_ssize_t i, count = array.shape[0], nulls = 0
+    cdef uint8_t[::1] bits
+    cdef void* allocator
+    cdef NpyStaticString unpacked
+    cdef const unsigned char* data
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    dtype = array.dtype
+    chunk.owner = (array, dtype)
+    chunk.src.count = count
+    if count == 0:
         chunk.src.kind = KEYS_HASHES
-        chunk.src.count = n
-        chunk.src.null_count = n - int(valid.sum())
-        chunk.owner = hashes
-        if chunk.src.null_count:
-            bitmap = np.packbits(valid, bitorder="little")
-            chunk.owner = (hashes, bitmap)
-            chunk.src.validity = <const uint8_t*><size_t>bitmap.ctypes.data
-        yield chunk
+        return chunk
+    if npstring_load == NULL:
+        raise TypeError("StringDType arrays need numpy >= 2")
+    data = <const unsigned char*><size_t>array.ctypes.data
+    chunk.src.kind = KEYS_NPSTRING
+    chunk.src.values = data
+    chunk.src.width = dtype.itemsize
+    chunk.src.descr = <const void*>dtype
+    if getattr(dtype, "na_object", _NO_NA) is _NO_NA:
+        return chunk
+    validity = np.zeros((count + 7) // 8, dtype=np.uint8)
+    bits = validity
+    with nogil:
+        allocator = npstring_acquire(chunk.src.descr)
+        for i in range(count):
+            if npstring_load(allocator, data + i * chunk.src.width, &unpacked) == 0:
+                bits[i >> 3] |= <uint8_t>(1 << (i & 7))
+            else:
+                nulls += 1
+        npstring_release(allocator)
+    if nulls:
+        chunk.owner = (array, dtype, validity)
+        chunk.src.validity = &bits[0]
+        chunk.src.null_count = nulls
+    return chunk
+
+
+_NO_NA = object()
 
 
 @cython.boundscheck(False)
@@ -479,27 +529,21 @@ cdef KeyChunk numpy_chunk(array):
         chunk.src.strip_nul = True
         return chunk
     # 'U': UCS-4 code points, hashed as UTF-8; refuse what str.encode() refuses
+    if not array.flags.aligned:
+        array = array.copy()
+        chunk.owner = array
+        raw = array.view(np.uint8)
+        chunk.src.values = &raw[0]
     chunk.src.kind = KEYS_UCS4
     with nogil:
-        bad = first_unencodable(&raw[0], chunk.src.count, chunk.src.width)
+        bad = ucs4_first_unencodable(<const uint32_t*>chunk.src.values,
+                                     chunk.src.count * (chunk.src.width // 4))
     if bad >= 0:
         text = str(array[bad // (chunk.src.width // 4)])
         position = bad % (chunk.src.width // 4)
         raise UnicodeEncodeError("utf-8", text, position, position + 1,
                                  "surrogates not allowed")
     return chunk
-
-
-cdef Py_ssize_t first_unencodable(const unsigned char* data, Py_ssize_t count,
-                                  Py_ssize_t width) noexcept nogil:
-    """Index of the first code point UTF-8 cannot encode, or -1."""
-    cdef Py_ssize_t i, total = count * (width // 4)
-    cdef uint32_t c
-    for i in range(total):
-        memcpy(&c, data + 4 * i, 4)
-        if (c >= 0xD800 and c <= 0xDFFF) or c > 0x10FFFF:
-            return i
-    return -1
 
 
 cdef KeyChunk array_chunk(capsules):

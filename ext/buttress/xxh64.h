@@ -165,38 +165,54 @@ BUTTRESS_INLINE void buttress_xxh64_fixed_width(const unsigned char *data, ptrdi
     }
 }
 
-/* UTF-8 encoding of `count` UCS-4 code points (numpy 'U' elements); trailing
- * NUL code points are dropped first, as arr.tolist() does.  Writes at most
- * 4 * count bytes to `out` and returns the length, or -1 - i when code point i
- * is not encodable (a surrogate or beyond U+10FFFF), the way str.encode()
- * refuses it. */
-BUTTRESS_INLINE ptrdiff_t buttress_ucs4_to_utf8(const unsigned char *ucs4, ptrdiff_t count,
+/* UTF-8 encoding of `count` UCS-4 code points (a numpy 'U' element, native
+ * byte order, 4-byte aligned); trailing NUL code points are dropped first, as
+ * arr.tolist() does.  Writes at most 4 * count bytes to `out` and returns the
+ * length.  The caller has checked every code point is encodable
+ * (buttress_ucs4_all_encodable). */
+BUTTRESS_INLINE ptrdiff_t buttress_ucs4_to_utf8(const uint32_t *cp, ptrdiff_t count,
                                                 unsigned char *out) {
-    ptrdiff_t n = count, length = 0;
-    while (n > 0 && buttress_load_le32(ucs4 + 4 * (n - 1)) == 0) n--;
-    for (ptrdiff_t i = 0; i < n; i++) {
-        uint32_t c;
-        memcpy(&c, ucs4 + 4 * i, 4); /* native byte order, as numpy stores 'U' */
+    ptrdiff_t n = count, length = 0, i;
+    uint32_t any = 0;
+    while (n > 0 && cp[n - 1] == 0) n--;
+    for (i = 0; i < n; i++) any |= cp[i];
+    if (any < 0x80) { /* ASCII, the common case: both loops vectorize */
+        for (i = 0; i < n; i++) out[i] = (unsigned char)cp[i];
+        return n;
+    }
+    for (i = 0; i < n; i++) {
+        uint32_t c = cp[i];
         if (c < 0x80) {
             out[length++] = (unsigned char)c;
         } else if (c < 0x800) {
             out[length++] = (unsigned char)(0xC0 | (c >> 6));
             out[length++] = (unsigned char)(0x80 | (c & 0x3F));
         } else if (c < 0x10000) {
-            if (c >= 0xD800 && c <= 0xDFFF) return -1 - i;
             out[length++] = (unsigned char)(0xE0 | (c >> 12));
             out[length++] = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
             out[length++] = (unsigned char)(0x80 | (c & 0x3F));
-        } else if (c <= 0x10FFFF) {
+        } else {
             out[length++] = (unsigned char)(0xF0 | (c >> 18));
             out[length++] = (unsigned char)(0x80 | ((c >> 12) & 0x3F));
             out[length++] = (unsigned char)(0x80 | ((c >> 6) & 0x3F));
             out[length++] = (unsigned char)(0x80 | (c & 0x3F));
-        } else {
-            return -1 - i;
         }
     }
     return length;
+}
+
+/* Index of the first of `count` code points that UTF-8 cannot encode (a
+ * surrogate, or beyond U+10FFFF, which str.encode() refuses), or -1.  The
+ * scan without an early exit vectorizes; the index is found only on failure. */
+BUTTRESS_INLINE ptrdiff_t buttress_ucs4_first_unencodable(const uint32_t *cp, ptrdiff_t count) {
+    uint32_t bad = 0;
+    ptrdiff_t i;
+    for (i = 0; i < count; i++)
+        bad |= (uint32_t)((cp[i] - 0xD800U) < 0x800U) | (uint32_t)(cp[i] > 0x10FFFFU);
+    if (!bad) return -1;
+    for (i = 0; i < count; i++)
+        if ((cp[i] - 0xD800U) < 0x800U || cp[i] > 0x10FFFFU) return i;
+    return -1;
 }
 
 #endif /* BUTTRESS_XXH64_H */
