@@ -140,15 +140,28 @@ cdef inline uint64_t load_int(const unsigned char* p, Py_ssize_t width, bint is_
     return p[0]
 
 
+ctypedef fused arrow_offset:
+    int32_t
+    int64_t
+
+
+cdef inline void hash_by_offsets(const arrow_offset* offsets, const unsigned char* values,
+                                 Py_ssize_t n, uint64_t seed, uint64_t* out) noexcept nogil:
+    # Arrow (large_)string/binary: key i is values[offsets[i]:offsets[i + 1]];
+    # each offset is loaded once, as the end of one key and the start of the next.
+    cdef Py_ssize_t i
+    cdef int64_t begin = offsets[0], end
+    for i in range(n):
+        end = offsets[i + 1]
+        out[i] = xxh64_bytes(values + begin, <size_t>(end - begin), seed)
+        begin = end
+
+
 cdef void hash_source(const KeySource* src, Py_ssize_t start, Py_ssize_t n, uint64_t seed,
                       uint64_t* out) noexcept nogil:
     """Hash keys ``start .. start + n`` of ``src`` into ``out`` (nulls get an unused value)."""
     cdef Py_ssize_t i, j, length
-    cdef const int32_t* off32
-    cdef const int64_t* off64
     cdef const unsigned char* view
-    cdef const unsigned char* values
-    cdef int64_t begin, end
     cdef int32_t size, buffer_index, buffer_offset
     cdef unsigned char stack[UTF8_STACK]
     cdef unsigned char* scratch
@@ -168,22 +181,11 @@ cdef void hash_source(const KeySource* src, Py_ssize_t start, Py_ssize_t n, uint
         xxh64_fixed_width(src.values + (src.offset + start) * src.width, n, src.width,
                           src.strip_nul, seed, out)
     elif kind == KEYS_OFFSETS32:
-        # each offset is loaded once: it ends one key and begins the next
-        off32 = <const int32_t*>src.offsets + src.offset + start
-        values = src.values
-        begin = off32[0]
-        for i in range(n):
-            end = off32[i + 1]
-            out[i] = xxh64_bytes(values + begin, <size_t>(end - begin), seed)
-            begin = end
+        hash_by_offsets(<const int32_t*>src.offsets + src.offset + start, src.values, n, seed,
+                        out)
     elif kind == KEYS_OFFSETS64:
-        off64 = <const int64_t*>src.offsets + src.offset + start
-        values = src.values
-        begin = off64[0]
-        for i in range(n):
-            end = off64[i + 1]
-            out[i] = xxh64_bytes(values + begin, <size_t>(end - begin), seed)
-            begin = end
+        hash_by_offsets(<const int64_t*>src.offsets + src.offset + start, src.values, n, seed,
+                        out)
     elif kind == KEYS_VIEWS:
         # 16-byte views: int32 length, then the bytes inline (<= 12) or a
         # 4-byte prefix, the data buffer's index and the offset in it.
