@@ -108,7 +108,8 @@ bind_numpy_string_api()
 
 # A numpy 'U' element is hashed from a stack buffer up to this many bytes of
 # UTF-8 (256 characters); longer elements use one heap buffer per call.
-DEF UTF8_STACK = 1024
+cdef enum:
+    UTF8_STACK = 1024
 
 
 cdef inline uint64_t load_int(const unsigned char* p, Py_ssize_t width, bint is_signed) noexcept nogil:
