@@ -8,6 +8,9 @@ are skipped on insert and answer False, and the twin agrees bit for bit.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -242,3 +245,28 @@ def test_from_parquet_rejects_unsupported_column_types(tmp_path):
     pq.write_table(pa.table({"price": [1.5, 2.5]}), path)
     with pytest.raises(TypeError, match="double"):
         NATIVE.from_parquet(path, "price", fp_rate=0.01)
+
+
+def test_without_pyarrow_lists_numpy_and_capsule_producers_still_work():
+    # pyarrow is optional: the native path reads the Arrow C interface itself.
+    script = """
+import sys
+sys.modules["pyarrow"] = None  # import pyarrow now fails
+import numpy as np, polars as pl
+from buttress import BloomFilter, hash_key, xxh64_many
+bf = BloomFilter.for_capacity(1000, layout="split_block")
+bf.insert_many(["a", "b"])
+bf.insert_many(np.array(["c"]))
+bf.insert_many(pl.Series(["d", None]))
+assert all(k in bf for k in "abcd")
+assert xxh64_many(pl.Series(["é"])).tolist() == [hash_key("é")]
+try:
+    BloomFilter.from_parquet("x.parquet", "id", fp_rate=0.01)
+except ImportError as exc:
+    assert "buttress[arrow]" in str(exc)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
