@@ -34,6 +34,7 @@ key:
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -250,6 +251,8 @@ cdef uint64_t hash_object(object key, uint64_t seed) except? 0:
     """Hash one key by the key-encoding rule (see the module docstring)."""
     cdef const char* utf8
     cdef Py_ssize_t size
+    cdef int overflow = 0
+    cdef long long value
     cdef const unsigned char[::1] view
     if type(key) is str:
         utf8 = PyUnicode_AsUTF8AndSize(key, &size)
@@ -258,6 +261,9 @@ cdef uint64_t hash_object(object key, uint64_t seed) except? 0:
         return xxh64_bytes(<const unsigned char*>PyBytes_AS_STRING(key),
                            <size_t>PyBytes_GET_SIZE(key), seed)
     if type(key) is int:
+        value = PyLong_AsLongLongAndOverflow(key, &overflow)
+        if overflow == 0:  # fits int64: its two's complement, with no Python arithmetic
+            return xxh64_u64(<uint64_t>value, seed)
         return xxh64_u64(int_key(key), seed)
     if isinstance(key, bool):
         raise TypeError("bool is not a supported key type (use int or str explicitly)")
@@ -446,14 +452,18 @@ cdef KeyChunk python_chunk(keys, uint64_t seed):
     cdef KeyChunk chunk = KeyChunk.__new__(KeyChunk)
     cdef uint64_t[::1] hashes_view
     cdef Py_ssize_t i, n
-    # Our own list: hashing a key may run Python code (a subclass's __index__,
-    # a finaliser) that mutates the caller's list; ours cannot shrink under us.
-    items = list(keys)
+    cdef list items = keys if type(keys) is list else list(keys)
     n = len(items)
     hashes = np.empty(n, dtype=np.uint64)
     if n:
         hashes_view = hashes
         for i in range(n):
+            # Hashing a key may run Python code (a subclass's __int__, a
+            # finaliser) that shrinks the caller's list: check the size before
+            # every read instead of trusting the length taken at the start.
+            if i >= len(items):
+                raise RuntimeError(f"the list of keys shrank from {n} to {len(items)} "
+                                   f"items while it was being hashed")
             hashes_view[i] = hash_object(items[i], seed)
         chunk.src.ints = &hashes_view[0]
     chunk.src.kind = KEYS_HASHES
