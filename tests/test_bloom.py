@@ -224,7 +224,7 @@ def test_bad_keys_raise_type_error_never_cast(impl, layout):
             _ = key in bf
     with pytest.raises(OverflowError):
         bf.insert(2**64)
-    for array in (np.zeros(3), np.array(["a"], dtype=object), np.array(["a"]),
+    for array in (np.zeros(3), np.array(["a"], dtype=object), np.array([True]),
                   np.zeros((2, 2), dtype=np.int64)):
         with pytest.raises(TypeError):
             bf.insert_many(array)
@@ -369,6 +369,30 @@ def test_unflushed_writer_is_detected_then_flush_fixes_it(tmp_path):
     live.flush()
     assert "x" in NATIVE.open(path)
     live.close()
+
+
+def test_writer_whose_file_was_replaced_does_not_write_into_the_new_file(impl, layout,
+                                                                         tmp_path):
+    # Issue 13 defect 4: open mode="r+", then rebuild-and-swap with save(); the
+    # old writer's close() used to reopen the path by name and write its header
+    # and bits into the new file (checksum mismatch, or trailing bytes).
+    path = tmp_path / "live.bloom"
+    old = impl.for_capacity(1000, layout=layout)
+    old.insert_many(["a", "b"])
+    old.save(path)
+    writer = impl.open(path, mode="r+")
+    writer.insert("written-after-open")
+    for capacity in (1000, 50_000):  # same size, then a bigger file
+        rebuilt = impl.for_capacity(capacity, layout=layout)
+        rebuilt.insert_many(["c", "d"])
+        rebuilt.save(path)
+        writer.flush()
+        assert impl.open(path) == rebuilt  # the new file is untouched
+    writer.insert("still-writable")
+    writer.close()
+    fresh = impl.open(path)
+    assert fresh == rebuilt and "still-writable" not in fresh
+    assert path.read_bytes() == rebuilt.to_bytes()
 
 
 # ---------------------------------------------------------------------- Parquet layout

@@ -41,249 +41,17 @@ costs one lock round trip per call instead of an atomic operation per bit.
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint8_t, uint64_t
+from libc.string cimport memset
 
 import os
+import threading
 
 import numpy as np
 
-from buttress._hash cimport hash_object, xxh64_bytes, xxh64_fixed_width, xxh64_u64
+from buttress._hash cimport (KEYS_HASHES, KEYS_NULL, KeyChunk, KeySource, hash_object,
+                             hash_source, key_is_null, xxh64_bytes, xxh64_u64)
 
-from buttress._hash import as_key_array
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-    #  define BUTTRESS_BLOOM_X86 1
-    #  include <immintrin.h>
-    #endif
-    #if defined(__GNUC__) || defined(__clang__)
-    #  define BUTTRESS_PREFETCH(p, rw) __builtin_prefetch((p), (rw), 3)
-    #else
-    #  define BUTTRESS_PREFETCH(p, rw) ((void)0)
-    #endif
-
-    /* Apache Parquet's split block Bloom filter salts. */
-    static const uint32_t buttress_salt[8] = {
-        0x47b6137bU, 0x44974d91U, 0x8824ad5bU, 0xa2b7289dU,
-        0x705495c7U, 0x2df1424bU, 0x9efc4947U, 0x5c6bfb31U};
-
-    static int buttress_bloom_avx2 = 0;
-
-    static void buttress_bloom_detect_cpu(int allow_avx2) {
-    #ifdef BUTTRESS_BLOOM_X86
-        __builtin_cpu_init();
-        buttress_bloom_avx2 = allow_avx2 && __builtin_cpu_supports("avx2") ? 1 : 0;
-    #endif
-    }
-
-    /* The bitset is little-endian on disk and in memory on every host. */
-    static inline uint32_t buttress_le32(uint32_t v) {
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        return __builtin_bswap32(v);
-    #else
-        return v;
-    #endif
-    }
-
-    static inline uint64_t buttress_block_index(uint64_t h, uint64_t num_blocks) {
-        return ((h >> 32) * num_blocks) >> 32;
-    }
-
-    /* floor(h * m / 2**64): maps a 64-bit hash onto [0, m) without a division. */
-    static inline uint64_t buttress_fastrange64(uint64_t h, uint64_t m) {
-    #ifdef __SIZEOF_INT128__
-        return (uint64_t)(((unsigned __int128)h * m) >> 64);
-    #else
-        uint64_t h_lo = (uint32_t)h, h_hi = h >> 32, m_lo = (uint32_t)m, m_hi = m >> 32;
-        uint64_t lo_lo = h_lo * m_lo, hi_lo = h_hi * m_lo, lo_hi = h_lo * m_hi;
-        uint64_t cross = (lo_lo >> 32) + (uint32_t)hi_lo + (uint32_t)lo_hi;
-        return h_hi * m_hi + (hi_lo >> 32) + (lo_hi >> 32) + (cross >> 32);
-    #endif
-    }
-
-    /* ---- split block, portable ---- */
-    static void buttress_sbbf_insert_scalar(uint8_t *bits, uint64_t num_blocks,
-                                            const uint64_t *hashes, size_t n) {
-        for (size_t i = 0; i < n; i++) {
-            uint64_t h = hashes[i];
-            uint8_t *block = bits + 32 * buttress_block_index(h, num_blocks);
-            uint32_t x = (uint32_t)h;
-            for (int w = 0; w < 8; w++) {
-                uint32_t word;
-                memcpy(&word, block + 4 * w, 4);
-                word |= buttress_le32(1U << ((x * buttress_salt[w]) >> 27));
-                memcpy(block + 4 * w, &word, 4);
-            }
-        }
-    }
-
-    static void buttress_sbbf_check_scalar(const uint8_t *bits, uint64_t num_blocks,
-                                           const uint64_t *hashes, size_t n, uint8_t *out) {
-        for (size_t i = 0; i < n; i++) {
-            uint64_t h = hashes[i];
-            const uint8_t *block = bits + 32 * buttress_block_index(h, num_blocks);
-            uint32_t x = (uint32_t)h, found = 1;
-            for (int w = 0; w < 8; w++) {
-                uint32_t word;
-                memcpy(&word, block + 4 * w, 4);
-                found &= buttress_le32(word) >> ((x * buttress_salt[w]) >> 27);
-            }
-            out[i] = (uint8_t)(found & 1);
-        }
-    }
-
-    /* ---- split block, AVX2: the eight words in one 256-bit register ---- */
-    #ifdef BUTTRESS_BLOOM_X86
-    __attribute__((target("avx2")))
-    static void buttress_sbbf_insert_avx2(uint8_t *bits, uint64_t num_blocks,
-                                          const uint64_t *hashes, size_t n) {
-        const __m256i salt = _mm256_loadu_si256((const __m256i *)buttress_salt);
-        const __m256i one = _mm256_set1_epi32(1);
-        for (size_t i = 0; i < n; i++) {
-            uint64_t h = hashes[i];
-            __m256i *block = (__m256i *)(bits + 32 * buttress_block_index(h, num_blocks));
-            __m256i shift = _mm256_srli_epi32(
-                _mm256_mullo_epi32(_mm256_set1_epi32((int)(uint32_t)h), salt), 27);
-            __m256i mask = _mm256_sllv_epi32(one, shift);
-            _mm256_storeu_si256(block, _mm256_or_si256(_mm256_loadu_si256(block), mask));
-        }
-    }
-
-    __attribute__((target("avx2")))
-    static void buttress_sbbf_check_avx2(const uint8_t *bits, uint64_t num_blocks,
-                                         const uint64_t *hashes, size_t n, uint8_t *out) {
-        const __m256i salt = _mm256_loadu_si256((const __m256i *)buttress_salt);
-        const __m256i one = _mm256_set1_epi32(1);
-        for (size_t i = 0; i < n; i++) {
-            uint64_t h = hashes[i];
-            const __m256i *block =
-                (const __m256i *)(bits + 32 * buttress_block_index(h, num_blocks));
-            __m256i shift = _mm256_srli_epi32(
-                _mm256_mullo_epi32(_mm256_set1_epi32((int)(uint32_t)h), salt), 27);
-            __m256i mask = _mm256_sllv_epi32(one, shift);
-            out[i] = (uint8_t)_mm256_testc_si256(_mm256_loadu_si256(block), mask);
-        }
-    }
-    #endif
-
-    static void buttress_sbbf_insert(uint8_t *bits, uint64_t num_blocks,
-                                     const uint64_t *hashes, size_t n) {
-    #ifdef BUTTRESS_BLOOM_X86
-        if (buttress_bloom_avx2) { buttress_sbbf_insert_avx2(bits, num_blocks, hashes, n); return; }
-    #endif
-        buttress_sbbf_insert_scalar(bits, num_blocks, hashes, n);
-    }
-
-    static void buttress_sbbf_check(const uint8_t *bits, uint64_t num_blocks,
-                                    const uint64_t *hashes, size_t n, uint8_t *out) {
-    #ifdef BUTTRESS_BLOOM_X86
-        if (buttress_bloom_avx2) { buttress_sbbf_check_avx2(bits, num_blocks, hashes, n, out); return; }
-    #endif
-        buttress_sbbf_check_scalar(bits, num_blocks, hashes, n, out);
-    }
-
-    static void buttress_sbbf_prefetch(const uint8_t *bits, uint64_t num_blocks,
-                                       const uint64_t *hashes, size_t n, int for_write) {
-        for (size_t i = 0; i < n; i++) {
-            const uint8_t *block = bits + 32 * buttress_block_index(hashes[i], num_blocks);
-            if (for_write) BUTTRESS_PREFETCH(block, 1); else BUTTRESS_PREFETCH(block, 0);
-        }
-    }
-
-    /* ---- classic: double hashing over a prime modulus ---- */
-    static inline void buttress_classic_start(uint64_t h, uint64_t modulus,
-                                              uint64_t *x, uint64_t *y) {
-        *x = buttress_fastrange64(h, modulus);
-        *y = 1 + buttress_fastrange64((h << 32) | (h >> 32), modulus - 1);
-    }
-
-    static void buttress_classic_insert(uint8_t *bits, uint64_t modulus, int k,
-                                        const uint64_t *hashes, size_t n) {
-        for (size_t i = 0; i < n; i++) {
-            uint64_t x, y;
-            buttress_classic_start(hashes[i], modulus, &x, &y);
-            for (int j = 0; j < k; j++) {
-                bits[x >> 3] |= (uint8_t)(1U << (x & 7));
-                x += y;
-                if (x >= modulus) x -= modulus;
-            }
-        }
-    }
-
-    /* stop_early: leave a key at its first clear bit.  That saves memory
-       traffic when the filter is larger than the caches; for a cache-resident
-       filter reading all k bits without a data-dependent branch is faster. */
-    static void buttress_classic_check(const uint8_t *bits, uint64_t modulus, int k,
-                                       const uint64_t *hashes, size_t n, uint8_t *out,
-                                       int stop_early) {
-        for (size_t i = 0; i < n; i++) {
-            uint64_t x, y;
-            unsigned found = 1;
-            buttress_classic_start(hashes[i], modulus, &x, &y);
-            if (stop_early) {
-                for (int j = 0; j < k && found; j++) {
-                    found = (bits[x >> 3] >> (x & 7)) & 1U;
-                    x += y;
-                    if (x >= modulus) x -= modulus;
-                }
-            } else {
-                for (int j = 0; j < k; j++) {
-                    found &= (unsigned)(bits[x >> 3] >> (x & 7));
-                    x += y;
-                    x -= (x >= modulus) ? modulus : 0;
-                }
-            }
-            out[i] = (uint8_t)(found & 1);
-        }
-    }
-
-    /* Prefetch the first `depth` probes of each key to be looked up. */
-    static void buttress_classic_prefetch(const uint8_t *bits, uint64_t modulus, int depth,
-                                          const uint64_t *hashes, size_t n) {
-        for (size_t i = 0; i < n; i++) {
-            uint64_t x, y;
-            buttress_classic_start(hashes[i], modulus, &x, &y);
-            for (int j = 0; j < depth; j++) {
-                BUTTRESS_PREFETCH(bits + (x >> 3), 0);
-                x += y;
-                if (x >= modulus) x -= modulus;
-            }
-        }
-    }
-
-    static uint64_t buttress_popcount(const uint8_t *data, size_t length) {
-        uint64_t total = 0;
-        size_t i = 0;
-        for (; i + 8 <= length; i += 8) {
-            uint64_t word;
-            memcpy(&word, data + i, 8);
-            total += (uint64_t)__builtin_popcountll(word);
-        }
-        for (; i < length; i++) total += (uint64_t)__builtin_popcount(data[i]);
-        return total;
-    }
-    """
-    void detect_cpu "buttress_bloom_detect_cpu"(int allow_avx2) noexcept nogil
-    int cpu_has_avx2 "buttress_bloom_avx2"
-    void sbbf_insert "buttress_sbbf_insert"(
-        uint8_t* bits, uint64_t num_blocks, const uint64_t* hashes, size_t n) noexcept nogil
-    void sbbf_check "buttress_sbbf_check"(
-        const uint8_t* bits, uint64_t num_blocks, const uint64_t* hashes, size_t n,
-        uint8_t* out) noexcept nogil
-    void sbbf_prefetch "buttress_sbbf_prefetch"(
-        const uint8_t* bits, uint64_t num_blocks, const uint64_t* hashes, size_t n,
-        int for_write) noexcept nogil
-    void classic_insert "buttress_classic_insert"(
-        uint8_t* bits, uint64_t modulus, int k, const uint64_t* hashes, size_t n) noexcept nogil
-    void classic_check "buttress_classic_check"(
-        const uint8_t* bits, uint64_t modulus, int k, const uint64_t* hashes, size_t n,
-        uint8_t* out, int stop_early) noexcept nogil
-    void classic_prefetch "buttress_classic_prefetch"(
-        const uint8_t* bits, uint64_t modulus, int depth, const uint64_t* hashes,
-        size_t n) noexcept nogil
-    uint64_t popcount "buttress_popcount"(const uint8_t* data, size_t length) noexcept nogil
+from buttress._hash import iter_key_chunks
 
 # BUTTRESS_BLOOM_PORTABLE=1 forces the portable kernels (the tests use it to
 # check they give the same bits as the AVX2 ones).
@@ -293,6 +61,13 @@ LAYOUT_CLASSIC = 0
 LAYOUT_SPLIT_BLOCK = 1
 #: Whether the split-block kernels use AVX2 on this CPU (chosen at import).
 USES_AVX2 = bool(cpu_has_avx2)
+#: A batch is split over threads only in shares of at least this many keys:
+#: below it, starting a thread costs more than it saves.  (The tests lower it
+#: to drive the threaded paths with small batches.)
+PARALLEL_MIN_KEYS = 1 << 15
+#: Threaded inserts hash this many keys, then insert them, per round: the
+#: scratch (8 bytes a key) stays bounded whatever the batch size.
+PARALLEL_INSERT_CHUNK = 1 << 20
 
 cdef enum:
     CLASSIC = 0
@@ -303,27 +78,34 @@ cdef enum:
     # A lookup in a classic filter usually stops at the first clear bit, so only
     # its first probes are worth prefetching.
     CLASSIC_PREFETCH_LOOKUP = 2
-    # Source of a batch's hashes.
-    SOURCE_INTS = 0          # uint64 keys, hashed here
-    SOURCE_FIXED_WIDTH = 1   # numpy 'S' keys, hashed here
-    SOURCE_HASHES = 2        # hashes computed beforehand (Python keys)
 
 # Filters smaller than this stay mostly in cache: prefetching would only add work,
 # and a classic lookup is faster reading all k bits than branching on each.
 cdef uint64_t PREFETCH_MIN_BYTES = 4 << 20
 
 
-cdef inline const uint64_t* window_hashes(const KeySource* src, Py_ssize_t start,
-                                          Py_ssize_t n, uint64_t* buf) noexcept nogil:
-    cdef Py_ssize_t j
-    if src.kind == SOURCE_HASHES:
-        return src.ints + start
-    if src.kind == SOURCE_INTS:
-        for j in range(n):
-            buf[j] = xxh64_u64(src.ints[start + j], 0)
-    else:
-        xxh64_fixed_width(src.raw + start * src.width, n, src.width, 0, buf)
-    return buf
+cdef inline Py_ssize_t window_hashes(const KeySource* src, Py_ssize_t start, Py_ssize_t n,
+                                     uint64_t* buf, bint skip_nulls,
+                                     const uint64_t** hashes) noexcept nogil:
+    """Hash keys start..start+n; return how many hashes ``*hashes`` holds.
+
+    With ``skip_nulls`` (inserts) null keys are dropped from the window;
+    otherwise every key keeps its slot (lookups answer False for nulls later).
+    """
+    cdef Py_ssize_t j, kept
+    if src.kind == KEYS_HASHES and (src.validity == NULL or not skip_nulls):
+        hashes[0] = src.ints + start
+        return n
+    hash_source(src, start, n, 0, buf)
+    hashes[0] = buf
+    if not skip_nulls or (src.validity == NULL and src.kind != KEYS_NULL):
+        return n
+    kept = 0
+    for j in range(n):
+        if not key_is_null(src, start + j):
+            buf[kept] = buf[j]
+            kept += 1
+    return kept
 
 
 cdef inline uint64_t hash_one(object key) except? 0:
@@ -418,80 +200,95 @@ cdef class BloomCore:
             classic_prefetch(data, self._modulus,
                              min(self._num_hashes, CLASSIC_PREFETCH_LOOKUP), hashes, n)
 
-    cdef void _run(self, uint8_t* data, const KeySource* src, uint8_t* out) noexcept nogil:
-        """Hash window w+1 and prefetch its lines, then probe window w.
+    cdef void _run(self, uint8_t* data, const KeySource* src, Py_ssize_t begin,
+                   Py_ssize_t end, uint8_t* out) noexcept nogil:
+        """Insert (``out`` NULL) or look up keys ``begin..end`` of ``src``.
 
-        ``data`` is the bit array captured with the GIL held, so a concurrent
-        close() (which clears ``self._data``) cannot pull it away mid-batch.
+        Hash window w+1 and prefetch its lines, then probe window w.  ``data``
+        is the bit array captured with the GIL held, so a concurrent close()
+        (which clears ``self._data``) cannot pull it away mid-batch.  ``out``
+        points at key 0's answer.  Null keys are skipped on insert and answer
+        False on lookup.
         """
         cdef uint64_t buf_a[WINDOW]
         cdef uint64_t buf_b[WINDOW]
         cdef uint64_t* spare = &buf_b[0]
         cdef const uint64_t* current
-        cdef const uint64_t* following
-        cdef Py_ssize_t start = 0, n, next_start, next_n, count = src.count
+        cdef const uint64_t* following = NULL
+        cdef Py_ssize_t start = begin, n, kept, next_start, next_n, next_kept = 0, j
         cdef bint for_write = out == NULL
         cdef bint prefetch = self._large
-        if count == 0:
+        cdef bint has_nulls = src.validity != NULL or src.kind == KEYS_NULL
+        if end <= begin:
             return
-        n = min(<Py_ssize_t>WINDOW, count)
-        current = window_hashes(src, 0, n, buf_a)
+        n = min(<Py_ssize_t>WINDOW, end - begin)
+        kept = window_hashes(src, start, n, buf_a, for_write, &current)
         if prefetch:
-            self._prefetch(data, current, n, for_write)
+            self._prefetch(data, current, kept, for_write)
         while True:
             next_start = start + n
-            next_n = min(<Py_ssize_t>WINDOW, count - next_start)
+            next_n = min(<Py_ssize_t>WINDOW, end - next_start)
             if next_n > 0:
-                following = window_hashes(src, next_start, next_n, spare)
+                next_kept = window_hashes(src, next_start, next_n, spare, for_write,
+                                          &following)
                 if prefetch:
-                    self._prefetch(data, following, next_n, for_write)
-            self._probe(data, current, n, NULL if for_write else out + start)
+                    self._prefetch(data, following, next_kept, for_write)
+            if for_write:
+                self._probe(data, current, kept, NULL)
+            else:
+                self._probe(data, current, n, out + start)
+                if has_nulls:
+                    for j in range(n):
+                        if key_is_null(src, start + j):
+                            out[start + j] = 0
             if next_n <= 0:
                 return
-            if spare == &buf_b[0]:
-                spare = &buf_a[0]
-            else:
-                spare = &buf_b[0]
+            spare = &buf_a[0] if spare == &buf_b[0] else &buf_b[0]
             current = following
             start = next_start
             n = next_n
+            kept = next_kept
 
-    cdef object _prepare(self, keys, KeySource* src):
-        """Describe ``keys`` in ``src``; return the object owning the memory it points to."""
-        cdef const uint64_t[::1] ints
-        cdef const unsigned char[::1] raw
-        cdef uint64_t[::1] hashes_view
-        cdef list items
-        cdef Py_ssize_t i
-        array = as_key_array(keys)
-        if array is None:
-            if isinstance(keys, (str, bytes, bytearray, memoryview)):
-                raise TypeError("insert_many/contains_many take a collection of keys, "
-                                f"not a single {type(keys).__name__} key")
-            items = keys if type(keys) is list else list(keys)
-            array = np.empty(len(items), dtype=np.uint64)
-            src.kind = SOURCE_HASHES
-            src.count = len(items)
-            if src.count:
-                hashes_view = array
-                for i in range(src.count):
-                    hashes_view[i] = hash_one(items[i])
-                src.ints = &hashes_view[0]
-            return array
-        src.count = array.shape[0]
-        if src.count == 0:
-            src.kind = SOURCE_HASHES
-            return array
-        if array.dtype.kind == "u":
-            ints = array
-            src.kind = SOURCE_INTS
-            src.ints = &ints[0]
+    cdef void _insert_share(self, uint8_t* data, const KeySource* src, const uint64_t* hashes,
+                            Py_ssize_t base, Py_ssize_t n, int part, int parts) noexcept nogil:
+        """Insert the keys among ``hashes[0..n)`` (keys ``base..``) whose bits fall in
+        part ``part`` of ``parts`` equal slices of the bit array.
+
+        Each thread of a threaded insert owns one slice, so no byte is written by
+        two threads: the result is bit for bit the single-thread one, without
+        atomic operations.
+        """
+        cdef uint64_t selected[WINDOW]
+        cdef uint64_t valid[WINDOW]
+        cdef uint64_t first, end_, total
+        cdef Py_ssize_t start, count, j, kept
+        cdef const uint64_t* window
+        cdef bint has_nulls = src.validity != NULL or src.kind == KEYS_NULL
+        if self._layout == SPLIT_BLOCK:
+            total = self._modulus  # blocks
         else:
-            raw = array.view(np.uint8)
-            src.kind = SOURCE_FIXED_WIDTH
-            src.raw = &raw[0]
-            src.width = array.dtype.itemsize
-        return array
+            total = (self._modulus + 7) // 8  # bytes
+        first = total * <uint64_t>part // <uint64_t>parts
+        end_ = total * <uint64_t>(part + 1) // <uint64_t>parts
+        start = 0
+        while start < n:
+            count = min(<Py_ssize_t>WINDOW, n - start)
+            window = hashes + start
+            if has_nulls:
+                kept = 0
+                for j in range(count):
+                    if not key_is_null(src, base + start + j):
+                        valid[kept] = window[j]
+                        kept += 1
+                window = valid
+                count = kept
+            if self._layout == SPLIT_BLOCK:
+                kept = sbbf_select(self._modulus, window, count, first, end_, selected)
+                sbbf_insert(data, self._modulus, selected, kept)
+            else:
+                classic_insert_range(data, self._modulus, self._num_hashes, window, count,
+                                     first, end_)
+            start += WINDOW
 
     def __contains__(self, key):
         cdef uint64_t h = hash_one(key)
@@ -509,34 +306,60 @@ cdef class BloomCore:
         self._check_writable()
         self._probe(self._data, &h, 1, NULL)
 
-    def _insert_many(self, keys):
-        """Insert every key; return how many there were."""
-        cdef KeySource src
+    def _insert_many(self, keys, int threads=1):
+        """Insert every non-null key; return how many there were."""
+        cdef KeyChunk chunk
+        cdef _Batch batch
         self._check_writable()
-        # Capture the bits before _prepare runs Python code (another thread may
-        # close() the filter meanwhile); `buffer` keeps them alive without the GIL.
+        # Capture the bits before Python code runs (another thread may close()
+        # the filter meanwhile); `buffer` keeps them alive without the GIL.
         buffer = self._buffer
         cdef uint8_t* data = self._data
-        owner = self._prepare(keys, &src)
-        with nogil:
-            self._run(data, &src, NULL)
-        return src.count
+        inserted = 0
+        for chunk in iter_key_chunks(keys):
+            batch = _Batch.create(self, buffer, data, chunk, None)
+            parts = _share_count(chunk.src.count, threads)
+            if self._layout == SPLIT_BLOCK:
+                parts = min(parts, self._modulus)
+            if parts <= 1:
+                with nogil:
+                    self._run(data, &chunk.src, 0, chunk.src.count, NULL)
+            else:
+                batch.insert_threaded(parts)
+            inserted += chunk.src.count - chunk.null_count
+        return inserted
 
-    def _contains_many(self, keys):
+    def _contains_many(self, keys, int threads=1):
         """Return a numpy bool array: may each key be in the filter?"""
-        cdef KeySource src
-        cdef uint8_t[::1] out_view
+        cdef KeyChunk chunk
+        cdef _Batch batch
+        cdef Py_ssize_t position = 0
         self._check_bound()
         buffer = self._buffer  # captured before Python code runs (see _insert_many)
         cdef uint8_t* data = self._data
-        owner = self._prepare(keys, &src)
-        result = np.zeros(src.count, dtype=np.bool_)
-        if src.count == 0:
-            return result
-        out_view = result.view(np.uint8)
-        with nogil:
-            self._run(data, &src, &out_view[0])
-        return result
+        try:
+            expected = len(keys)  # one result array, filled chunk by chunk
+        except TypeError:
+            expected = -1
+        result = np.zeros(max(expected, 0), dtype=np.bool_)
+        collected = None  # the answers per chunk, once the chunks outgrow len(keys)
+        for chunk in iter_key_chunks(keys):
+            count = chunk.src.count
+            if collected is None and position + count <= result.shape[0]:
+                answers = result[position:position + count]
+            else:
+                if collected is None:
+                    collected = [result[:position]]
+                answers = np.zeros(count, dtype=np.bool_)
+                collected.append(answers)
+            position += count
+            if count == 0:
+                continue
+            batch = _Batch.create(self, buffer, data, chunk, answers)
+            batch.lookup_threaded(_share_count(count, threads))
+        if collected is not None:
+            return np.concatenate(collected)
+        return result if position == result.shape[0] else result[:position]
 
     def _count_ones(self):
         """Number of set bits."""
@@ -553,3 +376,108 @@ cdef class BloomCore:
         self._data = NULL
         self._buffer = None
         self._writable = False
+
+
+cdef object _share_count(Py_ssize_t count, int threads):
+    """How many threads a batch of ``count`` keys is worth, at most ``threads``."""
+    if threads <= 1:
+        return 1
+    return max(1, min(threads, count // PARALLEL_MIN_KEYS))
+
+
+cdef class _Batch:
+    """One chunk of keys being inserted or looked up, possibly by several threads."""
+    cdef BloomCore core
+    cdef object keep                  # the bit array, the chunk and the answers
+    cdef uint8_t* data
+    cdef KeyChunk chunk
+    cdef uint8_t* out
+    cdef uint64_t[::1] scratch        # threaded inserts: one round's hashes
+
+    @staticmethod
+    cdef _Batch create(BloomCore core, object buffer, uint8_t* data, KeyChunk chunk,
+                       object answers):
+        cdef _Batch batch = _Batch.__new__(_Batch)
+        cdef uint8_t[::1] out_view
+        batch.core = core
+        batch.data = data
+        batch.chunk = chunk
+        batch.keep = (buffer, answers)
+        batch.out = NULL
+        if answers is not None and answers.shape[0]:
+            out_view = answers.view(np.uint8)
+            batch.out = &out_view[0]
+        return batch
+
+    def lookup_threaded(self, int parts):
+        cdef Py_ssize_t count = self.chunk.src.count
+        bounds = [count * i // parts for i in range(parts + 1)]
+        _run_parallel([(self.lookup_range, bounds[i], bounds[i + 1]) for i in range(parts)])
+
+    def lookup_range(self, Py_ssize_t begin, Py_ssize_t end):
+        with nogil:
+            self.core._run(self.data, &self.chunk.src, begin, end, self.out)
+
+    def insert_threaded(self, int parts):
+        """Rounds of: every thread hashes a slice of the round's keys, then every
+        thread inserts the round's keys that land in its slice of the bit array."""
+        cdef Py_ssize_t count = self.chunk.src.count
+        cdef Py_ssize_t size = min(count, <Py_ssize_t>PARALLEL_INSERT_CHUNK)
+        if self.chunk.src.kind != KEYS_HASHES:
+            self.scratch = np.empty(size, dtype=np.uint64)
+        barrier = threading.Barrier(parts)
+
+        def worker(int part):
+            cdef Py_ssize_t base, n, lo, hi
+            for base in range(0, count, size):
+                n = min(size, count - base)
+                lo = n * part // parts
+                hi = n * (part + 1) // parts
+                self.hash_range(base, lo, hi)
+                barrier.wait()
+                self.insert_part(base, n, part, parts)
+                barrier.wait()
+
+        _run_parallel([(worker, part) for part in range(parts)])
+
+    def hash_range(self, Py_ssize_t base, Py_ssize_t lo, Py_ssize_t hi):
+        if self.chunk.src.kind == KEYS_HASHES or hi <= lo:
+            return
+        with nogil:
+            hash_source(&self.chunk.src, base + lo, hi - lo, 0, &self.scratch[lo])
+
+    def insert_part(self, Py_ssize_t base, Py_ssize_t n, int part, int parts):
+        cdef const uint64_t* hashes
+        if self.chunk.src.kind == KEYS_HASHES:
+            hashes = self.chunk.src.ints + base
+        else:
+            hashes = &self.scratch[0]
+        with nogil:
+            self.core._insert_share(self.data, &self.chunk.src, hashes, base, n, part, parts)
+
+
+def _run_parallel(calls):
+    """Run each ``(function, *args)``, all but the last on new threads; wait for all.
+
+    The functions release the GIL around their loops, so the threads run on
+    separate cores.
+    """
+    # (no negative indices: this module is compiled with wraparound off)
+    errors = []
+    last = len(calls) - 1
+    threads = [threading.Thread(target=_guarded, args=(calls[i], errors), name="buttress-bloom",
+                                daemon=True) for i in range(last)]
+    for thread in threads:
+        thread.start()
+    _guarded(calls[last], errors)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _guarded(call, errors):
+    try:
+        call[0](*call[1:])
+    except BaseException as exc:  # re-raised by _run_parallel in the calling thread
+        errors.append(exc)

@@ -14,13 +14,15 @@ __all__ = ["as_key_array"]
 
 
 def as_key_array(keys: Any) -> np.ndarray | None:
-    """Normalise numpy key input to a C-contiguous uint64 or 'S' array.
+    """Normalise numpy key input to a C-contiguous uint64, 'S', 'U' or StringDType array.
 
     Integer arrays of any width become uint64 holding each value's 8-byte
-    encoding; 'S' arrays are returned contiguous.  Anything that is not a numpy
-    array gives None (the caller then treats ``keys`` as a sequence of Python
-    keys).  Float, object, unicode and other numpy arrays raise ``TypeError``:
-    a silent cast would hash different keys than the caller meant.
+    encoding; 'S' (bytes) and 'U' (str, hashed as UTF-8) arrays are returned
+    contiguous, StringDType arrays (numpy 2, kind 'T') as they are.  Anything
+    that is not a numpy array gives None (the caller then treats ``keys`` as a
+    sequence of Python keys, or as Arrow data).  Float, bool, object and other
+    numpy arrays raise ``TypeError``: a silent cast would hash different keys
+    than the caller meant.
     """
     if not isinstance(keys, np.ndarray):
         return None
@@ -31,9 +33,11 @@ def as_key_array(keys: Any) -> np.ndarray | None:
         return np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64)
     if kind == "u":
         return np.ascontiguousarray(keys, dtype=np.uint64)
-    if kind == "S":
+    if kind in ("S", "U"):
         return np.ascontiguousarray(keys)
+    if kind == "T":
+        return keys
     raise TypeError(
-        f"unsupported key array dtype {keys.dtype}: use an integer array, a fixed-width "
-        f"bytes array (dtype 'S'), or a list of str/bytes/int keys"
+        f"unsupported key array dtype {keys.dtype}: use an integer, bytes ('S'), str ('U') "
+        f"or StringDType array, or a list of str/bytes/int keys"
     )

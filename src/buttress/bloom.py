@@ -48,11 +48,12 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Generic, TypeVar
 
 import numpy as np
 
 from buttress import _bloom, _hash
+from buttress._validate import require_int, require_number, require_str
 
 __all__ = [
     "LAYOUTS",
@@ -140,6 +141,7 @@ class BloomFilterBase:
     _num_hashes: int
     _modulus: int
     _path: str | None
+    _file: BinaryIO | None
     _closed: bool
     _write_lock: threading.Lock
     _keys_inserted: int
@@ -150,8 +152,8 @@ class BloomFilterBase:
                   num_hashes: int) -> None: ...
         def _unbind(self) -> None: ...
         def _insert_one(self, key: Any) -> None: ...
-        def _insert_many(self, keys: Any) -> int: ...
-        def _contains_many(self, keys: Any) -> np.ndarray: ...
+        def _insert_many(self, keys: Any, threads: int = 1) -> int: ...
+        def _contains_many(self, keys: Any, threads: int = 1) -> np.ndarray: ...
         def _count_ones(self) -> int: ...
 
     def __init__(self, num_bits: int, num_hashes: int, *, layout: str = "classic") -> None:
@@ -177,11 +179,8 @@ class BloomFilterBase:
         (:func:`split_block_fp_rate`) is at most ``fp_rate``.
         """
         layout = _check_layout(layout)
-        capacity = _check_int("capacity", capacity, 1, 1 << 40)
-        if isinstance(fp_rate, bool) or not isinstance(fp_rate, (int, float)):
-            raise TypeError(f"fp_rate must be a float, got {type(fp_rate).__name__}")
-        if not 0.0 < fp_rate < 1.0:  # also rejects NaN
-            raise ValueError(f"fp_rate must be in (0, 1), got {fp_rate}")
+        capacity = require_int("capacity", capacity, minimum=1, maximum=1 << 40)
+        fp_rate = _check_fp_rate(fp_rate)
         if layout == "split_block":
             return cls(_split_block_bits(capacity, fp_rate), 8, layout=layout)
         bits = math.ceil(-capacity * math.log(fp_rate) / math.log(2) ** 2)
@@ -192,6 +191,44 @@ class BloomFilterBase:
                              f"more than the maximum {_MAX_NUM_BITS}")
         return cls(num_bits, num_hashes, layout=layout)
 
+    @classmethod
+    def from_parquet(cls: type[_F], path: str | os.PathLike[str], column: str, *,
+                     fp_rate: float, layout: str = "split_block", threads: int = 1) -> _F:
+        """A filter holding every non-null value of one column of a Parquet file.
+
+        Sized by :meth:`for_capacity` from the file's row count (an upper bound
+        on the distinct keys), then filled one row group at a time, so memory
+        holds the filter and one row group's column, never the whole file.  The
+        column's values hash as the same Python keys would (strings as their
+        UTF-8, integers by the int rule), so a service can look up ``str`` or
+        ``int`` keys in the result.  Needs pyarrow (``pip install 'buttress[arrow]'``).
+
+        A column that is not in the file raises ``ValueError`` listing the
+        file's columns; a column of an unsupported type raises ``TypeError``.
+        """
+        layout = _check_layout(layout)
+        fp_rate = _check_fp_rate(fp_rate)
+        threads = _check_threads(threads)
+        require_str("column", column)
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("BloomFilter.from_parquet needs pyarrow: "
+                              "pip install 'buttress[arrow]'") from None
+        with pq.ParquetFile(os.fspath(path)) as parquet:
+            names = parquet.schema_arrow.names
+            if column not in names:
+                listed = ", ".join(repr(name) for name in names)
+                raise ValueError(f"{os.fspath(path)}: no column {column!r}; the file's "
+                                 f"columns are {listed}")
+            bf = cls.for_capacity(max(1, parquet.metadata.num_rows), fp_rate, layout=layout)
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=[column])
+                bf.insert_many(table.column(0), threads=threads)
+                del table  # before the next row group is read
+        logger.debug("built %r from %s column %r", bf, os.fspath(path), column)
+        return bf
+
     def _setup(self, bits: np.ndarray, layout: str, num_bits: int, num_hashes: int,
                path: str | None = None) -> None:
         self._bits = bits
@@ -201,6 +238,7 @@ class BloomFilterBase:
         self._modulus = (num_bits // _BLOCK_BITS if layout == "split_block"
                          else _largest_prime_at_most(num_bits))
         self._path = path
+        self._file = None  # mode="r+": the file the bits are mapped from
         self._closed = False
         self._write_lock = threading.Lock()
         self._keys_inserted = 0
@@ -244,24 +282,36 @@ class BloomFilterBase:
         """
         return key in self
 
-    def insert_many(self, keys: Any) -> None:
+    def insert_many(self, keys: Any, *, threads: int = 1) -> None:
         """Add every key of ``keys``.
 
-        ``keys`` is a numpy integer array, a numpy fixed-width bytes array
-        (dtype ``'S'``), or a list/tuple/iterable of str, bytes-like or int
-        keys.  Numpy input is hashed and inserted with the GIL released and no
-        Python object per key; float and object arrays raise ``TypeError``.
+        ``keys`` is a numpy integer, bytes (``'S'``), str (``'U'``) or
+        ``StringDType`` array; an Arrow array or chunked array, or anything
+        exporting the Arrow PyCapsule interface (polars, pandas, DuckDB
+        results; a one-column table is its column); or a list/tuple/iterable
+        of str, bytes-like or int keys.  Columnar input is hashed and inserted
+        with the GIL released and no Python object per key.  Nulls are not
+        keys: they are skipped.  Float, bool, object, list and struct columns
+        raise ``TypeError`` naming the type.
+
+        ``threads``: split a large batch over this many native threads (0: every
+        core).  The result is bit for bit the single-thread one: each thread
+        owns a slice of the bit array.
         """
+        threads = _check_threads(threads)
         self._require_writable()
         with self._write_lock:
-            self._keys_inserted += self._insert_many(keys)
+            self._keys_inserted += self._insert_many(keys, threads)
 
-    def contains_many(self, keys: Any) -> np.ndarray:
+    def contains_many(self, keys: Any, *, threads: int = 1) -> np.ndarray:
         """A numpy bool array: for each key, may it be in the filter?
 
-        Takes the same inputs as :meth:`insert_many`.
+        Takes the same inputs as :meth:`insert_many`; a null key answers
+        ``False``.  ``threads`` splits a large batch over native threads (0:
+        every core).
         """
-        return self._contains_many(keys)
+        threads = _check_threads(threads)
+        return self._contains_many(keys, threads)
 
     # ------------------------------------------------------------------ statistics
 
@@ -499,40 +549,65 @@ class BloomFilterBase:
         layout, num_bits, num_hashes, bitset_bytes, checksum = _parse_header(memoryview(head))
         if size != _HEADER_SIZE + bitset_bytes:
             raise ValueError(f"{path}: {_length_problem(size, bitset_bytes)}")
-        bits = np.memmap(path, dtype=np.uint8, mode="r" if mode == "r" else "r+",
-                         offset=_HEADER_SIZE,
-                         shape=(bitset_bytes,))
+        # A writer keeps the file it mapped open, and flush() writes the header
+        # through that handle: if save() has meanwhile replaced the file at
+        # `path` (the rebuild-and-swap recipe), this filter's bits and header go
+        # to its own, now unlinked, file and never into the new one.
+        handle = open(path, "r+b") if mode == "r+" else None  # noqa: SIM115 (closed by close())
+        try:
+            bits = np.memmap(handle if handle is not None else path, dtype=np.uint8,
+                             mode="r" if mode == "r" else "r+", offset=_HEADER_SIZE,
+                             shape=(bitset_bytes,))
+        except BaseException:
+            if handle is not None:
+                handle.close()
+            raise
         if verify:
             try:
                 _verify_checksum(cls._checksum_hash, head[:_CHECKSUMMED_HEADER], bits, checksum)
             except ValueError as exc:
+                if handle is not None:
+                    handle.close()
                 raise ValueError(f"{path}: {exc}") from None
         bf = cls.__new__(cls)
         bf._setup(bits, layout, num_bits, num_hashes, path=path)
+        bf._file = handle
         logger.debug("opened %s (mode=%s): %r", path, mode, bf)
         return bf
 
     def flush(self) -> None:
-        """For a filter opened with ``mode="r+"``: write the bits and a fresh checksum."""
+        """For a filter opened with ``mode="r+"``: write the bits and a fresh checksum.
+
+        They go to the file this filter opened, even if another file has since
+        been saved under its path (that one is left alone).
+        """
         if not isinstance(self._bits, np.memmap) or self.read_only:
             return
         with self._write_lock:
+            handle = self._file
+            if handle is None or handle.closed:
+                raise ValueError("this BloomFilter's file handle is closed; it cannot be flushed")
             self._bits.flush()
-            with open(self._bits.filename, "r+b") as fh:  # type: ignore[arg-type]
-                fh.write(self._header())
-                fh.flush()
-                os.fsync(fh.fileno())
+            handle.seek(0)
+            handle.write(self._header())
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def close(self) -> None:
         """Flush a writable mapped filter and drop the bits; later use raises ValueError."""
         if self._closed:
             return
-        self.flush()
-        with self._write_lock:
-            self._unbind()
-            self._closed = True
-            self._bits = np.zeros(0, dtype=np.uint8)  # lets the mapping go
-            self._bits.flags.writeable = False
+        try:
+            self.flush()
+        finally:
+            with self._write_lock:
+                self._unbind()
+                self._closed = True
+                self._bits = np.zeros(0, dtype=np.uint8)  # lets the mapping go
+                self._bits.flags.writeable = False
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None
 
     def __enter__(self: _F) -> _F:
         return self
@@ -653,13 +728,22 @@ class BloomGuard(Generic[V]):
 # ---------------------------------------------------------------------- helpers
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
-    return value
+def _check_fp_rate(fp_rate: Any) -> float:
+    rate = require_number("fp_rate", fp_rate, above=0.0)
+    if not rate < 1.0:
+        raise ValueError(f"fp_rate must be in (0, 1), got {fp_rate!r}")
+    return rate
+
+
+def _check_threads(threads: Any) -> int:
+    """``threads`` as a thread count: 0 means every core this process may use."""
+    threads = require_int("threads", threads, minimum=0)
+    if threads == 0:
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+    return threads
 
 
 def _check_layout(layout: Any) -> str:
@@ -669,7 +753,7 @@ def _check_layout(layout: Any) -> str:
 
 
 def _check_num_bits(num_bits: Any, layout: str) -> int:
-    num_bits = _check_int("num_bits", num_bits, 1, _MAX_NUM_BITS)
+    num_bits = require_int("num_bits", num_bits, minimum=1, maximum=_MAX_NUM_BITS)
     if layout == "split_block":
         num_bits = -(-num_bits // _BLOCK_BITS) * _BLOCK_BITS
     return num_bits
@@ -681,7 +765,7 @@ def _check_num_hashes(num_hashes: Any, layout: str) -> int:
             raise ValueError(f"layout 'split_block' sets exactly 8 bits per key "
                              f"(num_hashes=8), got num_hashes={num_hashes!r}")
         return 8
-    return _check_int("num_hashes", num_hashes, 1, 64)
+    return require_int("num_hashes", num_hashes, minimum=1, maximum=64)
 
 
 def _bitset_bytes(num_bits: int, layout: str) -> int:

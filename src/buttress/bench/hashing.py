@@ -43,6 +43,8 @@ def register(session: BenchSession) -> None:
     case.add(LOOP, lambda: [digest(w.encode()) for w in words], items=len(words))
     case.add("reference", lambda: reference.xxh64_many(words), items=len(words))
 
+    _arrow_case(session, repeats)
+
     blob = rng.bytes(1 << 20)
     case = session.case("hash", "xxh64 of one 1 MiB buffer", unit="MiB", repeats=repeats)
     case.add("buttress", lambda: _hash.xxh64(blob), items=1)
@@ -53,3 +55,22 @@ def register(session: BenchSession) -> None:
     calls = 200_000
     case.add("buttress", lambda: [_hash.hash_key(key) for _ in range(calls)], items=calls)
     case.add("reference", lambda: [reference.hash_key(key) for _ in range(calls)], items=calls)
+
+
+def _arrow_case(session: BenchSession, repeats: int) -> None:
+    """xxh64_many over an Arrow string column against the same ids as a list of str."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        session.notes.append("hashing: the Arrow case is skipped, pyarrow is not installed")
+        return
+    n = 1_000_000
+    ids = [f"user:{i:08d}" for i in range(n)]
+    column = pa.array(ids, type=pa.string())
+    view = pa.array(ids, type=pa.string_view())
+    case = session.case("hash", f"xxh64_many, {n:,} str ids as an Arrow column", unit="key",
+                        repeats=repeats)
+    case.add("buttress", lambda: _hash.xxh64_many(column), items=n, note="pyarrow string")
+    case.add("buttress string_view", lambda: _hash.xxh64_many(view), items=n)
+    case.add("buttress list of str", lambda: _hash.xxh64_many(ids), items=n)
+    case.target("buttress", "buttress list of str", min_speedup=1.0)

@@ -48,14 +48,16 @@ class PythonCore:
     def _insert_one(self, key: Any) -> None:
         self._store(hashing.hash_key(key))
 
-    def _insert_many(self, keys: Any) -> int:
-        hashes = self._hashes(keys)
+    def _insert_many(self, keys: Any, threads: int = 1) -> int:
+        # threads: accepted for the same signature; the twin runs one loop
+        hashes = [h for h in self._hashes(keys) if h is not None]  # nulls are not keys
         for h in hashes:
             self._store(h)
         return len(hashes)
 
-    def _contains_many(self, keys: Any) -> np.ndarray:
-        return np.array([self._lookup(h) for h in self._hashes(keys)], dtype=np.bool_)
+    def _contains_many(self, keys: Any, threads: int = 1) -> np.ndarray:
+        return np.array([h is not None and self._lookup(h) for h in self._hashes(keys)],
+                        dtype=np.bool_)
 
     def _count_ones(self) -> int:
         return int.from_bytes(self._view(), "little").bit_count()
@@ -97,11 +99,10 @@ class PythonCore:
         return self._bytes
 
     @staticmethod
-    def _hashes(keys: Any) -> list[int]:
-        if isinstance(keys, (str, bytes, bytearray, memoryview)):
-            raise TypeError("insert_many/contains_many take a collection of keys, "
-                            f"not a single {type(keys).__name__} key")
-        return [int(h) for h in hashing.xxh64_many(keys).tolist()]
+    def _hashes(keys: Any) -> list[int | None]:
+        """Each key's hash, ``None`` for a null (columnar input)."""
+        return [None if value is None else hashing.hash_key(value)
+                for value in hashing.iter_key_values(keys)]
 
 
 class BloomFilter(BloomFilterBase, PythonCore):

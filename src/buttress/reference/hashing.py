@@ -6,7 +6,7 @@ implements the same rule in plain Python.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -52,22 +52,77 @@ def encode_key(key: Any) -> bytes:
 
 
 def xxh64_many(keys: Any, seed: Any = 0) -> np.ndarray:
-    """Hash many keys at once; returns a ``numpy.ndarray`` of uint64."""
+    """Hash many keys at once; returns a ``numpy.ndarray`` of uint64.
+
+    A null (Arrow input) has no hash: ``ValueError``, as in the native module.
+    """
     seed = _check_seed(seed)
+    values = list(iter_key_values(keys, "xxh64_many"))
+    nulls = sum(value is None for value in values)
+    if nulls:
+        raise ValueError(f"xxh64_many: the keys hold {nulls} null(s), which have no hash; "
+                         f"drop them first (pyarrow.compute.drop_null, Series.drop_nulls)")
+    return np.fromiter((xxhash.xxh64_intdigest(encode_key(value), seed) for value in values),
+                       dtype=np.uint64, count=len(values))
+
+
+def iter_key_values(keys: Any, caller: str = "insert_many/contains_many") -> Iterator[Any]:
+    """The keys of a batch as Python values, ``None`` for a null (columnar input only).
+
+    Reads every input the native module reads, by the same rules, through
+    numpy's ``tolist()`` and pyarrow's ``to_pylist()``.
+    """
     array = as_key_array(keys)
-    items: Iterable[Any]
-    if array is None:
-        if isinstance(keys, (str, bytes, bytearray, memoryview)):
-            raise TypeError("xxh64_many takes a collection of keys, not a single key")
-        items = [encode_key(k) for k in keys]
-    elif array.dtype.kind == "u":
-        raw = array.astype("<u8").tobytes()
-        items = [raw[i : i + 8] for i in range(0, len(raw), 8)]
-    else:
-        items = array.tolist()  # numpy strips the trailing NUL padding here
-    return np.fromiter(
-        (xxhash.xxh64_intdigest(item, seed) for item in items), dtype=np.uint64
-    )
+    if array is not None:
+        if array.dtype.kind == "u":
+            raw = array.astype("<u8").tobytes()
+            yield from (int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
+        elif array.dtype.kind == "T":  # StringDType: a missing value is not a str
+            yield from (value if isinstance(value, str) else None for value in array.tolist())
+        else:
+            yield from array.tolist()  # 'S' and 'U': numpy strips the trailing NULs here
+        return
+    if isinstance(keys, (str, bytes, bytearray, memoryview)):
+        raise TypeError(f"{caller} take(s) a collection of keys, not a single "
+                        f"{type(keys).__name__} key")
+    chunks = _arrow_chunks(keys)
+    if chunks is None:
+        yield from keys
+        return
+    for chunk in chunks:
+        yield from chunk.to_pylist()
+
+
+def _arrow_chunks(keys: Any) -> list[Any] | None:
+    """The Arrow chunks of ``keys`` (a one-column table gives its column), or None."""
+    if isinstance(keys, (list, tuple)) or not (
+        hasattr(keys, "__arrow_c_stream__") or hasattr(keys, "__arrow_c_array__")
+    ):
+        return None
+    try:
+        import pyarrow as pa
+
+        if hasattr(keys, "__arrow_c_stream__"):
+            column = pa.chunked_array(keys)
+            chunks, column_type = column.chunks, column.type
+        else:
+            chunks = [pa.array(keys)]
+            column_type = chunks[0].type
+    except (ImportError, TypeError, ValueError, NotImplementedError):
+        if hasattr(keys, "__iter__"):
+            return None
+        raise
+    if pa.types.is_struct(column_type) and column_type.num_fields == 1:
+        column_type = column_type.field(0).type
+        chunks = [chunk.field(0) for chunk in chunks]
+    supported = (pa.types.is_integer, pa.types.is_string, pa.types.is_large_string,
+                 pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
+                 pa.types.is_null, pa.types.is_string_view, pa.types.is_binary_view)
+    if not any(check(column_type) for check in supported):
+        raise TypeError(f"unsupported Arrow key type {column_type}: keys must be integers "
+                        f"(int8..uint64), string, large_string, string_view, binary, "
+                        f"large_binary, binary_view or fixed_size_binary; cast the column first")
+    return chunks
 
 
 def _check_seed(seed: Any) -> int:
