@@ -21,6 +21,7 @@ from buttress.errors import (
     Rejected,
     Shed,
     StoreUnavailable,
+    WorkerCrashed,
 )
 
 # Public name -> module that defines it.
@@ -55,6 +56,11 @@ _LAZY: dict[str, str] = {
     "PriorityDeque": "buttress.scheduler",
     "TaskScheduler": "buttress.scheduler",
     "TaskHandle": "buttress.scheduler",
+    # distributed fair queue over Redis (sync and asyncio)
+    "FairQueue": "buttress.distributed",
+    "Worker": "buttress.distributed",
+    "AsyncFairQueue": "buttress.distributed",
+    "AsyncWorker": "buttress.distributed",
 }
 
 __all__ = [
@@ -65,6 +71,7 @@ __all__ = [
     "Rejected",
     "Shed",
     "StoreUnavailable",
+    "WorkerCrashed",
     "__version__",
     *sorted(_LAZY),
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "Rejected",
     "Shed",
     "StoreUnavailable",
+    "WorkerCrashed",
 ]
 
 
@@ -77,4 +78,12 @@ class PortInUseError(ButtressError, OSError):
     """The port a server was asked to listen on is taken by another socket.
 
     Also an ``OSError`` (with the ``errno`` of the failed bind), as before.
+    """
+
+
+class WorkerCrashed(ButtressError):
+    """A queue worker stopped because one of its threads or coroutines died unexpectedly.
+
+    Handler exceptions and Redis errors never do this (they fail the task or are
+    retried); the cause is chained as ``__cause__``.
     """
