@@ -40,7 +40,15 @@ def boom(payload: Any) -> None:
     raise ValueError(f"boom on {payload!r}")
 
 
-HANDLERS = {"noop": noop, "work": work, "boom": boom}
+class Fatal(BaseException):
+    """Not a task failure: kills the worker thread or coroutine that meets it."""
+
+
+def fatal(payload: Any) -> None:
+    raise Fatal("a worker thread dies")
+
+
+HANDLERS = {"noop": noop, "work": work, "boom": boom, "fatal": fatal}
 
 
 @handler_factory
@@ -59,4 +67,8 @@ async def async_work(payload: dict[str, Any]) -> None:
     _redis().rpush(payload["log"], f"{payload['n']}:{os.getpid()}")
 
 
-ASYNC_HANDLERS = {"noop": async_noop, "work": async_work}
+async def async_fatal(payload: Any) -> None:
+    raise Fatal("a worker coroutine dies")
+
+
+ASYNC_HANDLERS = {"noop": async_noop, "work": async_work, "fatal": async_fatal}
