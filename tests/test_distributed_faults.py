@@ -30,6 +30,7 @@ from buttress.bench.distributed import process_stopped
 from buttress.distributed import AsyncFairQueue, AsyncWorker, FairQueue, Worker
 from buttress.testing import RedisServer
 from conftest import wait_until
+from test_distributed import _try_enqueue
 
 pytestmark = pytest.mark.redis
 
@@ -329,14 +330,6 @@ def test_a_read_only_replica_is_unavailable_and_workers_resume_on_a_primary(
         assert async_worker.error is None
     assert stats()["completed"] == 1
     client.close()
-
-
-def _try_enqueue(queue: FairQueue, payload: int) -> bool:
-    try:
-        queue.enqueue("t", payload, tenant="a")
-    except StoreUnavailable:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- restart, crash

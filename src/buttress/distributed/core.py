@@ -409,6 +409,57 @@ class WorkerCore:
         with self._books:
             self._held.pop(task.id, None)
 
+    # ---------------------------------------------------------------- the calls' plans
+
+    def _lease_plan(self, draining: bool) -> tuple[list[LeasedTask], int] | None:
+        """What a serving thread's next lease call carries: (acks, count); None: stop."""
+        acks = self._take_finished()
+        if draining and not acks:
+            return None
+        return acks, 0 if draining else self.prefetch
+
+    def _lease_answered(self, acks: list[LeasedTask],
+                        reply: tuple[list[str], list[LeasedTask]] | None
+                        ) -> list[LeasedTask] | None:
+        """Book a lease call's reply; the tasks to run, or None when the call was given up."""
+        if reply is None:
+            self._dropped(acks)
+            return None
+        stale, tasks = reply
+        self._acknowledged(acks, stale)
+        self._leased(tasks)
+        return tasks
+
+    def _keeper_plan(self, renew_due: bool, final: bool
+                     ) -> tuple[list[LeasedTask], list[LeasedTask]]:
+        """The keeper's next call: (acks to send, held tasks whose leases to renew)."""
+        acks = self._take_finished()
+        if not renew_due or final:
+            return acks, []
+        acked = {task.id for task in acks}
+        return acks, [task for task in self._held_tasks() if task.id not in acked]
+
+    def _keeper_answered(self, acks: list[LeasedTask],
+                         reply: tuple[list[str], int] | None) -> None:
+        if reply is None:
+            self._dropped(acks)
+        else:
+            self._acknowledged(acks, reply[0])
+
+    def _dropped(self, acks: list[LeasedTask]) -> None:
+        """Acks given up on (halted, or Redis gone longer than a lease while draining)."""
+        if acks:
+            with self._books:
+                for task in acks:
+                    self._held.pop(task.id, None)
+            logger.warning("worker %s: %d finished task(s) not acknowledged will be "
+                           "redelivered", self.name, len(acks))
+
+    @property
+    def _renew_every(self) -> float:
+        """Seconds between renewals of the held leases: a third of a lease."""
+        return float(self.queue.lease_ms) / 3000.0
+
     # ---------------------------------------------------------------- decisions
 
     def _prepare(self, task: LeasedTask) -> tuple[Callable[[Any], Any], Any] | tuple[None, str]:
@@ -433,9 +484,13 @@ class WorkerCore:
                        exc_info=logger.isEnabledFor(logging.DEBUG))
         return f"{type(exc).__name__}: {exc}"[:2000]
 
-    def _fail_reported(self, task: LeasedTask, reason: str, outcome: str) -> None:
+    def _fail_reported(self, task: LeasedTask, reason: str, outcome: str | None) -> None:
+        """Book the answer to a fail call (None: given up, the lease will expire)."""
         self._ended_without_ack(task)
-        if outcome == "retried":
+        if outcome is None:
+            logger.warning("worker %s: gave up reporting the failure of task %s; its lease "
+                           "expires and it is redelivered", self.name, task.id)
+        elif outcome == "retried":
             self._count("retried")
         elif outcome == "dead":
             self._count("dead_lettered")

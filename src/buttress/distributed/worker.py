@@ -125,17 +125,15 @@ class Worker(WorkerCore):
     def _serve(self) -> None:
         while not self._halt.is_set():
             draining = self._draining.is_set()
-            acks = self._take_finished()
-            if draining and not acks:
+            plan = self._lease_plan(draining)
+            if plan is None:
                 return
-            count = 0 if draining else self.prefetch
+            acks, count = plan
             reply = self._call(
                 functools.partial(self.queue._lease_and_ack, acks, count, self.name))
-            if reply is None:  # halted, or gave up while draining: leases will expire
+            tasks = self._lease_answered(acks, reply)
+            if tasks is None:  # halted, or gave up while draining: leases will expire
                 return
-            stale, tasks = reply
-            self._acknowledged(acks, stale)
-            self._leased(tasks)
             if not tasks:
                 if not draining:
                     self._idle()
@@ -149,7 +147,7 @@ class Worker(WorkerCore):
 
     def _keep(self) -> None:
         """Send pending acks as soon as they wait, and renew every held lease."""
-        renew_every = self.queue.lease_ms / 3000.0
+        renew_every = self._renew_every
         next_renew = time.monotonic() + renew_every
         while not self._halt.is_set():
             final = self._serving_done.is_set()
@@ -157,17 +155,10 @@ class Worker(WorkerCore):
                 self._flush.wait(max(0.0, next_renew - time.monotonic()))
                 self._flush.clear()
             renew_due = time.monotonic() >= next_renew
-            acks = self._take_finished()
-            acked = {task.id for task in acks}
-            renew = ([task for task in self._held_tasks() if task.id not in acked]
-                     if renew_due and not final else [])
+            acks, renew = self._keeper_plan(renew_due, final)
             if acks or renew:
                 reply = self._call(functools.partial(self.queue._renew_and_ack, acks, renew))
-                if reply is not None:
-                    self._acknowledged(acks, reply[0])
-                elif acks:
-                    logger.warning("worker %s: %d finished task(s) not acknowledged will be "
-                                   "redelivered", self.name, len(acks))
+                self._keeper_answered(acks, reply)
             if renew_due:
                 next_renew = time.monotonic() + renew_every
             if final:
@@ -190,12 +181,7 @@ class Worker(WorkerCore):
         self._count("failed")
         outcome = self._call(lambda request_id: self.queue.fail(
             task, reason, retry=retry, request_id=request_id))
-        if outcome is None:
-            self._ended_without_ack(task)
-            logger.warning("worker %s: gave up reporting the failure of task %s; its lease "
-                           "expires and it is redelivered", self.name, task.id)
-        else:
-            self._fail_reported(task, reason, outcome)
+        self._fail_reported(task, reason, outcome)
 
     def _call(self, send: Callable[[str], _T]) -> _T | None:
         """Send one request until Redis answers; resends carry the same request id.

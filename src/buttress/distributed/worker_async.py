@@ -147,17 +147,15 @@ class AsyncWorker(WorkerCore):
     async def _serve(self) -> None:
         while not self._halted:
             draining = self._draining
-            acks = self._take_finished()
-            if draining and not acks:
+            plan = self._lease_plan(draining)
+            if plan is None:
                 return
-            count = 0 if draining else self.prefetch
+            acks, count = plan
             reply = await self._call(
                 functools.partial(self.queue._lease_and_ack, acks, count, self.name))
-            if reply is None:
+            tasks = self._lease_answered(acks, reply)
+            if tasks is None:  # halted, or gave up while draining: leases will expire
                 return
-            stale, tasks = reply
-            self._acknowledged(acks, stale)
-            self._leased(tasks)
             if not tasks:
                 if not draining:
                     await self._idle()
@@ -172,7 +170,7 @@ class AsyncWorker(WorkerCore):
 
     async def _keep(self) -> None:
         assert self._flush is not None
-        renew_every = self.queue.lease_ms / 3000.0
+        renew_every = self._renew_every
         next_renew = time.monotonic() + renew_every
         while not self._halted:
             final = self._serving_done
@@ -182,17 +180,10 @@ class AsyncWorker(WorkerCore):
                                            max(0.0, next_renew - time.monotonic()))
                 self._flush.clear()
             renew_due = time.monotonic() >= next_renew
-            acks = self._take_finished()
-            acked = {task.id for task in acks}
-            renew = ([task for task in self._held_tasks() if task.id not in acked]
-                     if renew_due and not final else [])
+            acks, renew = self._keeper_plan(renew_due, final)
             if acks or renew:
                 reply = await self._call(functools.partial(self.queue._renew_and_ack, acks, renew))
-                if reply is not None:
-                    self._acknowledged(acks, reply[0])
-                elif acks:
-                    logger.warning("worker %s: %d finished task(s) not acknowledged will be "
-                                   "redelivered", self.name, len(acks))
+                self._keeper_answered(acks, reply)
             if renew_due:
                 next_renew = time.monotonic() + renew_every
             if final:
@@ -215,12 +206,7 @@ class AsyncWorker(WorkerCore):
         self._count("failed")
         outcome = await self._call(lambda request_id: self.queue.fail(
             task, reason, retry=retry, request_id=request_id))
-        if outcome is None:
-            self._ended_without_ack(task)
-            logger.warning("worker %s: gave up reporting the failure of task %s; its lease "
-                           "expires and it is redelivered", self.name, task.id)
-        else:
-            self._fail_reported(task, reason, outcome)
+        self._fail_reported(task, reason, outcome)
 
     async def _call(self, send: Callable[[str], Awaitable[_T]]) -> _T | None:
         """Send one request until Redis answers; resends carry the same request id."""

@@ -53,11 +53,8 @@ end
 
 local function task_key(id) return PREFIX .. 'task:' .. id end
 local function tenant_key(tenant) return PREFIX .. 't:' .. tenant end
-local function request_key(request_id) return PREFIX .. 'req:' .. request_id end
-
-local function remember(request_id, outcome, ttl_ms)
-  redis.call('SET', request_key(request_id), outcome, 'PX', ttl_ms)
-end
+-- The resend record of a call: PREFIX .. 'req:' .. its request id (a string with a TTL).
+local REQUEST = PREFIX .. 'req:' .. (ARGV[2] or '')
 
 -- Put a task into its tenant's queue; a tenant that had no ready work joins the ring's tail.
 local function make_ready(id, tenant, score, priority)
@@ -139,19 +136,21 @@ end
 -- Returns {"ok", id, depth} or {"rejected", retry_after_ms, depth}.  A resend of an
 -- admitted request returns {"ok", the same id, depth} and creates nothing.
 local function enqueue()
-  local known = redis.call('GET', request_key(ARGV[2]))
-  if known then
-    return {'ok', known, tonumber(redis.call('HGET', META, 'depth')) or 0}
+  local m = redis.call('HMGET', META, 'depth', 'state', 'high_water', 'low_water', 'seq')
+  local depth = tonumber(m[1]) or 0
+  -- The id this call would take; the record is written first, so a resend finds it.
+  local id = string.format('%015d', (tonumber(m[5]) or 0) + 1)
+  if not redis.call('SET', REQUEST, id, 'NX', 'PX', ARGV[12]) then
+    return {'ok', redis.call('GET', REQUEST), depth}
   end
   local now = now_ms()
   local high, low = tonumber(ARGV[10]), tonumber(ARGV[11])
-  local m = redis.call('HMGET', META, 'depth', 'state', 'high_water', 'low_water')
   if m[3] ~= ARGV[10] or m[4] ~= ARGV[11] then
     redis.call('HSET', META, 'high_water', ARGV[10], 'low_water', ARGV[11])
   end
-  local depth = tonumber(m[1]) or 0
   local state = update_state(m[2], depth, high, low, now)
   if state == 'shedding' and ARGV[9] == '1' then
+    redis.call('DEL', REQUEST)  -- refused: nothing to remember, a resend is judged afresh
     redis.call('HINCRBY', META, 'rejected', 1)
     -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
     local r = redis.call('HMGET', META, 'shed_since', 'shed_leased', 'leased_total')
@@ -163,13 +162,12 @@ local function enqueue()
     end
     return {'rejected', math.floor(retry_ms), depth}
   end
-  local id = string.format('%015d', redis.call('HINCRBY', META, 'seq', 1))
+  redis.call('HINCRBY', META, 'seq', 1)
   redis.call('HSET', task_key(id), 'name', ARGV[4], 'payload', ARGV[5], 'tenant', ARGV[3],
     'priority', ARGV[6], 'score', ARGV[7], 'deadline', ARGV[8], 'attempts', 0,
     'enqueued_at', now)
   make_ready(id, ARGV[3], ARGV[7], ARGV[6])
   update_state(state, depth + 1, high, low, now)
-  remember(ARGV[2], id, ARGV[12])
   return {'ok', id, depth + 1}
 end
 
@@ -184,7 +182,7 @@ end
 --         still holds: a lease whose reply was lost is not lost.
 local function lease()
   local token = ARGV[2]
-  local known = redis.call('GET', request_key(token))
+  local known = redis.call('GET', REQUEST)
   if known then
     local out = {{}}
     for id in string.gmatch(known, '[^,]+') do
@@ -282,7 +280,9 @@ local function lease()
   if redis.call('LLEN', RING) == 0 then redis.call('DEL', WAKE) end
   update_state_from_meta(now)
   -- A call that neither acked nor leased changed nothing: a resend may act afresh.
-  if #ids > 0 or n_acks > 0 then remember(token, table.concat(ids, ','), lease_ms) end
+  if #ids > 0 or n_acks > 0 then
+    redis.call('SET', REQUEST, table.concat(ids, ','), 'PX', lease_ms)
+  end
   return out
 end
 
@@ -294,9 +294,9 @@ end
 local function renew()
   local lease_ms, n_acks = tonumber(ARGV[3]), tonumber(ARGV[5])
   local stale = {}
-  if n_acks > 0 and not redis.call('GET', request_key(ARGV[2])) then
+  if n_acks > 0 and not redis.call('GET', REQUEST) then
     stale = apply_acks(6, n_acks, tonumber(ARGV[4]))
-    remember(ARGV[2], '1', lease_ms)
+    redis.call('SET', REQUEST, '1', 'PX', lease_ms)
   end
   local now, renewed = now_ms(), 0
   for i = 6 + 2 * n_acks, #ARGV, 2 do
@@ -315,7 +315,7 @@ end
 --       7 reason, 8 retryable "1"/"0", 9 retry delay ms, 10 resend window ms
 -- Returns "retried", "dead" or "stale"; a resend returns the first run's answer.
 local function fail()
-  local known = redis.call('GET', request_key(ARGV[2]))
+  local known = redis.call('GET', REQUEST)
   if known then return known end
   local now = now_ms()
   local id, key = ARGV[5], task_key(ARGV[5])
@@ -343,7 +343,7 @@ local function fail()
       outcome = 'dead'
     end
   end
-  remember(ARGV[2], outcome, ARGV[10])
+  redis.call('SET', REQUEST, outcome, 'PX', ARGV[10])
   return outcome
 end
 
@@ -352,7 +352,7 @@ end
 -- Returns 1, or 0 if the id is not in the dead-letter list; a resend returns the first
 -- run's answer.
 local function revive()
-  local known = redis.call('GET', request_key(ARGV[2]))
+  local known = redis.call('GET', REQUEST)
   if known then return tonumber(known) end
   local id = ARGV[3]
   local revived = 0
@@ -368,14 +368,16 @@ local function revive()
       revived = 1
     end
   end
-  remember(ARGV[2], revived, ARGV[4])
+  redis.call('SET', REQUEST, revived, 'PX', ARGV[4])
   return revived
 end
 
-local operations = {enqueue = enqueue, lease = lease, renew = renew, fail = fail,
-                    revive = revive}
-local operation = operations[ARGV[1]]
-if not operation then
-  return redis.error_reply('buttress queue script: unknown operation ' .. tostring(ARGV[1]))
-end
-return operation()
+-- Dispatch by name (an if-chain: this chunk runs on every EVALSHA, a table would be built
+-- each time).
+local operation = ARGV[1]
+if operation == 'lease' then return lease() end
+if operation == 'enqueue' then return enqueue() end
+if operation == 'renew' then return renew() end
+if operation == 'fail' then return fail() end
+if operation == 'revive' then return revive() end
+return redis.error_reply('buttress queue script: unknown operation ' .. tostring(operation))
