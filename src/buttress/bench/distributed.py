@@ -32,8 +32,8 @@ one Worker per process with default settings (prefetch 1: a worker holds one
 lease at a time, and acknowledges it with its next lease call, so one round trip
 per task); the sync targets are judged on it.  ``buttress prefetch=8`` leases 8
 tasks per round trip, to show what batching buys.  ``buttress async`` is an
-AsyncWorker per process with 4 in-flight coroutines (prefetch 1), judged
-against the asyncio peers.
+AsyncWorker per process with 8 in-flight coroutines (prefetch 1), judged
+against the asyncio peers (which keep 10 to 100 tasks in flight per process).
 
 Round trips are counted on the client side by a redis-py connection class that
 counts requests sent (a pipeline or a script call is one), for the libraries
@@ -66,7 +66,7 @@ ORDER = 60
 WORKERS = 4
 OURS = "buttress"
 OURS_PREFETCH = "buttress prefetch=8"
-OURS_ASYNC = "buttress async"
+OURS_ASYNC = "buttress async concurrency=8"
 RQ = "rq SimpleWorker"
 HUEY = "huey PriorityRedisHuey"
 CELERY = "celery solo x16"
@@ -206,6 +206,14 @@ def make_taskiq(url: str, queue: str) -> tuple[Any, Any]:
     # BRPOP was answered loses that message when it resumes (see the docstring).
     broker = ListQueueBroker(url, queue_name=queue, socket_timeout=None)
     return broker, broker.task(task_name="noop")(async_noop)
+
+
+def make_saq(url: str, queue: str) -> Any:
+    import redis.asyncio
+    from saq.queue.redis import RedisQueue
+
+    # No socket timeout, as for taskiq above.
+    return RedisQueue(redis.asyncio.Redis.from_url(url, socket_timeout=None), name=queue)
 
 
 async def saq_noop(ctx: Any, **kwargs: Any) -> None:
@@ -364,10 +372,10 @@ class ButtressPrefetch(Buttress):
 
 
 class ButtressAsync(Buttress):
-    """An AsyncWorker per process, 4 coroutines in flight (fed by the same sync producer)."""
+    """An AsyncWorker per process, 8 coroutines in flight (fed by the same sync producer)."""
 
     label = OURS_ASYNC
-    concurrency = 4
+    concurrency = 8
 
 
 class Rq(Implementation):
@@ -476,9 +484,7 @@ class SaqPeer(AsyncPeer):
     label = SAQ
 
     async def connect(self) -> None:
-        import saq
-
-        self.saq_queue = saq.Queue.from_url(self.url, name=self.queue, socket_timeout=None)
+        self.saq_queue = make_saq(self.url, self.queue)
         await self.saq_queue.connect()
 
     async def enqueue_async(self, i: int) -> None:
@@ -679,7 +685,7 @@ async def _serve_async_peer(label: str, url: str, queue: str, counters: RoundTri
     elif label == SAQ:
         import saq
 
-        saq_queue = saq.Queue.from_url(url, name=queue, socket_timeout=None)
+        saq_queue = make_saq(url, queue)
         saq_worker = saq.Worker(saq_queue, functions=[("noop", saq_noop)], concurrency=10)
         counters.set_ready(slot)
         await saq_worker.start()
