@@ -19,6 +19,7 @@ second run of a request by it (see ``lua/queue.lua``).
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -57,8 +58,27 @@ STATS_READS = (("hgetall", "meta"), ("hgetall", "depth"), ("zcard", "leases"),
 
 
 def new_request_id() -> str:
-    """An identity for one call, drawn before its first send and kept for its resends."""
-    return os.urandom(12).hex()
+    """An identity for one call, drawn before its first send and kept for its resends.
+
+    A random 64-bit prefix per process (drawn again in a forked child) and a
+    counter: unique across processes and machines, and about 10x cheaper than
+    ``os.urandom`` per call on the enqueue path.
+    """
+    return f"{_request_ids.prefix}{next(_request_ids.counter):x}"
+
+
+class _RequestIds:
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex() + "-"
+        self.counter = itertools.count()  # next() on it is atomic under the GIL
+
+
+_request_ids = _RequestIds()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_request_ids.reseed)
 
 
 # --------------------------------------------------------------------------- the queue
@@ -385,14 +405,12 @@ class WorkerCore:
             for task in acks:
                 self._held.pop(task.id, None)
         if stale:
-            self._count("stale_acks", len(stale))
-            logger.warning("worker %s: %d ack(s) came after the lease was lost: %s",
-                           self.name, len(stale), stale)
+            self._stale(stale)
 
-    def _leased(self, tasks: list[LeasedTask]) -> None:
-        with self._books:
-            for task in tasks:
-                self._held[task.id] = task
+    def _stale(self, stale: list[str]) -> None:
+        self._count("stale_acks", len(stale))
+        logger.warning("worker %s: %d ack(s) came after the lease was lost: %s",
+                       self.name, len(stale), stale)
 
     def _started(self) -> None:
         with self._books:
@@ -426,8 +444,13 @@ class WorkerCore:
             self._dropped(acks)
             return None
         stale, tasks = reply
-        self._acknowledged(acks, stale)
-        self._leased(tasks)
+        with self._books:  # one lock round for the whole reply: this runs once per task
+            for task in acks:
+                self._held.pop(task.id, None)
+            for task in tasks:
+                self._held[task.id] = task
+        if stale:
+            self._stale(stale)
         return tasks
 
     def _keeper_plan(self, renew_due: bool, final: bool
