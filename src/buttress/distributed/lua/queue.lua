@@ -129,13 +129,18 @@ local function apply_acks(first, n, done_max)
   return stale
 end
 
+-- The operations, one block each: only the called one runs (an if-chain, not functions
+-- in a table: this chunk runs on every EVALSHA, and closures or a table would be built
+-- each time).
+local operation = ARGV[1]
+
 -- ENQUEUE: admit one task unless SHEDDING refuses it; evaluates the hysteresis.
 -- ARGV: 2 request id, 3 tenant, 4 task name, 5 payload (JSON text), 6 priority (text),
 --       7 score (-priority), 8 deadline ms ("" = none), 9 sheddable "1"/"0",
 --       10 high_water, 11 low_water, 12 resend window ms
 -- Returns {"ok", id, depth} or {"rejected", retry_after_ms, depth}.  A resend of an
 -- admitted request returns {"ok", the same id, depth} and creates nothing.
-local function enqueue()
+if operation == 'enqueue' then
   local m = redis.call('HMGET', META, 'depth', 'state', 'high_water', 'low_water', 'seq')
   local depth = tonumber(m[1]) or 0
   -- The id this call would take; the record is written first, so a resend finds it.
@@ -180,7 +185,7 @@ end
 --         priority, attempts, deadline}.  A resend of a request that acted (acked or
 --         leased) acks nothing again and returns the tasks that request leased and
 --         still holds: a lease whose reply was lost is not lost.
-local function lease()
+if operation == 'lease' then
   local token = ARGV[2]
   local known = redis.call('GET', REQUEST)
   if known then
@@ -291,7 +296,7 @@ end
 -- ARGV: 2 request id, 3 lease_ms, 4 completion_log, 5 n_acks, then n_acks pairs
 --       (task id, token) to acknowledge, then pairs (task id, token) to renew.
 -- Returns {stale_ack_ids, renewed count}.  A resend acks nothing again.
-local function renew()
+if operation == 'renew' then
   local lease_ms, n_acks = tonumber(ARGV[3]), tonumber(ARGV[5])
   local stale = {}
   if n_acks > 0 and not redis.call('GET', REQUEST) then
@@ -314,7 +319,7 @@ end
 -- ARGV: 2 request id, 3 max_attempts, 4 max_dead_letters, 5 task id, 6 token,
 --       7 reason, 8 retryable "1"/"0", 9 retry delay ms, 10 resend window ms
 -- Returns "retried", "dead" or "stale"; a resend returns the first run's answer.
-local function fail()
+if operation == 'fail' then
   local known = redis.call('GET', REQUEST)
   if known then return known end
   local now = now_ms()
@@ -351,7 +356,7 @@ end
 -- ARGV: 2 request id, 3 task id, 4 resend window ms.
 -- Returns 1, or 0 if the id is not in the dead-letter list; a resend returns the first
 -- run's answer.
-local function revive()
+if operation == 'revive' then
   local known = redis.call('GET', REQUEST)
   if known then return tonumber(known) end
   local id = ARGV[3]
@@ -372,12 +377,4 @@ local function revive()
   return revived
 end
 
--- Dispatch by name (an if-chain: this chunk runs on every EVALSHA, a table would be built
--- each time).
-local operation = ARGV[1]
-if operation == 'lease' then return lease() end
-if operation == 'enqueue' then return enqueue() end
-if operation == 'renew' then return renew() end
-if operation == 'fail' then return fail() end
-if operation == 'revive' then return revive() end
 return redis.error_reply('buttress queue script: unknown operation ' .. tostring(operation))
