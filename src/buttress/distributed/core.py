@@ -43,7 +43,7 @@ from buttress.distributed.records import (
     parse_number,
     text,
 )
-from buttress.errors import Rejected
+from buttress.errors import Rejected, WorkerCrashed
 
 logger = logging.getLogger("buttress.distributed")
 
@@ -532,6 +532,15 @@ class WorkerCore:
             logger.warning("worker %s: %s: %s; backing off and retrying", self.name,
                            type(exc).__name__, exc)
         return backoff.next()
+
+    def _outcome(self) -> dict[str, Any]:
+        """What ``run()`` returns once stopped: the stats, or WorkerCrashed if a part died."""
+        if self._crash is not None:
+            part = "coroutine" if self._coroutine_handlers else "thread"
+            raise WorkerCrashed(f"worker {self.name} stopped: a {part} died of "
+                                f"{type(self._crash).__name__}: {self._crash}") from self._crash
+        logger.info("worker %s stopped: %s", self.name, self._counts)
+        return self.stats()
 
     def _record_crash(self, exc: BaseException) -> None:
         logger.error("worker %s: a worker %s died of an unexpected error; stopping",

@@ -18,7 +18,7 @@ from buttress._validate import require_str
 from buttress.distributed.core import WorkerCore, new_request_id
 from buttress.distributed.queue import FairQueue
 from buttress.distributed.records import LeasedTask
-from buttress.errors import StoreUnavailable, WorkerCrashed
+from buttress.errors import StoreUnavailable
 
 __all__ = ["Worker", "handler_factory", "load_handlers"]
 
@@ -91,11 +91,7 @@ class Worker(WorkerCore):
         finally:
             self._stopped.set()
             restore()
-        if self._crash is not None:
-            raise WorkerCrashed(f"worker {self.name} stopped: a thread died of "
-                                f"{type(self._crash).__name__}: {self._crash}") from self._crash
-        logger.info("worker %s stopped: %s", self.name, self._counts)
-        return self.stats()
+        return self._outcome()
 
     def stop(self, drain: bool = True) -> None:
         """Stop leasing; with ``drain`` finish and acknowledge the tasks held, else return now.

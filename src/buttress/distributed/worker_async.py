@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from buttress.distributed.core import WorkerCore, new_request_id
 from buttress.distributed.queue import AsyncFairQueue
 from buttress.distributed.records import LeasedTask
-from buttress.errors import StoreUnavailable, WorkerCrashed
+from buttress.errors import StoreUnavailable
 
 __all__ = ["AsyncWorker"]
 
@@ -98,11 +98,7 @@ class AsyncWorker(WorkerCore):
                 task.cancel()
             self._stopped = True
             restore()
-        if self._crash is not None:
-            raise WorkerCrashed(f"worker {self.name} stopped: a coroutine died of "
-                                f"{type(self._crash).__name__}: {self._crash}") from self._crash
-        logger.info("async worker %s stopped: %s", self.name, self._counts)
-        return self.stats()
+        return self._outcome()
 
     def stop(self, drain: bool = True) -> None:
         """Stop leasing; with ``drain`` finish and acknowledge the held tasks, else stop now.
