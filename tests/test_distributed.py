@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -613,12 +614,29 @@ def _try_enqueue(queue: FairQueue, payload: int) -> bool:
     return True
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free as well.
+
+    An ephemeral port above 55535 has no bus port: redis-server exits at once.
+    """
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no port with a free cluster bus port found")
+
+
 def test_runs_on_redis_cluster(tmp_path):
     """A one-node Redis Cluster: scripts, pipelines and the worker go through RedisCluster."""
     from redis.cluster import RedisCluster
 
     config = {"cluster-enabled": "yes", "cluster-config-file": str(tmp_path / "nodes.conf")}
-    with RedisServer(config=config) as server:
+    with RedisServer(port=cluster_port(), config=config) as server:
         plain = redis.Redis.from_url(server.url)
         plain.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
         wait_until(lambda: plain.cluster("info")["cluster_state"] == "ok", timeout=20,
