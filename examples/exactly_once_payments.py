@@ -1,10 +1,11 @@
 """FairQueue workers that must not charge twice: redelivery paired with the dedupe layer.
 
 ``buttress.distributed`` delivers at least once.  A worker killed after its handler
-ran but before its acknowledgement reached Redis (the Worker sends an ack with its
-next lease call, so with ``prefetch`` > 1 several finished tasks can be waiting)
-leaves tasks whose leases expire; they are delivered again.  A producer that retries
-an enqueue puts the same payment in the queue twice, under two task ids.  Either way
+ran but before its acknowledgement reached Redis (one round trip: the ack goes out
+with the worker's next Redis call) leaves a task whose lease expires; it is
+delivered again, and so are the prefetched tasks the worker had not started.  A
+producer that enqueues the same payment twice as two calls (not a resend of one
+call, which the queue recognises) puts it in the queue under two task ids.  Either way
 a bare handler would run the side effect again: here, appending a payment to a
 ledger (a Redis list standing in for a payment gateway or a bank transfer).
 
@@ -19,9 +20,9 @@ What this script does, against ``BUTTRESS_REDIS_URL`` or a redis-server it start
    (a producer retry).
 2. Starts ``--workers`` worker processes (this file, run with ``worker``), each
    with ``--prefetch`` tasks per lease.
-3. As soon as the first worker starts a payment, kills it with SIGKILL: the tasks it
-   finished but had not acknowledged, and the one it was running, are redelivered
-   to the others after ``lease_ms``.
+3. As soon as the first worker starts a payment, kills it with SIGKILL: the task it
+   was running (charged or not) and the prefetched ones it had not started are
+   redelivered to the others after ``lease_ms``.
 4. Waits until the queue is drained, stops the workers with SIGTERM (drain), and
    checks the ledger: every payment charged exactly once.
 

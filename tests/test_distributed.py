@@ -6,8 +6,10 @@ test_distributed_workers.py.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import json
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -15,13 +17,22 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import distributed_handlers
 from buttress import Rejected, StoreUnavailable
-from buttress.distributed import FairQueue, LeasedTask, Worker, load_handlers
+from buttress.distributed import (
+    AsyncFairQueue,
+    AsyncWorker,
+    FairQueue,
+    LeasedTask,
+    Worker,
+    load_handlers,
+)
 from buttress.testing import RedisServer, free_port
 from conftest import wait_until
 
@@ -46,66 +57,105 @@ def lease_all(queue: FairQueue, n: int) -> list[LeasedTask]:
 # --------------------------------------------------------------------------- bad input
 
 
-def test_enqueue_rejects_bad_input(redis_client, unique_name):
+BAD_ENQUEUES = [
+    (({"when": object()},), {"tenant": "a"}, TypeError, "payload must be JSON"),
+    ((b"bytes",), {"tenant": "a"}, TypeError, "payload must be JSON"),
+    (({"x": float("nan")},), {"tenant": "a"}, ValueError, "payload must be JSON"),
+    (({},), {}, TypeError, "tenant"),
+    (({},), {"tenant": None}, TypeError, "tenant must be a str"),
+    (({},), {"tenant": ""}, ValueError, "tenant must not be empty"),
+    (({},), {"tenant": "a", "priority": "high"}, TypeError, "priority must be a number"),
+    (({},), {"tenant": "a", "priority": True}, TypeError, "priority must be a number"),
+    (({},), {"tenant": "a", "priority": float("nan")}, ValueError, "priority must be a finite"),
+    (({},), {"tenant": "a", "priority": 2**60}, ValueError, "priority must be in"),
+    (({},), {"tenant": "a", "deadline": time.monotonic() + 5}, ValueError, r"time\.monotonic"),
+    (({},), {"tenant": "a", "deadline": "soon"}, TypeError, "deadline must be a number"),
+    (({},), {"tenant": "a", "request_id": 7}, TypeError, "request_id must be a str"),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "error", "match"), BAD_ENQUEUES)
+def test_enqueue_rejects_bad_input(redis_client, unique_name, args, kwargs, error, match):
     queue = make_queue(redis_client, unique_name)
-    with pytest.raises(TypeError, match="payload must be JSON"):
-        queue.enqueue("t", {"when": object()}, tenant="a")
-    with pytest.raises(TypeError, match="payload must be JSON"):
-        queue.enqueue("t", b"bytes", tenant="a")
-    with pytest.raises(ValueError, match="payload must be JSON"):
-        queue.enqueue("t", {"x": float("nan")}, tenant="a")
-    with pytest.raises(TypeError, match="tenant"):
-        queue.enqueue("t", {})  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="tenant must be a str"):
-        queue.enqueue("t", {}, tenant=None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="tenant must be a non-empty"):
-        queue.enqueue("t", {}, tenant="")
-    with pytest.raises(TypeError, match="task_name"):
+    with pytest.raises(error, match=match):
+        queue.enqueue("t", *args, **kwargs)
+    with pytest.raises(ValueError, match="task_name must not be empty"):
         queue.enqueue("", {}, tenant="a")
-    with pytest.raises(TypeError, match="priority must be an int or float"):
-        queue.enqueue("t", {}, tenant="a", priority="high")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="priority must be finite"):
-        queue.enqueue("t", {}, tenant="a", priority=float("nan"))
-    with pytest.raises(ValueError, match=r"time\.monotonic"):
-        queue.enqueue("t", {}, tenant="a", deadline=time.monotonic() + 5)
+    with pytest.raises(TypeError, match="task_name must be a str"):
+        queue.enqueue(5, {}, tenant="a")  # type: ignore[arg-type]
     assert queue.stats()["enqueued"] == 0  # nothing reached Redis
 
 
-@pytest.mark.parametrize(("options", "error", "match"), [
+@pytest.mark.parametrize(("args", "kwargs", "error", "match"), BAD_ENQUEUES)
+def test_async_enqueue_rejects_the_same_bad_input(redis_url, unique_name, args, kwargs, error,
+                                                  match):
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        queue = AsyncFairQueue(client, unique_name)
+        with pytest.raises(error, match=match):
+            await queue.enqueue("t", *args, **kwargs)
+        assert (await queue.stats())["enqueued"] == 0
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+BAD_SETTINGS = [
     ({"high_water": 10, "low_water": 10}, ValueError, "low_water must be < high_water"),
     ({"high_water": 0, "low_water": 0}, ValueError, "high_water must be >= 1"),
+    ({"high_water": "10"}, TypeError, "high_water must be an int"),
     ({"lease_ms": 0}, ValueError, "lease_ms must be >= 1"),
     ({"lease_ms": 1.5}, TypeError, "lease_ms must be an int"),
+    ({"lease_ms": True}, TypeError, "lease_ms must be an int"),
     ({"max_attempts": 0}, ValueError, "max_attempts must be >= 1"),
-    ({"weights": {"a": 0}}, ValueError, r"weights\['a'\] must be finite and >= 0.01"),
+    ({"resend_window_ms": 0}, ValueError, "resend_window_ms must be >= 1"),
+    ({"weights": {"a": 0}}, ValueError, r"weights\['a'\] must be >= 0.01"),
     ({"weights": {"a": "2"}}, TypeError, r"weights\['a'\] must be a number"),
     ({"weights": [("a", 1)]}, TypeError, "weights must be a mapping"),
-])
-def test_constructor_rejects_bad_settings(redis_client, unique_name, options, error, match):
+]
+
+
+@pytest.mark.parametrize("queue_class", ["FairQueue", "AsyncFairQueue"])
+@pytest.mark.parametrize(("options", "error", "match"), BAD_SETTINGS)
+def test_constructor_rejects_bad_settings(redis_url, unique_name, queue_class, options, error,
+                                          match):
+    client = (redis.Redis if queue_class == "FairQueue" else redis.asyncio.Redis).from_url(
+        redis_url)
+    settings_ = {"high_water": 1000, "low_water": 500, "lease_ms": 10_000, **options}
     with pytest.raises(error, match=match):
-        make_queue(redis_client, unique_name, **options)
+        {"FairQueue": FairQueue, "AsyncFairQueue": AsyncFairQueue}[queue_class](
+            client, unique_name, **settings_)
 
 
-def test_name_and_client_are_checked(redis_client):
-    with pytest.raises(ValueError, match="hash tag"):
+def test_name_and_client_are_checked(redis_client, redis_url):
+    with pytest.raises(ValueError, match="must not contain"):
         make_queue(redis_client, "a{b}")
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="must not be empty"):
         make_queue(redis_client, "")
-    with pytest.raises(TypeError, match="redis-py client"):
+    with pytest.raises(TypeError, match="name must be a str"):
+        make_queue(redis_client, 5)
+    with pytest.raises(TypeError, match="sync redis-py client"):
         make_queue(object(), "q")
+    async_client = redis.asyncio.Redis.from_url(redis_url)
+    with pytest.raises(TypeError, match=r"FairQueue needs a sync .*redis\.asyncio.*AsyncFairQueue"):
+        FairQueue(async_client, "q")
+    with pytest.raises(TypeError, match=r"AsyncFairQueue needs a redis\.asyncio client.*"
+                                        r"redis\.client\.Redis.*use FairQueue"):
+        AsyncFairQueue(redis_client, "q")
 
 
 def test_redis_unreachable_is_a_clear_error():
     # No client-side retries: the error comes at once (redis-py's default retries ~10x first).
     client = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     queue = make_queue(client, "nowhere")
-    with pytest.raises(StoreUnavailable, match="Redis unreachable for queue 'nowhere'"):
+    with pytest.raises(StoreUnavailable, match="unavailable for queue 'nowhere'") as caught:
         queue.enqueue("t", {"x": 1}, tenant="a")
+    assert isinstance(caught.value.__cause__, redis.ConnectionError)
     with pytest.raises(StoreUnavailable):
         queue.stats()
 
 
-def test_worker_rejects_bad_arguments(redis_client, unique_name):
+def test_worker_rejects_bad_arguments(redis_client, redis_url, unique_name):
     queue = make_queue(redis_client, unique_name)
     with pytest.raises(TypeError, match="handlers"):
         Worker(queue, {})
@@ -113,10 +163,44 @@ def test_worker_rejects_bad_arguments(redis_client, unique_name):
         Worker(queue, {"t": 3})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
         Worker(queue, {"t": print}, concurrency=0)
+    with pytest.raises(TypeError, match="prefetch must be an int"):
+        Worker(queue, {"t": print}, prefetch="2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="idle_wait must be > 0"):
+        Worker(queue, {"t": print}, idle_wait=0)
     with pytest.raises(TypeError, match="queue must be a FairQueue"):
         Worker("q", {"t": print})  # type: ignore[arg-type]
+
+    async def coroutine(payload: Any) -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"coroutine function.*use AsyncWorker"):
+        Worker(queue, {"t": coroutine})
+    async_queue = AsyncFairQueue(redis.asyncio.Redis.from_url(redis_url), unique_name)
+    with pytest.raises(TypeError, match="queue must be an AsyncFairQueue"):
+        AsyncWorker(queue, {"t": coroutine})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"must be a coroutine function \(async def\)"):
+        AsyncWorker(async_queue, {"t": print})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        AsyncWorker(async_queue, {"t": coroutine}, concurrency=0)
+    with pytest.raises(TypeError, match="prefetch must be an int"):
+        AsyncWorker(async_queue, {"t": coroutine}, prefetch=1.0)  # type: ignore[arg-type]
+
+
+def test_handler_spec_is_one_rule():
+    assert load_handlers("distributed_handlers:HANDLERS") is distributed_handlers.HANDLERS
+    assert set(load_handlers("distributed_handlers:make_handlers")) == {"noop"}
     with pytest.raises(ValueError, match=r"package\.module:object"):
         load_handlers("no_colon")
+    with pytest.raises(TypeError, match=r"names a function, not a mapping.*handler_factory"):
+        load_handlers("json:dumps")
+    with pytest.raises(TypeError, match="names a function"):
+        load_handlers("distributed_handlers:noop")  # unmarked functions are never called
+    with pytest.raises(ValueError, match="has no attribute 'NOPE'"):
+        load_handlers("distributed_handlers:NOPE")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_handlers("no_such_module_anywhere:HANDLERS")
+    with pytest.raises(TypeError, match="handlers must be a str"):
+        load_handlers(None)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- ordering
@@ -530,12 +614,29 @@ def _try_enqueue(queue: FairQueue, payload: int) -> bool:
     return True
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free as well.
+
+    An ephemeral port above 55535 has no bus port: redis-server exits at once.
+    """
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no port with a free cluster bus port found")
+
+
 def test_runs_on_redis_cluster(tmp_path):
     """A one-node Redis Cluster: scripts, pipelines and the worker go through RedisCluster."""
     from redis.cluster import RedisCluster
 
     config = {"cluster-enabled": "yes", "cluster-config-file": str(tmp_path / "nodes.conf")}
-    with RedisServer(config=config) as server:
+    with RedisServer(port=cluster_port(), config=config) as server:
         plain = redis.Redis.from_url(server.url)
         plain.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
         wait_until(lambda: plain.cluster("info")["cluster_state"] == "ok", timeout=20,

@@ -25,6 +25,13 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 HANDLERS = "distributed_handlers:HANDLERS"
+ASYNC_HANDLERS = "distributed_handlers:ASYNC_HANDLERS"
+# The same races against the thread workers and the asyncio workers (--async).
+KINDS = pytest.mark.parametrize("kind", ["sync", "async"])
+
+
+def kind_args(kind: str) -> list[str]:
+    return ["--async", "--handlers", ASYNC_HANDLERS] if kind == "async" else []
 
 
 class WorkerPool:
@@ -35,7 +42,7 @@ class WorkerPool:
             [TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
         self.command = [sys.executable, "-m", "buttress", "worker", "--redis", redis_url,
                         "--queue", queue, "--handlers", HANDLERS, "--completion-log", "100000",
-                        *extra]
+                        *extra]  # a later --handlers wins
         self.processes: list[subprocess.Popen[bytes]] = []
         self.add(n)
 
@@ -128,10 +135,11 @@ def enqueue_interleaved(queue: FairQueue, ratio: dict[str, int], rounds: int,
     return dict(counts)
 
 
-def measure_shares(redis_client, redis_url, pools, name, *, weights, ratio, rounds):
+def measure_shares(redis_client, redis_url, pools, name, *, weights, ratio, rounds,
+                   kind="sync"):
     queue = FairQueue(redis_client, name, high_water=100_000, low_water=50_000,
                       lease_ms=10_000, weights=weights)
-    pool = WorkerPool(redis_url, name, 4)
+    pool = WorkerPool(redis_url, name, 4, *kind_args(kind))
     pools.append(pool)
     pool.start_together(redis_client, name)
     log = name + ":executions"
@@ -149,10 +157,11 @@ def measure_shares(redis_client, redis_url, pools, name, *, weights, ratio, roun
     return {t: counts[t] / len(window) for t in sorted(ratio)}
 
 
+@KINDS
 def test_equal_weights_share_equally_under_a_10_1_1_flood(redis_client, redis_url, pools,
-                                                          unique_name):
+                                                          unique_name, kind):
     shares = measure_shares(redis_client, redis_url, pools, unique_name, weights=None,
-                            ratio={"a": 10, "b": 1, "c": 1}, rounds=200)
+                            ratio={"a": 10, "b": 1, "c": 1}, rounds=200, kind=kind)
     for tenant, share in shares.items():
         assert abs(share - 1 / 3) <= 0.1 / 3, (tenant, shares)
     assert jain(list(shares.values())) >= 0.95, shares
@@ -179,15 +188,16 @@ def lease_owners(redis_client, name: str) -> dict[str, int]:
     return owners
 
 
+@KINDS
 def test_kill_9_worker_holding_leases_loses_nothing(redis_client, redis_url, pools,
-                                                    unique_name):
+                                                    unique_name, kind):
     queue = FairQueue(redis_client, unique_name, lease_ms=1500, max_attempts=5)
     log = unique_name + ":executions"
     ids = [queue.enqueue("work", {"n": n, "sleep": 0.02, "log": log}, tenant=f"t{n % 3}")
            for n in range(240)]
     # The victim starts first, so it is surely working when the others join.
     pool = WorkerPool(redis_url, unique_name, 1, "--concurrency", "2", "--lease-ms", "1500",
-                      "--max-attempts", "5")
+                      "--max-attempts", "5", *kind_args(kind))
     pools.append(pool)
     victim = pool.processes[0]
 
@@ -223,14 +233,31 @@ def test_worker_command_reports_bad_handlers(redis_url):
         env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "NOPE" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "buttress", "worker", "--redis", redis_url, "--queue", "q",
+         "--handlers", "json:dumps"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "not a mapping of task name -> handler" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "buttress", "worker", "--redis", redis_url, "--queue", "q",
+         "--handlers", HANDLERS, "--async"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "must be a coroutine function" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "buttress", "worker", "--redis", redis_url, "--queue", "q",
+         "--handlers", HANDLERS, "--prefetch", "0"], env=env, capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 2
+    assert "--prefetch must be >= 1, got 0" in result.stderr
 
 
-def test_sigterm_drains_a_busy_worker(redis_client, redis_url, pools, unique_name):
+@KINDS
+def test_sigterm_drains_a_busy_worker(redis_client, redis_url, pools, unique_name, kind):
     queue = FairQueue(redis_client, unique_name)
     log = unique_name + ":executions"
     for n in range(3):
         queue.enqueue("work", {"n": n, "sleep": 1.0, "log": log}, tenant="a")
-    pool = WorkerPool(redis_url, unique_name, 1)
+    pool = WorkerPool(redis_url, unique_name, 1, *kind_args(kind))
     pools.append(pool)
     wait_until(lambda: queue.stats()["leased"] == 1, timeout=30, message="a task running")
     started = time.monotonic()

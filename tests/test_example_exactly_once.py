@@ -62,7 +62,8 @@ def test_without_dedupe_the_same_scenario_charges_twice(redis_url):
     code, output = run_example(redis_url, "--no-dedupe")
     assert code == 1, output
     charges = number(r"ledger: (\d+) charges", output)
-    # Each duplicate enqueue charges again, and so does the payment the killed worker
-    # finished but had not acknowledged (its first: the ack rides on its next lease call).
-    assert charges >= PAYMENTS + DUPLICATE_ENQUEUES + 1, output
+    # Each duplicate enqueue charges again (and the payment the killed worker was
+    # running charges again if the kill came between its charge and its ack).
+    assert charges >= PAYMENTS + DUPLICATE_ENQUEUES, output
+    assert "charged more than once, 0 never charged" in output
     assert ", 0 never charged" in output

@@ -23,6 +23,7 @@ from buttress.errors import (
     ServerConfigError,
     Shed,
     StoreUnavailable,
+    WorkerCrashed,
 )
 
 # Public name -> module that defines it.
@@ -63,6 +64,11 @@ _LAZY: dict[str, str] = {
     "TaskHandle": "buttress.scheduler",
     "AsyncTaskScheduler": "buttress.scheduler_async",
     "AsyncTaskHandle": "buttress.scheduler_async",
+    # distributed fair queue over Redis (sync and asyncio)
+    "FairQueue": "buttress.distributed",
+    "Worker": "buttress.distributed",
+    "AsyncFairQueue": "buttress.distributed",
+    "AsyncWorker": "buttress.distributed",
 }
 
 if TYPE_CHECKING:
@@ -81,6 +87,7 @@ if TYPE_CHECKING:
         RedisStore,
         SQLiteStore,
     )
+    from buttress.distributed import AsyncFairQueue, AsyncWorker, FairQueue, Worker
     from buttress.leader import FencedStore, LeaderElection, LeaderElector
     from buttress.leader_async import AsyncFencedStore, AsyncLeaderElection, AsyncLeaderElector
     from buttress.scheduler import PriorityDeque, TaskHandle, TaskScheduler
@@ -102,6 +109,7 @@ __all__ = [
     "ServerConfigError",
     "Shed",
     "StoreUnavailable",
+    "WorkerCrashed",
     "__version__",
     *sorted(_LAZY),
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "ServerConfigError",
     "Shed",
     "StoreUnavailable",
+    "WorkerCrashed",
 ]
 
 
@@ -88,4 +89,12 @@ class ServerConfigError(ButtressError, RuntimeError):
     integration (``buttress.shutdown.gunicorn``) when ``graceful_timeout``
     is shorter than the drain needs.  Also a ``RuntimeError``: gunicorn prints
     those as a one-line ``Error:`` and exits 1.
+    """
+
+
+class WorkerCrashed(ButtressError):
+    """A queue worker stopped because one of its threads or coroutines died unexpectedly.
+
+    Handler exceptions and Redis errors never do this (they fail the task or are
+    retried); the cause is chained as ``__cause__``.
     """

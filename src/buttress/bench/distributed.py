@@ -1,37 +1,50 @@
-"""Distributed suite: no-op tasks through Redis with 4 worker processes, against RQ and huey.
+"""Distributed suite: no-op tasks through Redis with 4 worker processes, against peers.
 
-Every implementation gets 4 worker processes (one worker each) on the same
-Redis, and is measured the same way:
+Every implementation gets 4 worker processes on the same Redis, and is
+measured the same way:
 
 * *drain*: with the workers paused (SIGSTOP), the producer enqueues N no-op
   tasks (untimed); the clock runs from SIGCONT until the N tasks are done.
 * *enqueue*: one producer enqueues N tasks, one call per task (workers paused).
 
-Peers, each in its fastest configuration that still delivers every task:
+"Done" for a peer is "its no-op function ran" (counted in the worker process,
+in shared memory); for buttress it is "acknowledged in Redis" (the queue's own
+``completed`` counter), which is stricter.  Peers, each in its fastest
+configuration that still runs every task, results off:
 
 * ``rq SimpleWorker``: RQ's default Worker forks a work horse per job; the
-  SimpleWorker runs jobs in-process and is much faster.  Completion is read from
-  RQ's FinishedJobRegistry.
-* ``huey PriorityRedisHuey``: huey's priority Redis queue (a sorted set, BZPOPMIN),
-  one thread-type consumer per process, results off.  huey has no
-  completion record for tasks returning None, so its drain ends when its queue
-  is empty; the at most 4 tasks still running then (a no-op each) are not
-  waited for, which flatters huey slightly.
+  SimpleWorker runs jobs in-process and is much faster.
+* ``huey PriorityRedisHuey``: a sorted set (BZPOPMIN), one thread consumer.
+* ``celery solo x16``: Celery with its Redis broker, the solo pool (no
+  child processes), prefetch multiplier 16, gossip/mingle/heartbeat off.
+* ``dramatiq 8 threads``: Dramatiq's RedisBroker, one worker with 8 threads.
+* asyncio peers: ``taskiq ListQueueBroker`` (taskiq-redis, 100 async tasks per
+  process), ``saq concurrency=10`` and ``arq max_jobs=10`` (poll delay 50 ms,
+  no results kept).  taskiq and SAQ run with the socket timeout off: with
+  redis-py 8's default of 5 s, a worker process paused (SIGSTOP, as the drain
+  method does) while its blocking pop was answered resumes into a timeout and
+  loses the message it had popped, so the drain never completes.  buttress
+  keeps the default: its workers resend the lease call with the same request id
+  and get the same tasks back.
 
 Ours: ``buttress`` is a FairQueue with 3 tenants (tasks spread round robin) and
 one Worker per process with default settings (prefetch 1: a worker holds one
 lease at a time, and acknowledges it with its next lease call, so one round trip
-per task); the targets are judged on it.  ``buttress prefetch=8`` leases 8 tasks
-per round trip, to show what batching buys.
+per task); the sync targets are judged on it.  ``buttress prefetch=8`` leases 8
+tasks per round trip, to show what batching buys.  ``buttress async`` is an
+AsyncWorker per process with 8 in-flight coroutines (prefetch 1), judged
+against the asyncio peers (which keep 10 to 100 tasks in flight per process).
 
 Round trips are counted on the client side by a redis-py connection class that
-counts requests sent (a pipeline or a script call is one); worker processes
-publish their counts through a shared memory-mapped file.  Run a worker
-process by hand with ``python -m buttress.bench.distributed IMPL URL QUEUE``.
+counts requests sent (a pipeline or a script call is one), for the libraries
+that take a redis-py client (buttress, RQ, huey); worker processes publish their
+counts through a shared memory-mapped file.  Run a worker process by hand with
+``python -m buttress.bench.distributed IMPL URL QUEUE COUNTER_FILE SLOT``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import mmap
 import os
@@ -40,6 +53,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,13 +66,33 @@ ORDER = 60
 WORKERS = 4
 OURS = "buttress"
 OURS_PREFETCH = "buttress prefetch=8"
+OURS_ASYNC = "buttress async concurrency=8"
 RQ = "rq SimpleWorker"
 HUEY = "huey PriorityRedisHuey"
+CELERY = "celery solo x16"
+DRAMATIQ = "dramatiq 8 threads"
+TASKIQ = "taskiq ListQueueBroker"
+SAQ = "saq concurrency=10"
+ARQ = "arq max_jobs=10"
+SYNC_PEERS = (RQ, HUEY, CELERY, DRAMATIQ)
+ASYNC_PEERS = (TASKIQ, SAQ, ARQ)
 TENANTS = ("tenant-a", "tenant-b", "tenant-c")
 
+# In a worker process: where the no-op tasks count themselves (set by _serve).
+_DONE: tuple[RoundTrips, int] | None = None
+_DONE_LOCK = threading.Lock()  # Dramatiq runs tasks on 8 threads
 
-def noop(*args: Any) -> None:
+
+def noop(*args: Any, **kwargs: Any) -> None:
     """The task every implementation runs (RQ imports it by name)."""
+    if _DONE is not None:
+        with _DONE_LOCK:
+            _DONE[0].add_done(_DONE[1])
+
+
+async def async_noop(*args: Any, **kwargs: Any) -> None:
+    """The coroutine every asyncio implementation runs."""
+    noop()
 
 
 # --------------------------------------------------------------------------- round trips
@@ -67,7 +101,7 @@ def noop(*args: Any) -> None:
 class RoundTrips:
     """Request counters: one slot per process in a shared memory-mapped file."""
 
-    SLOT = 16  # bytes: request count, ready flag
+    SLOT = 24  # bytes: request count, ready flag, tasks done
 
     def __init__(self, path: str, slots: int) -> None:
         self.path = path
@@ -88,6 +122,15 @@ class RoundTrips:
 
     def total(self, slots: range) -> int:
         return sum(self.count(s) for s in slots)
+
+    def add_done(self, slot: int) -> None:
+        offset = slot * self.SLOT + 16
+        (count,) = struct.unpack_from("<Q", self._map, offset)
+        struct.pack_into("<Q", self._map, offset, count + 1)
+
+    def done(self, slots: range) -> int:
+        return sum(int(struct.unpack_from("<Q", self._map, s * self.SLOT + 16)[0])
+                   for s in slots)
 
     def set_ready(self, slot: int) -> None:
         struct.pack_into("<Q", self._map, slot * self.SLOT + 8, 1)
@@ -113,6 +156,19 @@ def counting_client(url: str, counters: RoundTrips, slot: int) -> Any:
     return redis.Redis(connection_pool=pool)
 
 
+def counting_async_client(url: str, counters: RoundTrips, slot: int) -> Any:
+    """:func:`counting_client` for ``redis.asyncio``."""
+    import redis.asyncio
+
+    class CountingConnection(redis.asyncio.Connection):
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            counters.add(slot)
+            await super().send_packed_command(command, check_health)
+
+    pool = redis.asyncio.ConnectionPool.from_url(url, connection_class=CountingConnection)
+    return redis.asyncio.Redis(connection_pool=pool)
+
+
 # --------------------------------------------------------------------------- implementations
 
 
@@ -123,10 +179,56 @@ def make_huey(client: Any, queue: str) -> tuple[Any, Any]:
     return huey, huey.task(name="noop")(noop)
 
 
+def make_celery(url: str, queue: str) -> tuple[Any, Any]:
+    from celery import Celery
+
+    app = Celery("buttress_bench", broker=url, set_as_current=False)
+    app.conf.update(task_ignore_result=True, task_default_queue=queue,
+                    worker_prefetch_multiplier=16, worker_hijack_root_logger=False,
+                    broker_connection_retry_on_startup=True, worker_send_task_events=False)
+    return app, app.task(name="noop", ignore_result=True)(noop)
+
+
+def make_dramatiq(url: str, queue: str) -> tuple[Any, Any]:
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+
+    broker = RedisBroker(url=url)
+    actor = dramatiq.actor(actor_name="noop", queue_name=queue, broker=broker,
+                           max_retries=0)(noop)
+    return broker, actor
+
+
+def make_taskiq(url: str, queue: str) -> tuple[Any, Any]:
+    from taskiq_redis import ListQueueBroker
+
+    # No socket timeout: with redis-py 8's default (5 s), a worker paused while its
+    # BRPOP was answered loses that message when it resumes (see the docstring).
+    broker = ListQueueBroker(url, queue_name=queue, socket_timeout=None)
+    return broker, broker.task(task_name="noop")(async_noop)
+
+
+def make_saq(url: str, queue: str) -> Any:
+    import redis.asyncio
+    from saq.queue.redis import RedisQueue
+
+    # No socket timeout, as for taskiq above.
+    return RedisQueue(redis.asyncio.Redis.from_url(url, socket_timeout=None), name=queue)
+
+
+async def saq_noop(ctx: Any, **kwargs: Any) -> None:
+    noop()
+
+
+async def arq_noop(ctx: Any, *args: Any) -> None:
+    noop()
+
+
 class Implementation:
     """One queue library: its producer, its worker processes, its completion counter."""
 
     label = ""
+    counts_round_trips = True
 
     def __init__(self, url: str, queue: str, counters: RoundTrips, first_slot: int) -> None:
         import redis
@@ -147,12 +249,17 @@ class Implementation:
     def enqueue(self, i: int) -> None:
         raise NotImplementedError
 
+    def enqueue_many(self, n: int) -> None:
+        """Enqueue tasks 0..n-1, one call each (asyncio producers override: one loop run)."""
+        for i in range(n):
+            self.enqueue(i)
+
     def completed(self) -> int:
-        """Tasks done so far (monotonic), read with the uncounted client."""
-        raise NotImplementedError
+        """Tasks done so far (monotonic): the worker processes' own counts."""
+        return self.counters.done(self.worker_slots)
 
     def clear(self) -> None:
-        raise NotImplementedError
+        """Empty the queue (after warm-up; the done counters keep counting)."""
 
     # -- the shared measurement
 
@@ -167,7 +274,8 @@ class Implementation:
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "buttress.bench.distributed", self.label, self.url,
                  self.queue, self.counters.path, str(slot)],
-                env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                start_new_session=True,
                 preexec_fn=_die_with_parent))
         _wait(lambda: all(self.counters.ready(s) for s in self.worker_slots)
               or any(p.poll() is not None for p in self.processes), 60,
@@ -179,8 +287,7 @@ class Implementation:
         self.clear()
         # Warm up: every worker reaches its loop, scripts are loaded, connections open.
         start = self.completed()
-        for i in range(50):
-            self.enqueue(i)
+        self.enqueue_many(50)
         _wait(lambda: self.completed() >= start + 50, 60, f"{self.label} warm-up")
 
     def pause(self) -> None:
@@ -201,16 +308,14 @@ class Implementation:
 
     def timed_enqueue(self, n: int) -> None:
         before = self.counters.count(self.producer_slot)
-        for i in range(n):
-            self.enqueue(i)
+        self.enqueue_many(n)
         self.enqueue_rt.append((self.counters.count(self.producer_slot) - before) / n)
 
     def prepare_drain(self, n: int) -> int:
         """Enqueue ``n`` tasks with the workers paused; return the completion count to reach."""
         self.prepare_enqueue()
         target = self.completed() + n  # counted before enqueueing, so it is always reachable
-        for i in range(n):
-            self.enqueue(i)
+        self.enqueue_many(n)
         return target
 
     def timed_drain(self, target: int) -> None:
@@ -259,22 +364,31 @@ class Buttress(Implementation):
         self.observer.hset(self.meta, mapping={"depth": 0, "state": "normal"})
 
 
+class ButtressPrefetch(Buttress):
+    """Each worker leases 8 tasks per round trip (and acks them with the next one)."""
+
+    label = OURS_PREFETCH
+    prefetch = 8
+
+
+class ButtressAsync(Buttress):
+    """An AsyncWorker per process, 8 coroutines in flight (fed by the same sync producer)."""
+
+    label = OURS_ASYNC
+    concurrency = 8
+
+
 class Rq(Implementation):
     label = RQ
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         from rq import Queue
-        from rq.registry import FinishedJobRegistry
 
         self.rq_queue = Queue(self.queue, connection=self.producer)
-        self.finished = FinishedJobRegistry(self.queue, connection=self.observer)
 
     def enqueue(self, i: int) -> None:
         self.rq_queue.enqueue(noop, i)
-
-    def completed(self) -> int:
-        return int(self.observer.zcard(self.finished.key))
 
     def clear(self) -> None:
         self.rq_queue.empty()
@@ -286,41 +400,123 @@ class Huey(Implementation):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.huey, self.task = make_huey(self.producer, self.queue)
-        self.done = 0
-        self._target = 0
 
     def enqueue(self, i: int) -> None:
         self.task(i)
-        self._target += 1
-
-    def completed(self) -> int:
-        # Drained queue = done (see the module docstring).
-        if self.observer.zcard(self.huey.storage.queue_key) == 0:
-            self.done = self._target
-        return self.done
 
     def clear(self) -> None:
         self.huey.storage.flush_queue()
-        self.done = self._target
 
 
-class ButtressPrefetch(Buttress):
-    """Each worker leases 8 tasks per round trip (and acks them with the next one)."""
+class CeleryPeer(Implementation):
+    label = CELERY
+    counts_round_trips = False  # kombu keeps its own connections
 
-    label = OURS_PREFETCH
-    prefetch = 8
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.app, self.task = make_celery(self.url, self.queue)
+
+    def enqueue(self, i: int) -> None:
+        self.task.apply_async((i,), queue=self.queue)
+
+    def clear(self) -> None:
+        self.observer.delete(self.queue)
+
+
+class DramatiqPeer(Implementation):
+    label = DRAMATIQ
+    counts_round_trips = False
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.broker, self.actor = make_dramatiq(self.url, self.queue)
+
+    def enqueue(self, i: int) -> None:
+        self.actor.send(i)
+
+    def clear(self) -> None:
+        self.broker.flush(self.queue)
+
+
+class AsyncPeer(Implementation):
+    """A peer whose producer is a coroutine API: one event loop, one run per batch."""
+
+    counts_round_trips = False
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.connect())
+
+    async def connect(self) -> None:
+        raise NotImplementedError
+
+    async def enqueue_async(self, i: int) -> None:
+        raise NotImplementedError
+
+    def enqueue_many(self, n: int) -> None:
+        async def produce() -> None:
+            for i in range(n):
+                await self.enqueue_async(i)
+        self.loop.run_until_complete(produce())
+
+    def close(self) -> None:
+        super().close()
+        if not self.loop.is_closed():
+            self.loop.close()
+
+
+class TaskiqPeer(AsyncPeer):
+    label = TASKIQ
+
+    async def connect(self) -> None:
+        self.broker, self.task = make_taskiq(self.url, self.queue)
+        await self.broker.startup()
+
+    async def enqueue_async(self, i: int) -> None:
+        await self.task.kiq(i)
+
+    def clear(self) -> None:
+        self.observer.delete(self.queue)
+
+
+class SaqPeer(AsyncPeer):
+    label = SAQ
+
+    async def connect(self) -> None:
+        self.saq_queue = make_saq(self.url, self.queue)
+        await self.saq_queue.connect()
+
+    async def enqueue_async(self, i: int) -> None:
+        await self.saq_queue.enqueue("noop", i=i)
+
+
+class ArqPeer(AsyncPeer):
+    label = ARQ
+
+    async def connect(self) -> None:
+        from arq import create_pool
+        from arq.connections import RedisSettings
+
+        self.pool = await create_pool(RedisSettings.from_dsn(self.url))
+
+    async def enqueue_async(self, i: int) -> None:
+        await self.pool.enqueue_job("noop", i, _queue_name=self.queue)
 
 
 IMPLEMENTATIONS: dict[str, type[Implementation]] = {
-    OURS: Buttress, OURS_PREFETCH: ButtressPrefetch, RQ: Rq, HUEY: Huey}
-PEER_MODULES = {RQ: "rq", HUEY: "huey"}
+    OURS: Buttress, OURS_PREFETCH: ButtressPrefetch, OURS_ASYNC: ButtressAsync, RQ: Rq,
+    HUEY: Huey, CELERY: CeleryPeer, DRAMATIQ: DramatiqPeer, TASKIQ: TaskiqPeer, SAQ: SaqPeer,
+    ARQ: ArqPeer}
+PEER_MODULES = {RQ: "rq", HUEY: "huey", CELERY: "celery", DRAMATIQ: "dramatiq",
+                TASKIQ: "taskiq_redis", SAQ: "saq", ARQ: "arq"}
 
 
 # --------------------------------------------------------------------------- the suite
 
 
 def register(session: BenchSession) -> None:
-    n = 2_000 if session.quick else 10_000
+    n = 1_000 if session.quick else 10_000
     url = session.redis_url()
     counters = RoundTrips(tempfile.mkstemp(prefix="buttress-bench-rt-")[1],
                           slots=len(IMPLEMENTATIONS) * (WORKERS + 1))
@@ -331,8 +527,11 @@ def register(session: BenchSession) -> None:
         if module and session.peer(module) is None:
             skipped.append((label, f"{module} is not installed (pip install 'buttress[compare]')"))
             continue
-        queue = f"bench-{label.replace(' ', '-')}-{os.getpid()}"
-        impls.append(cls(url, queue, counters, index * (WORKERS + 1)))
+        queue = "bench-" + "".join(c if c.isalnum() else "-" for c in label) + f"-{os.getpid()}"
+        try:
+            impls.append(cls(url, queue, counters, index * (WORKERS + 1)))
+        except Exception as exc:  # a peer that cannot even connect is skipped, and said so
+            skipped.append((label, f"{type(exc).__name__}: {exc}"))
 
     drain = session.case("distributed", f"drain {n:,} no-op tasks, {WORKERS} worker processes",
                          unit="task")
@@ -340,7 +539,7 @@ def register(session: BenchSession) -> None:
     for impl in impls:
         drain.add(impl.label, _drain_work(impl, drain), items=n,
                   setup=functools.partial(impl.prepare_drain, n))
-        if impl.label != OURS_PREFETCH:  # same enqueue as "buttress"
+        if impl.label not in (OURS_PREFETCH, OURS_ASYNC):  # same producer as "buttress"
             enqueue.add(impl.label, _enqueue_work(impl, enqueue, n), items=n,
                         setup=impl.prepare_enqueue)
     # Stop the workers before the session stops its Redis.
@@ -351,31 +550,37 @@ def register(session: BenchSession) -> None:
             case.skip(label, reason)
     # The promise is worker throughput.  Enqueue is reported without a target: huey's
     # is one ZADD, ours one script that also does admission and fairness bookkeeping.
-    for peer in (RQ, HUEY):
+    for peer in SYNC_PEERS:
         drain.target(OURS, peer, min_speedup=1.0)
+    for peer in ASYNC_PEERS:
+        drain.target(OURS_ASYNC, peer, min_speedup=1.5)
     session.notes.append(
-        "distributed: peers run in their fastest configuration that delivers every task: "
-        "RQ SimpleWorker (no fork per job), huey PriorityRedisHuey with a thread consumer, "
-        "results off; huey's drain ends when its queue is empty (it keeps no completion "
-        "record), which flatters it by up to 4 running no-op tasks. RT = Redis round trips "
-        "(requests; a pipeline or script call is one), counted on the client side. "
-        "Enqueue has no target: huey's is one ZADD, ours a script that also does "
-        "admission (water marks) and fairness bookkeeping.")
+        "distributed: peers run in their fastest configuration that runs every task, results "
+        "off: RQ SimpleWorker (no fork per job), huey PriorityRedisHuey with a thread "
+        "consumer, Celery solo pool with prefetch x16, Dramatiq with 8 threads, taskiq "
+        "ListQueueBroker, SAQ concurrency 10, arq max_jobs 10 (poll delay 50 ms). A peer's "
+        "task is done when its function ran; ours when its ack reached Redis. RT = Redis "
+        "round trips (requests; a pipeline or script call is one), counted on the client "
+        "side where the library takes a redis-py client. Enqueue has no target: huey's is "
+        "one ZADD, ours a script that also does admission, fairness bookkeeping and the "
+        "resend record.")
 
 
 def _drain_work(impl: Implementation, case: Any) -> Callable[[int], None]:
     def work(target: int) -> None:
         impl.timed_drain(target)
-        row = case.row(impl.label)
-        per_task = sum(impl.drain_rt) / (row.items * len(impl.drain_rt))
-        row.note = f"{per_task:.2f} worker RT/task"
+        if impl.counts_round_trips:
+            row = case.row(impl.label)
+            per_task = sum(impl.drain_rt) / (row.items * len(impl.drain_rt))
+            row.note = f"{per_task:.2f} worker RT/task"
     return work
 
 
 def _enqueue_work(impl: Implementation, case: Any, n: int) -> Callable[[None], None]:
     def work(_: None) -> None:
         impl.timed_enqueue(n)
-        case.row(impl.label).note = f"{impl.enqueue_rt[-1]:.2f} producer RT/task"
+        if impl.counts_round_trips:
+            case.row(impl.label).note = f"{impl.enqueue_rt[-1]:.2f} producer RT/task"
     return work
 
 
@@ -405,32 +610,96 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str | Callable[[]
 
 
 def _serve(label: str, url: str, queue: str, counter_path: str, slot: int) -> None:
-    """Run one worker of ``label`` until SIGTERM, counting its Redis requests."""
+    """Run one worker of ``label`` until SIGTERM, counting its Redis requests and tasks."""
     import logging
 
+    global _DONE
     logging.basicConfig(level=logging.WARNING)
     counters = RoundTrips(counter_path, slot + 1)
-    client = counting_client(url, counters, slot)
+    _DONE = (counters, slot)
     if label in (OURS, OURS_PREFETCH):
         from buttress.distributed import FairQueue, Worker
 
         prefetch = ButtressPrefetch.prefetch if label == OURS_PREFETCH else Buttress.prefetch
-        worker = Worker(FairQueue(client, queue), {"noop": noop}, prefetch=prefetch)
+        worker = Worker(FairQueue(counting_client(url, counters, slot), queue), {"noop": noop},
+                        prefetch=prefetch)
         counters.set_ready(slot)
         worker.run()
+    elif label == OURS_ASYNC:
+        from buttress.distributed import AsyncFairQueue, AsyncWorker
+
+        async def main() -> None:
+            client = counting_async_client(url, counters, slot)
+            async_worker = AsyncWorker(AsyncFairQueue(client, queue), {"noop": async_noop},
+                                       concurrency=ButtressAsync.concurrency)
+            counters.set_ready(slot)
+            await async_worker.run()
+        asyncio.run(main())
     elif label == RQ:
         from rq import Queue, SimpleWorker
 
+        client = counting_client(url, counters, slot)
         rq_worker = SimpleWorker([Queue(queue, connection=client)], connection=client)
         counters.set_ready(slot)
         rq_worker.work(logging_level="WARNING")
     elif label == HUEY:
-        huey, _ = make_huey(client, queue)
+        huey, _ = make_huey(counting_client(url, counters, slot), queue)
         consumer = huey.create_consumer(workers=1, worker_type="thread", periodic=False)
         counters.set_ready(slot)
         consumer.run()
+    elif label == CELERY:
+        import warnings
+
+        warnings.simplefilter("ignore")  # the SecurityWarning for root, in every process
+        app, _ = make_celery(url, queue)
+        counters.set_ready(slot)
+        app.worker_main(["worker", "--pool=solo", "-Q", queue, "--without-gossip",
+                         "--without-mingle", "--without-heartbeat", "--loglevel=WARNING"])
+    elif label == DRAMATIQ:
+        import dramatiq
+
+        broker, _ = make_dramatiq(url, queue)
+        dramatiq_worker = dramatiq.Worker(broker, worker_threads=8)
+        dramatiq_worker.start()
+        counters.set_ready(slot)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+        dramatiq_worker.stop()
+    elif label in ASYNC_PEERS:
+        asyncio.run(_serve_async_peer(label, url, queue, counters, slot))
     else:
         raise SystemExit(f"unknown implementation {label!r}; known: {sorted(IMPLEMENTATIONS)}")
+
+
+async def _serve_async_peer(label: str, url: str, queue: str, counters: RoundTrips,
+                            slot: int) -> None:
+    if label == TASKIQ:
+        from taskiq.api import run_receiver_task
+
+        broker, _ = make_taskiq(url, queue)
+        broker.is_worker_process = True
+        await broker.startup()
+        counters.set_ready(slot)
+        await run_receiver_task(broker, max_async_tasks=100, run_startup=False)
+    elif label == SAQ:
+        import saq
+
+        saq_queue = make_saq(url, queue)
+        saq_worker = saq.Worker(saq_queue, functions=[("noop", saq_noop)], concurrency=10)
+        counters.set_ready(slot)
+        await saq_worker.start()
+    elif label == ARQ:
+        from arq import func
+        from arq.connections import RedisSettings
+        from arq.worker import Worker as ArqWorker
+
+        arq_worker = ArqWorker(functions=[func(arq_noop, name="noop")],
+                               redis_settings=RedisSettings.from_dsn(url), queue_name=queue,
+                               max_jobs=10, keep_result=0, poll_delay=0.05,
+                               handle_signals=False)
+        counters.set_ready(slot)
+        await arq_worker.async_run()
 
 
 def _die_with_parent() -> None:
