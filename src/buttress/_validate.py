@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ __all__ = [
     "require_choice",
     "require_int",
     "require_number",
+    "require_path",
     "require_str",
 ]
 
@@ -123,6 +125,21 @@ def require_str(
             raise ValueError(f"{name} must be at most {max_bytes} bytes of UTF-8, "
                              f"got {size} bytes: {_show(value)}")
     return value
+
+
+def require_path(name: str, value: Any) -> str:
+    """``value`` as a filesystem path string (``str`` or ``os.PathLike``)."""
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a str or os.PathLike path, got "
+                        f"{type(value).__name__}: {_show(value)}") from None
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a str or os.PathLike path (not bytes), got "
+                        f"{_show(value)}")
+    if not path:
+        raise ValueError(f"{name} must not be empty")
+    return path
 
 
 def require_callable(name: str, value: Any, *, allow_none: bool = False) -> Any:

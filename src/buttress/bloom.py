@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Generic, TypeVar
 import numpy as np
 
 from buttress import _bloom, _hash
-from buttress._validate import require_int, require_number, require_str
+from buttress._validate import require_int, require_number, require_path, require_str
 
 __all__ = [
     "LAYOUTS",
@@ -210,23 +210,24 @@ class BloomFilterBase:
         fp_rate = _check_fp_rate(fp_rate)
         threads = _check_threads(threads)
         require_str("column", column)
+        path = require_path("path", path)
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError("BloomFilter.from_parquet needs pyarrow: "
                               "pip install 'buttress[arrow]'") from None
-        with pq.ParquetFile(os.fspath(path)) as parquet:
+        with pq.ParquetFile(path) as parquet:
             names = parquet.schema_arrow.names
             if column not in names:
                 listed = ", ".join(repr(name) for name in names)
-                raise ValueError(f"{os.fspath(path)}: no column {column!r}; the file's "
+                raise ValueError(f"{path}: no column {column!r}; the file's "
                                  f"columns are {listed}")
             bf = cls.for_capacity(max(1, parquet.metadata.num_rows), fp_rate, layout=layout)
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group, columns=[column])
                 bf.insert_many(table.column(0), threads=threads)
                 del table  # before the next row group is read
-        logger.debug("built %r from %s column %r", bf, os.fspath(path), column)
+        logger.debug("built %r from %s column %r", bf, path, column)
         return bf
 
     def _setup(self, bits: np.ndarray, layout: str, num_bits: int, num_hashes: int,
@@ -513,7 +514,7 @@ class BloomFilterBase:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_bytes` to ``path`` atomically (temp file, fsync, rename)."""
-        path = os.fspath(path)
+        path = require_path("path", path)
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             with open(tmp, "wb") as fh:
@@ -542,7 +543,7 @@ class BloomFilterBase:
         """
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        path = os.fspath(path)
+        path = require_path("path", path)
         with open(path, "rb") as fh:
             head = fh.read(_HEADER_SIZE)
             size = os.fstat(fh.fileno()).st_size

@@ -239,7 +239,8 @@ class Implementation:
         self.producer_slot = first_slot
         self.worker_slots = range(first_slot + 1, first_slot + 1 + WORKERS)
         self.producer = counting_client(url, counters, self.producer_slot)
-        self.observer = redis.Redis.from_url(url)  # uncounted: polls for completion
+        # Uncounted: polls for completion.  Any: redis-py's stubs differ between 5.x and 8.x.
+        self.observer: Any = redis.Redis.from_url(url)
         self.processes: list[subprocess.Popen[bytes]] = []
         self.enqueue_rt: list[float] = []
         self.drain_rt: list[float] = []

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from buttress.bench import BenchSession
 
@@ -39,7 +39,8 @@ def register(session: BenchSession) -> None:
 
     from buttress.leader import FencedStore, LeaderElection
 
-    client = redis.Redis.from_url(session.redis_url())
+    # Any: redis-py's stubs differ between 5.x and 8.x (the compare extra pins 5.x).
+    client: Any = redis.Redis.from_url(session.redis_url())
     run = uuid.uuid4().hex[:8]
     cycles = 300 if session.quick else 2000
 
