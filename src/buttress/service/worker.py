@@ -31,6 +31,7 @@ from typing import Any
 
 from buttress._validate import parse_int_setting, parse_number_setting
 from buttress.dedupe import DedupeStatus, Deduplicator, RedisStore
+from buttress.distributed import handler_factory
 from buttress.errors import ButtressError
 from buttress.service.records import TaskRecords
 
@@ -115,6 +116,7 @@ class ServiceHandlers:
                            fields.get("state"), exc)
 
 
+@handler_factory
 def handlers(environ: Mapping[str, str] | None = None) -> Mapping[str, Callable[[Any], Any]]:
     """The factory ``--handlers buttress.service.worker:handlers`` calls (settings from env).
 
