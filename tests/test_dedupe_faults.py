@@ -55,17 +55,19 @@ def sync_client(url: str) -> redis.Redis:
     """A client as docs/dedupe.md sets it up: short socket timeout, retries on.
 
     Connected before the pause: a connection opened during it would wait in its
-    handshake and send the command only once, after the resume.
+    handshake and send the command only once, after the resume.  retry_on_timeout:
+    redis-py 5 resends a timed-out command only when asked (8 does by default).
     """
     client = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT,
-                                  retry=Retry(NoBackoff(), 20))
+                                  retry=Retry(NoBackoff(), 20), retry_on_timeout=True)
     client.ping()
     return client
 
 
 def async_client(url: str) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT,
-                                        retry=redis.asyncio.retry.Retry(NoBackoff(), 20))
+                                        retry=redis.asyncio.retry.Retry(NoBackoff(), 20),
+                                        retry_on_timeout=True)
 
 
 def pause_server(server: RedisServer, seconds: float = PAUSE) -> PausedRedis:
@@ -308,7 +310,7 @@ def test_a_restart_without_persistence_mid_run_loses_no_message(namespace, flavo
 
         if flavour == "sync":
             client = redis.Redis.from_url(private.url, socket_timeout=1.0,
-                                          retry=Retry(NoBackoff(), 3))
+                                          retry=Retry(NoBackoff(), 3), retry_on_timeout=True)
             dedupe = Deduplicator(handler, RedisStore(client, namespace=namespace), ttl=60,
                                   mode="effectively_once")
             for batch in batches:
@@ -325,7 +327,7 @@ def test_a_restart_without_persistence_mid_run_loses_no_message(namespace, flavo
                 failed = 0
                 client = redis.asyncio.Redis.from_url(
                     private.url, socket_timeout=1.0,
-                    retry=redis.asyncio.retry.Retry(NoBackoff(), 3))
+                    retry=redis.asyncio.retry.Retry(NoBackoff(), 3), retry_on_timeout=True)
                 dedupe = AsyncDeduplicator(handler, AsyncRedisStore(client, namespace=namespace),
                                            ttl=60, mode="effectively_once")
                 for batch in batches:

@@ -54,7 +54,7 @@ def name(unique_name: str, control: redis.Redis) -> str:
 
 def retrying(url: str) -> redis.Redis:
     client = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT,
-                                  retry=Retry(NoBackoff(), 20))
+                                  retry=Retry(NoBackoff(), 20), retry_on_timeout=True)
     client.ping()  # connected before the pause (see test_dedupe_faults.sync_client)
     return client
 
@@ -128,7 +128,7 @@ def test_a_resent_async_acquire_wins_the_term_it_took(server, control, name):
     async def scenario() -> tuple[bool, int | None]:
         client = redis.asyncio.Redis.from_url(
             server.url, socket_timeout=SOCKET_TIMEOUT,
-            retry=redis.asyncio.retry.Retry(NoBackoff(), 20))
+            retry=redis.asyncio.retry.Retry(NoBackoff(), 20), retry_on_timeout=True)
         await client.ping()
         election = AsyncLeaderElection(client, name, ttl_ms=5000)
         control.config_resetstat()
