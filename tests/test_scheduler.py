@@ -803,7 +803,11 @@ def test_stress_eight_producers_accounting_is_exact(driver):
     assert summary["queued"] == summary["running"] == 0
     assert sum(summary[k] for k in ("rejected", "shed", "expired", "cancelled", "completed",
                                     "failed")) == calls
-    assert summary["shed"] > 0 and summary["rejected"] > 0, f"no overload exercised: {summary}"
+    # Overload was exercised (admission refused work).  Whether the queue also reached
+    # max_size and evicted depends on how far the producers outran the workers on this
+    # machine (a quiet CI run of the twin did not get there); eviction itself is checked
+    # deterministically by test_shed_lowest_evicts_the_least_important_for_a_more_important_task.
+    assert summary["rejected"] > 0, f"no overload exercised: {summary}"
     # Only a strictly more important task evicts, so the top priority is never shed.
     assert not [h for h in every if h.status == "shed" and h.priority == top]
 
