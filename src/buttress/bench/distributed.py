@@ -416,6 +416,11 @@ class CeleryPeer(Implementation):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.app, self.task = make_celery(self.url, self.queue)
+        # Open the broker channel now, so a kombu that cannot use the installed redis-py
+        # fails here and the peer is skipped with the reason, not the whole run mid-case
+        # (kombu's Redis transport needs redis-py >= 6.1; arq and taskiq-redis pin < 6).
+        with self.app.connection_for_write() as connection:
+            connection.default_channel  # noqa: B018 (opening it is the check)
 
     def enqueue(self, i: int) -> None:
         self.task.apply_async((i,), queue=self.queue)
