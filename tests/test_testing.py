@@ -28,8 +28,19 @@ def test_restart_without_persistence_loses_data_and_keeps_the_port():
 
 
 def test_a_bad_config_fails_with_the_servers_own_message():
-    with pytest.raises(RuntimeError, match="exited with code"):
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code.*Bad directive"):
         RedisServer(config={"no-such-directive": "1"}).start()
+
+
+def test_a_taken_port_fails_even_though_another_server_answers_there():
+    """The other server answers PING on the port; ours must not pass for it."""
+    with RedisServer() as first:
+        second = RedisServer(port=first.port)
+        try:
+            with pytest.raises(RuntimeError, match=r"(?s)exited with code.*Address already in use"):
+                second.start()
+        finally:
+            second.close()
 
 
 def test_binary_and_port_helpers():

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = ["RedisServer", "find_redis_server", "free_port", "redis_url", "wait_for_port"]
 
@@ -117,7 +118,7 @@ class RedisServer:
         return None if self._process is None else self._process.pid
 
     def start(self) -> RedisServer:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers (as itself: its pid is checked)."""
         if self._process is not None and self._process.poll() is None:
             return self
         args = [
@@ -134,9 +135,13 @@ class RedisServer:
             args += ["--save", "", "--appendonly", "no"]
         for key, value in self.config.items():
             args += [f"--{key}", value]
-        self._process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+        # "--logfile ''" logs to stdout: the server's log goes to a file in its
+        # directory (a pipe nobody reads could fill and stall the server), and a
+        # failed start quotes its tail.
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self._wait_ready()
         except Exception:
@@ -153,8 +158,6 @@ class RedisServer:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
 
     def restart(self) -> None:
         """Kill the server and start again on the same port (without persistence, data is lost)."""
@@ -166,26 +169,52 @@ class RedisServer:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
 
+    @property
+    def log_path(self) -> str:
+        """The server's log file (it lives in the server's working directory)."""
+        return os.path.join(self._dir, "redis.log")
+
+    def _log_tail(self, limit: int = 2000) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                return log.read().decode(errors="replace")[-limit:].strip()
+        except OSError:
+            return ""
+
+    def _answers_as(self, pid: int) -> bool:
+        """Whether the server on our port is up and is our process.
+
+        The pid check matters: another server already on the port would answer
+        PING while ours fails to bind and exits.
+        """
+        import redis
+
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5,
+                             socket_connect_timeout=0.5)
+        try:
+            info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+            return int(info["process_id"]) == pid
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         assert self._process is not None
         while True:
             if self._process.poll() is not None:
-                pipe = self._process.stderr
-                stderr = pipe.read().decode(errors="replace") if pipe is not None else ""
                 raise RuntimeError(
                     f"redis-server exited with code {self._process.returncode} on port "
-                    f"{self.port}: {stderr.strip() or 'no output'}"
+                    f"{self.port}; its log ends: {self._log_tail() or '(empty)'}"
                 )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
+            if self._answers_as(self._process.pid):
+                return
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"redis-server did not answer on port {self.port} in time")
+                raise TimeoutError(
+                    f"redis-server did not answer on port {self.port} within "
+                    f"{self.startup_timeout} s; its log ends: {self._log_tail() or '(empty)'}"
+                )
             time.sleep(0.02)
 
     def __enter__(self) -> RedisServer:

@@ -49,6 +49,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import IO, Any
@@ -70,7 +71,6 @@ NOTES = {BUTTRESS: "in-flight tracking + probes", BARE: "",
          GTHREAD: "1 worker, 8 threads, bare app", OLD: "ThreadingHTTPServer, tracked"}
 WARM_UP = 100  # requests per connection just before each timed run (not timed)
 CONCURRENCY = 8
-REQUEST = b"GET /work HTTP/1.1\r\nHost: bench\r\n\r\n"
 BODY = b"done\n"
 
 
@@ -250,16 +250,26 @@ class ServerProcess:
             else:
                 command += ["-k", "gthread", "--threads", str(CONCURRENCY)]
             command.append(f"{me}:_wsgi_app")
+        # The servers' own logs (gunicorn's drain summary, for one) would land after
+        # the report; they are kept in a file and shown only if the server fails.
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env)
-        if kind == "old":
-            self.port = int(_expect(self.process, "PORT"))
-        _wait_listening(self.process, self.port)
+                                        stderr=self.log, text=True, env=env)
+        try:
+            if kind == "old":
+                self.port = int(_expect(self.process, "PORT"))
+            _wait_listening(self.process, self.port)
+        except RuntimeError as exc:
+            self.log.seek(0)
+            tail = self.log.read()[-2000:]
+            self.log.close()
+            raise RuntimeError(f"{exc}; its stderr ends:\n{tail}") from None
 
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         _close_process(self.process)
+        self.log.close()
 
 
 def _free_port() -> int:
@@ -418,34 +428,40 @@ def load(commands: IO[str], replies: IO[str]) -> None:
 
 
 def _keep_alive(port: int, requests: int, errors: list[BaseException]) -> None:
-    """``requests`` GETs, one after another, on one keep-alive connection."""
+    """``requests`` GETs, one after another, on one keep-alive connection (h11 parses)."""
+    import h11
+
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            buffer = b""
+            connection = h11.Connection(h11.CLIENT)
+            request = h11.Request(method="GET", target="/work", headers=[("Host", "bench")])
             for _ in range(requests):
-                sock.sendall(REQUEST)
-                while (end := buffer.find(b"\r\n\r\n")) < 0:
-                    buffer += _recv(sock)
-                head, buffer = buffer[:end], buffer[end + 4:]
-                if not head.startswith(b"HTTP/1.1 200"):
-                    raise RuntimeError(f"unexpected response {head[:80]!r}")
-                lowered = head.lower()
-                start = lowered.index(b"content-length:") + len(b"content-length:")
-                stop = lowered.find(b"\r\n", start)
-                length = int(head[start:stop if stop >= 0 else len(head)])
-                while len(buffer) < length:
-                    buffer += _recv(sock)
-                buffer = buffer[length:]
+                sock.sendall(connection.send(request) + connection.send(h11.EndOfMessage()))
+                status = _read_response(connection, sock)
+                if status != 200:
+                    raise RuntimeError(f"unexpected status {status}")
+                connection.start_next_cycle()
     except BaseException as exc:
         errors.append(exc)
 
 
-def _recv(sock: socket.socket) -> bytes:
-    data = sock.recv(65536)
-    if not data:
-        raise ConnectionError("server closed the connection mid-benchmark")
-    return data
+def _read_response(connection: Any, sock: socket.socket) -> int:
+    """Read one whole response (head and body) and return its status code."""
+    import h11
+
+    status = 0
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("server closed the connection mid-benchmark")
+            connection.receive_data(data)
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.EndOfMessage):
+            return status
 
 
 def main(argv: list[str] | None = None) -> int:
