@@ -428,40 +428,17 @@ def load(commands: IO[str], replies: IO[str]) -> None:
 
 
 def _keep_alive(port: int, requests: int, errors: list[BaseException]) -> None:
-    """``requests`` GETs, one after another, on one keep-alive connection (h11 parses)."""
-    import h11
+    """``requests`` GETs, one after another, on one keep-alive connection."""
+    from buttress.bench._http import KeepAliveConnection
 
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection = h11.Connection(h11.CLIENT)
-            request = h11.Request(method="GET", target="/work", headers=[("Host", "bench")])
+        with KeepAliveConnection(port) as connection:
             for _ in range(requests):
-                sock.sendall(connection.send(request) + connection.send(h11.EndOfMessage()))
-                status = _read_response(connection, sock)
+                status, _body = connection.request("GET", "/work")
                 if status != 200:
                     raise RuntimeError(f"unexpected status {status}")
-                connection.start_next_cycle()
     except BaseException as exc:
         errors.append(exc)
-
-
-def _read_response(connection: Any, sock: socket.socket) -> int:
-    """Read one whole response (head and body) and return its status code."""
-    import h11
-
-    status = 0
-    while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed the connection mid-benchmark")
-            connection.receive_data(data)
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.EndOfMessage):
-            return status
 
 
 def main(argv: list[str] | None = None) -> int:
