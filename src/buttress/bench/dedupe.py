@@ -363,10 +363,13 @@ def _idempotence_cost_cases(session: BenchSession, url: str, total: int, singles
             reason = f"{src}: {exc}"
             continue
         session.on_close(runners[name].close)
-    for kind, count, title in (("message", singles, "one message at a time"),
-                               ("batch", total, f"{total:,} ids in {BATCH:,}s")):
+    # A 10% question on a shared machine: more work per sample and more paired rounds
+    # than the other cases, even in a quick run (about 10 s in all).
+    batched = max(total, 20_000)
+    for kind, count, title in (("message", max(singles, 2_000), "one message at a time"),
+                               ("batch", batched, f"{batched:,} ids in {BATCH:,}s")):
         case = session.case("dedupe", f"idempotence cost: Redis process_{kind}, {title}",
-                            unit="msg", repeats=max(session.repeats, 9))
+                            unit="msg", repeats=max(session.repeats, 15))
         for name, note in ((NEW_RUNNER, "this tree, in a child process"),
                            (AGAIN, "this tree again: the noise floor"),
                            (OLD, "the tree before, in a child process")):
