@@ -330,9 +330,10 @@ class _Runner:
         self._expect("ready")
         return self
 
-    def run(self, _prepared: Any = None) -> None:
+    def run(self, _prepared: Any = None) -> float:
+        """Process the prepared messages; the child's CPU seconds for them."""
         self._send("run")
-        self._expect("done")
+        return float(self._expect("done"))
 
     def close(self) -> None:
         if self.process.stdin is not None:
