@@ -217,7 +217,7 @@ def test_bad_sqlite_settings_are_refused(tmp_path, kwargs, error):
 
 def test_sqlite_paths_follow_the_one_path_rule(tmp_path):
     """require_path's rule: str or PathLike of str; bytes is a TypeError, "" a ValueError."""
-    with pytest.raises(TypeError, match="path must be a str or os.PathLike path"):
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike path"):
         SQLiteStore(str(tmp_path / "b.db").encode())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="path must not be empty"):
         SQLiteStore("")
