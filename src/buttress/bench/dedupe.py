@@ -352,17 +352,17 @@ def _idempotence_cost_cases(session: BenchSession, url: str, total: int, singles
     old_src = os.environ.get(OLD_SRC_ENV)
     new_src = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
     runners: dict[str, _Runner] = {}
-    reason = ""
-    for name, src in ((NEW_RUNNER, new_src), (AGAIN, new_src), (OLD, old_src)):
+    reason = (f"set {OLD_SRC_ENV} to the src/ of a checkout before issue 11's resend "
+              "safety (commit 4ea162d), extensions built")
+    # Without the old tree there is nothing to compare: no child processes, no rounds.
+    for name, src in ((OLD, old_src), (NEW_RUNNER, new_src), (AGAIN, new_src)):
         if src is None:
-            reason = (f"set {OLD_SRC_ENV} to the src/ of a checkout before issue 11's resend "
-                      "safety (commit 4ea162d), extensions built")
-            continue
+            break
         try:
             runners[name] = _Runner(src, url, "at_most_once")
         except (OSError, RuntimeError) as exc:
             reason = f"{src}: {exc}"
-            continue
+            break
         session.on_close(runners[name].close)
     # A 10% question on a shared machine: more work per sample and more paired rounds
     # than the other cases, even in a quick run (about 10 s in all).
@@ -375,7 +375,7 @@ def _idempotence_cost_cases(session: BenchSession, url: str, total: int, singles
                            (AGAIN, "this tree again: the noise floor"),
                            (OLD, "the tree before, in a child process")):
             runner = runners.get(name)
-            if runner is None:
+            if runner is None or OLD not in runners:
                 case.skip(name, reason)
                 continue
             case.add(name, runner.run, items=count,
