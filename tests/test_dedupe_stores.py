@@ -215,6 +215,22 @@ def test_bad_sqlite_settings_are_refused(tmp_path, kwargs, error):
         SQLiteStore(42)  # type: ignore[arg-type]
 
 
+def test_sqlite_paths_follow_the_one_path_rule(tmp_path):
+    """require_path's rule: str or PathLike of str; bytes is a TypeError, "" a ValueError."""
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike path"):
+        SQLiteStore(str(tmp_path / "b.db").encode())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="path must not be empty"):
+        SQLiteStore("")
+    store = SQLiteStore(tmp_path / "p.db", sweep_every=None)  # a Path is kept as its str
+    assert store.path == str(tmp_path / "p.db")
+    store.close()
+    memory = SQLiteStore(":memory:", sweep_every=None)  # one process's private store
+    dedupe = Deduplicator(lambda msg_id, payload: msg_id, memory)
+    assert dedupe.process_message("m", 1).status is DedupeStatus.PROCESSED
+    assert dedupe.process_message("m", 1).status is DedupeStatus.DUPLICATE
+    memory.close()
+
+
 # -- Redis -------------------------------------------------------------------------------
 
 

@@ -106,6 +106,17 @@ def test_backoff_is_jittered_capped_and_seeded():
         Backoff("1", 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Backoff(2, 1)
+    with pytest.raises(TypeError):
+        Backoff(1, 2, seed=1.5)  # type: ignore[arg-type]
+
+
+def test_an_unseeded_backoff_is_cheap_to_build_and_still_jittered():
+    """No per-object generator seeded from os.urandom: the shared one jitters."""
+    backoffs = [Backoff(0.1, 0.1) for _ in range(50)]
+    delays = {backoff.next() for backoff in backoffs}
+    assert len(delays) > 1
+    assert all(0.05 <= delay <= 0.1 for delay in delays)
+    assert not hasattr(backoffs[0], "__dict__")  # slots: nothing per object but the settings
 
 
 def test_error_mapping_keeps_other_errors():

@@ -16,6 +16,15 @@ in batches of 1,000 (a typical consumer read, e.g. XREADGROUP COUNT 1000):
   ``redis.asyncio`` pipeline of ``SET NX PX`` for the same ids; target: at
   least 2x throughput.  Both run on one event loop kept for the session.
 
+- the cost of idempotence under resends (issue 11: at most 10%): the same
+  ``process_message`` and ``process_batch`` work run by this tree and by a
+  checkout from before it (``BUTTRESS_BENCH_OLD_SRC`` names that checkout's
+  ``src``, its extensions built), each in a child process driven by the same
+  loop (:mod:`buttress.bench._dedupe_runner`) against the same Redis, in
+  paired rounds; a second child of this tree is the noise floor.  Target: at
+  most 1.10x the old time.  Without the variable the old side is skipped and
+  the target is not evaluated.
+
 The Deduplicator's figures include everything it does per message: id
 checks, the payload fingerprint (canonical JSON + XXH64), the claim, a no-op
 handler call and the result objects.  A "store.claim alone" row shows the
@@ -25,10 +34,13 @@ store's share: the same claim calls with ids and fingerprints precomputed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -54,6 +66,10 @@ BARE_SET = "one SET NX PX round trip"
 RAW_INSERT = "executemany INSERT OR IGNORE, 1 txn"
 EFFECTIVELY_ONCE = "buttress effectively_once"
 CLAIM_ALONE = "store.claim alone"
+OLD = "before idempotence (BUTTRESS_BENCH_OLD_SRC)"
+OLD_SRC_ENV = "BUTTRESS_BENCH_OLD_SRC"
+AGAIN = "buttress, a second process"
+NEW_RUNNER = "buttress"
 BATCH = 1_000
 TTL = 300.0  # seconds: every key the suite writes expires by itself
 
@@ -101,6 +117,7 @@ def register(session: BenchSession) -> None:
         _redis_batch_case(session, client, total, batches)
         _redis_single_case(session, client, singles, messages)
         _redis_async_batch_case(session, url, total, batches)
+        _idempotence_cost_cases(session, url, total, singles)
     _sqlite_case(session, total, batches)
 
 
@@ -279,3 +296,89 @@ def _sqlite_case(session: BenchSession, total: int,
         setup, work = with_fresh_file(make, inputs)
         case.add(name, work, items=total, setup=setup, note=note)
     case.target("buttress", RAW_INSERT, max_ratio=1.5)
+
+
+class _Runner:
+    """A child process running :mod:`buttress.bench._dedupe_runner` on the buttress in ``src``."""
+
+    def __init__(self, src: str, url: str, mode: str) -> None:
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else "")}
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dedupe_runner.py")
+        self.process = subprocess.Popen(
+            [sys.executable, script, url, f"bench:dedupe:ab:{uuid.uuid4().hex[:8]}", mode],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+        loaded = self._expect("hello")
+        if os.path.realpath(loaded) != os.path.realpath(os.path.join(src, "buttress")):
+            self.close()
+            raise RuntimeError(f"the runner for {src} imported buttress from {loaded}")
+
+    def _expect(self, word: str) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if line.split(" ", 1)[0].strip() != word:
+            self.close()
+            raise RuntimeError(f"dedupe bench runner said {line!r}, expected {word!r}")
+        return line[len(word):].strip()
+
+    def _send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+
+    def prepare(self, kind: str, count: int) -> _Runner:
+        self._send(f"prepare {kind} {count}")
+        self._expect("ready")
+        return self
+
+    def run(self, _prepared: Any = None) -> float:
+        """Process the prepared messages; the child's CPU seconds for them."""
+        self._send("run")
+        return float(self._expect("done"))
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _idempotence_cost_cases(session: BenchSession, url: str, total: int, singles: int) -> None:
+    """This tree against the tree before resend-safe claims: same driver, same Redis."""
+    import buttress
+
+    old_src = os.environ.get(OLD_SRC_ENV)
+    new_src = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
+    runners: dict[str, _Runner] = {}
+    reason = (f"set {OLD_SRC_ENV} to the src/ of a checkout before issue 11's resend "
+              "safety (commit 4ea162d), extensions built")
+    # Without the old tree there is nothing to compare: no child processes, no rounds.
+    for name, src in ((OLD, old_src), (NEW_RUNNER, new_src), (AGAIN, new_src)):
+        if src is None:
+            break
+        try:
+            runners[name] = _Runner(src, url, "at_most_once")
+        except (OSError, RuntimeError) as exc:
+            reason = f"{src}: {exc}"
+            break
+        session.on_close(runners[name].close)
+    # A 10% question on a shared machine: more work per sample and more paired rounds
+    # than the other cases, even in a quick run (about 10 s in all).
+    batched = max(total, 20_000)
+    for kind, count, title in (("message", max(singles, 2_000), "one message at a time"),
+                               ("batch", batched, f"{batched:,} ids in {BATCH:,}s")):
+        case = session.case("dedupe", f"idempotence cost: Redis process_{kind}, {title}",
+                            unit="msg", repeats=max(session.repeats, 15))
+        for name, note in ((NEW_RUNNER, "this tree, in a child process"),
+                           (AGAIN, "this tree again: the noise floor"),
+                           (OLD, "the tree before, in a child process")):
+            runner = runners.get(name)
+            if runner is None or OLD not in runners:
+                case.skip(name, reason)
+                continue
+            case.add(name, runner.run, items=count,
+                     setup=functools.partial(runner.prepare, kind, count), note=note)
+        case.noise_floor(NEW_RUNNER, AGAIN)
+        case.target(NEW_RUNNER, OLD, max_ratio=1.10)

@@ -35,6 +35,9 @@ from buttress.errors import StoreUnavailable
 
 __all__ = ["AsyncDeduplicator"]
 
+# Handler return values that are never awaitable (no isawaitable check for them).
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple})
+
 logger = logging.getLogger("buttress.dedupe")
 
 
@@ -139,7 +142,9 @@ class AsyncDeduplicator(DedupeCore):
                 continue
             try:
                 value = handler(msg_id, payload)
-                if isawaitable(value):
+                # inspect.isawaitable's ABC check costs about 0.5 us, more than the rest
+                # of this loop: values of the plain built-in types skip it.
+                if type(value) not in _PLAIN and isawaitable(value):
                     value = await value
                 results.append(new(result, (msg_id, processed, value, None, attempt, False)))
             except Exception as exc:

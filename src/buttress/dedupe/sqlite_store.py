@@ -29,7 +29,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from buttress._validate import require_choice, require_int, require_number, require_str
+from buttress._validate import (
+    require_choice,
+    require_int,
+    require_number,
+    require_path,
+    require_str,
+)
 from buttress.dedupe.store import (
     CLAIM_CONFLICT,
     CLAIM_DUPLICATE,
@@ -54,6 +60,9 @@ _UINT64 = 1 << 64
 class SQLiteStore:
     """Claim records in an SQLite file (WAL mode), shared by processes on one machine.
 
+    ``path`` is a str or ``os.PathLike`` (not bytes, not empty: the rule of
+    ``buttress._validate.require_path``).  ``":memory:"`` opens a store private
+    to this process (a forked child starts an empty one): for tests only.
     ``busy_timeout`` (seconds) is how long one attempt waits for another
     writer's lock; after ``lock_retries`` more attempts the call raises
     :class:`~buttress.StoreUnavailable`.  ``sweep_every`` (seconds, None to
@@ -77,8 +86,12 @@ class SQLiteStore:
         sweep_batch: int = 1000,
         synchronous: str = "NORMAL",
     ) -> None:
-        if not isinstance(path, str | os.PathLike):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        # The project's one path rule: str or os.PathLike of str, not empty.  bytes paths
+        # are refused (as everywhere in buttress); "" (sqlite3's private temporary database,
+        # a new one per connection, so not shared even by this store's forked children)
+        # is refused as a mistake.  ":memory:" is a str and still opens, for a
+        # single-process store in tests.
+        path = require_path("path", path)
         if not require_str("table", table).isidentifier():
             raise ValueError(f"table must be a plain identifier, got {table!r}")
         busy_timeout = require_number("busy_timeout", busy_timeout, minimum=0)
@@ -89,7 +102,7 @@ class SQLiteStore:
         sweep_batch = require_int("sweep_batch", sweep_batch, minimum=1)
         require_choice("synchronous", require_str("synchronous", synchronous).upper(),
                        ("OFF", "NORMAL", "FULL", "EXTRA"))
-        self.path = os.fspath(path)
+        self.path = path
         self.table = table
         self.busy_timeout = busy_timeout
         self.lock_retries = lock_retries
