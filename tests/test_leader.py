@@ -615,7 +615,7 @@ def test_async_elector_leads_and_hands_over(redis_client, redis_url, unique_name
         client = redis.asyncio.Redis.from_url(redis_url)
         events = {name: Events() for name in "ab"}
         electors = {
-            name: AsyncLeaderElector(AsyncLeaderElection(client, unique_name, ttl_ms=300), name,
+            name: AsyncLeaderElector(AsyncLeaderElection(client, unique_name, ttl_ms=600), name,
                                      on_elected=events[name].elected,
                                      on_lost=events[name].lost, seed=i)
             for i, name in enumerate("ab")}
@@ -626,9 +626,9 @@ def test_async_elector_leads_and_hands_over(redis_client, redis_url, unique_name
         leader = next(n for n, e in electors.items() if e.is_leader())
         follower = "b" if leader == "a" else "a"
         token = electors[leader].fencing_token
-        await asyncio.sleep(0.7)  # a few renewals
+        await async_wait_until(lambda: electors[leader].stats()["election"]["renewals"] >= 3,
+                               message="three renewals")
         assert electors[leader].is_leader() and electors[leader].fencing_token == token
-        assert electors[leader].stats()["election"]["renewals"] >= 3
         await electors[leader].stop()
         assert events[leader].kinds() == ["elected", "lost"]
         await async_wait_until(electors[follower].is_leader, message="hand-over")
