@@ -351,8 +351,7 @@ def test_gateway_registers_with_metrics_kinds(module_redis: Any, redis_url: str)
         assert b"buttress_gateway_pending_admissions" in body
         assert content_type.startswith("text/plain")
     finally:
-        service.admission.close()
-        service.client.close()
+        service.close()
 
 
 def test_sigkill_of_a_worker_mid_task_is_redelivered_once(redis_url: str,
@@ -442,6 +441,7 @@ def test_sqlite_dedupe_store_in_process(tmp_path: Any, redis_url: str,
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             answers = await asyncio.gather(*(client.post("/v1/tasks", json=task(f"s-{i % 5}"))
                                              for i in range(20)))
+        await service.aclose()  # what the lifespan shutdown does under a server
         return sorted(a.status_code for a in answers)
 
     try:

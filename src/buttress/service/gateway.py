@@ -32,7 +32,7 @@ from buttress.dedupe.core import MAX_ID_BYTES
 from buttress.errors import ButtressError
 from buttress.service.admission import AdmissionPort, Outcome, TaskRequest
 
-__all__ = ["MAX_PRIORITY", "BadRequest", "Gateway", "parse_task"]
+__all__ = ["MAX_PRIORITY", "BadRequest", "Gateway", "lifespan", "parse_task"]
 
 logger = logging.getLogger("buttress.service")
 
@@ -122,6 +122,9 @@ def _text_field(document: dict[str, Any], name: str, max_bytes: int) -> str:
 class Gateway:
     """The ASGI app.  ``admission`` does the work; ``metrics`` renders /metrics (or None).
 
+    At the server's lifespan shutdown it awaits ``shutdown`` (default:
+    ``admission.aclose``) on the event loop that served the requests.
+
     ``stats()`` counts answers by status code and outcome: the source of
     ``buttress_gateway_requests_total``.
     """
@@ -129,7 +132,8 @@ class Gateway:
     def __init__(self, admission: AdmissionPort, *, max_body_bytes: int,
                  max_tenant_bytes: int, tasks: frozenset[str] | None = None,
                  metrics: Callable[[], tuple[bytes, str]] | None = None,
-                 latency: Any = None, name: str = "gateway") -> None:
+                 latency: Any = None, name: str = "gateway",
+                 shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
         self.admission = admission
         self.max_body_bytes = max_body_bytes
         self.max_tenant_bytes = max_tenant_bytes
@@ -137,6 +141,7 @@ class Gateway:
         self.name = name
         self._metrics = metrics
         self._latency = latency  # a prometheus_client Histogram, or None
+        self._shutdown = shutdown if shutdown is not None else admission.aclose
         self._answers: Counter[tuple[int, str]] = Counter()  # touched on the event loop only
 
     def stats(self) -> dict[str, Any]:
@@ -147,7 +152,7 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send, shutdown=self._shutdown)
             return
         if scope["type"] != "http":
             return
@@ -227,11 +232,27 @@ async def _respond(send: Send, status: int, body: bytes, content_type: bytes | N
     await send({"type": "http.response.body", "body": body})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send, *,
+                   startup: Callable[[], Awaitable[None]] | None = None,
+                   shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Answer an ASGI ``lifespan`` scope, running ``startup`` and ``shutdown`` (coroutines).
+
+    A hook that raises is reported to the server as ``...failed`` with the
+    error (uvicorn then refuses to start, or logs it at shutdown).  Used by the
+    gateway (its shutdown awaits the admissions in flight and closes its Redis
+    client on the loop that used it) and by examples/slow_service.py (no hooks).
+    """
     while True:
         message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
+        phase = message["type"].rpartition(".")[2]  # startup or shutdown
+        hook = startup if phase == "startup" else shutdown
+        try:
+            if hook is not None:
+                await hook()
+        except Exception as exc:
+            logger.exception("lifespan %s failed", phase)
+            await send({"type": f"lifespan.{phase}.failed", "message": repr(exc)})
+            return
+        await send({"type": f"lifespan.{phase}.complete"})
+        if phase == "shutdown":
             return

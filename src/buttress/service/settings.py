@@ -35,7 +35,7 @@ class ServiceSettings:
     low_water: int = 0  # 0: high_water // 2
     dedupe_ttl: float = 86_400.0
     admission_lease: float = 5.0
-    admission_threads: int = 2
+    admission_batches: int = 2
     max_pending: int = 512
     redis_timeout: float = 2.0
     retry_after: int = 1
@@ -104,10 +104,10 @@ SETTINGS: dict[str, tuple[str, str, Parser, str]] = {
                    "seconds an id is remembered (default 86400)"),
     "admission_lease": ("--admission-lease", "BUTTRESS_ADMISSION_LEASE", _seconds(0.1, 300),
                         "seconds a gateway holds an id while enqueuing it (default 5)"),
-    "admission_threads": ("--admission-threads", "BUTTRESS_ADMISSION_THREADS", _int(1, 64),
-                          "admission batches in flight at once, a thread each (default 2)"),
+    "admission_batches": ("--admission-batches", "BUTTRESS_ADMISSION_BATCHES", _int(1, 64),
+                          "admission batches (group commits) in flight at once (default 2)"),
     "max_pending": ("--max-pending", "BUTTRESS_MAX_PENDING", _int(1),
-                    "admissions waiting for a thread before the gateway answers 429 "
+                    "admissions waiting or in flight before the gateway answers 429 "
                     "(default 512)"),
     "redis_timeout": ("--redis-timeout", "BUTTRESS_REDIS_TIMEOUT", _seconds(0.05, 60),
                       "socket timeout of Redis calls; past it the answer is 503 (default 2)"),
