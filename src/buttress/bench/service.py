@@ -1,15 +1,16 @@
 """Suite ``service``: what the gateway's guarantees cost, and what metrics registration costs.
 
-Gateway cases: three servers run side by side, each in its own process, all the
+Gateway cases: four servers run side by side, each in its own process, all the
 same ASGI app (:class:`buttress.service.Gateway`: JSON parsing, validation, the
-shutdown middleware) served by ``serve_asgi`` on uvicorn.  One admits through
-the real path on the event loop (:class:`~buttress.service.AsyncAdmission`:
-dedupe claim on the id, fair-queue enqueue script, done write, batched); the
-baseline does one bare ``LPUSH`` of the task into a Redis list with
-``redis.asyncio`` on the same loop; a third row does the same LPUSH with
-redis-py on a thread pool (the way admission ran before it moved onto the
-loop).  A client process sends POSTs with fresh ids over keep-alive
-connections with a raw-socket HTTP client:
+shutdown middleware) served by ``serve_asgi`` on uvicorn.  Two admit through
+the real path (dedupe claim on the id, fair-queue enqueue script, done write,
+batched): on the event loop (:class:`~buttress.service.AsyncAdmission`, the
+default) and with ``--admission threads``
+(:class:`~buttress.service.ThreadedAdmission`).  Each has its baseline, the
+same app doing one bare ``LPUSH`` of the task into a Redis list the same way:
+``redis.asyncio`` on the loop, or redis-py on a thread pool.  A client process
+sends POSTs with fresh ids over keep-alive connections with a raw-socket HTTP
+client:
 
 * throughput: requests spread over 8 connections (time per request is 1 / throughput);
 * latency: one connection, one request at a time; p50 and p99 are in the notes.
@@ -40,12 +41,15 @@ from typing import IO, Any
 ORDER = 70
 
 GUARANTEES = "buttress"
+THREADS = "buttress --admission threads"
 BARE = "bare LPUSH app"
 BARE_THREADS = "bare LPUSH app, thread pool"
 NOTES = {GUARANTEES: "dedupe claim + fair-queue enqueue, batched, on the event loop",
+         THREADS: "the same steps with the sync components on a thread pool",
          BARE: "same app, one redis.asyncio LPUSH per request",
          BARE_THREADS: "same app, one redis-py LPUSH per request on a thread pool"}
-MODES = {GUARANTEES: "service", BARE: "bare", BARE_THREADS: "bare-threads"}
+MODES = {GUARANTEES: "service", THREADS: "service-threads", BARE: "bare",
+         BARE_THREADS: "bare-threads"}
 CONNECTIONS = 8
 
 
@@ -76,6 +80,7 @@ def register(session: Any) -> None:
             case.add(name, _load(client, server, requests, connections, case, name, row_note),
                      setup=server.reset, items=requests, note=row_note)
         case.target(GUARANTEES, BARE, max_ratio=2.0)
+        case.target(THREADS, BARE_THREADS, max_ratio=2.0)
 
 
 def _load(client: _LoadClient, server: _Server, requests: int, connections: int, case: Any,
@@ -260,8 +265,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     controller = GracefulShutdown(ShutdownBudget(drain_delay=0, drain_timeout=5))
     settings = settings_from({"redis_url": args.redis, "queue": args.queue,
-                              "high_water": "100000000"}, {})
-    if args.mode == "service":
+                              "high_water": "100000000",
+                              "admission": "threads" if args.mode == "service-threads"
+                              else "async"}, {})
+    if args.mode.startswith("service"):
         service = Service(settings, controller=controller)
         controller.add_cleanup(service.close)
         return serve_asgi(service.app, host="127.0.0.1", port=args.port, controller=controller)

@@ -1,8 +1,9 @@
 """The components working as one service: ``python -m buttress serve`` and its workers.
 
 * :mod:`~buttress.service.gateway`: the ASGI ingest gateway (POST /v1/tasks);
-* :mod:`~buttress.service.admission`: dedupe + enqueue on the event loop
-  (:class:`AsyncAdmission`, its decisions in :class:`AdmissionCore`);
+* :mod:`~buttress.service.admission`: dedupe + enqueue, its decisions in
+  :class:`AdmissionCore`, on the event loop (:class:`AsyncAdmission`, the
+  default) or with the sync components on threads (:class:`ThreadedAdmission`);
 * :mod:`~buttress.service.worker`: handlers that run each task effectively once
   (:class:`ServiceHandlers` for ``Worker``, :class:`AsyncServiceHandlers` for
   ``AsyncWorker``);
@@ -13,11 +14,14 @@ docs/service.md describes the request flow, the status codes and the runbook.
 """
 
 from buttress.service.admission import (
+    Admission,
     AdmissionCore,
     AdmissionPort,
     AsyncAdmission,
+    GroupCommit,
     Outcome,
     TaskRequest,
+    ThreadedAdmission,
 )
 from buttress.service.app import Service, add_cli, run_cli
 from buttress.service.gateway import BadRequest, Gateway, parse_task
@@ -26,18 +30,21 @@ from buttress.service.settings import ServiceSettings, settings_from
 from buttress.service.worker import AsyncServiceHandlers, ServiceHandlers
 
 __all__ = [
+    "Admission",
     "AdmissionCore",
     "AdmissionPort",
     "AsyncAdmission",
     "AsyncServiceHandlers",
     "BadRequest",
     "Gateway",
+    "GroupCommit",
     "Maintenance",
     "Outcome",
     "Service",
     "ServiceHandlers",
     "ServiceSettings",
     "TaskRequest",
+    "ThreadedAdmission",
     "add_cli",
     "parse_task",
     "run_cli",

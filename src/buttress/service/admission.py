@@ -11,10 +11,13 @@ Decide once, do I/O once (docs/service.md, "The request flow"):
 * :class:`GroupCommit` batches the requests that arrive while a batch is in
   flight (a group commit: one dedupe claim call and one done call per batch,
   one enqueue script call per new task), on the event loop.
-* :class:`AsyncAdmission` is the I/O: :class:`~buttress.AsyncDeduplicator`
-  (``effectively_once``) whose handler awaits
-  :meth:`~buttress.distributed.AsyncFairQueue.enqueue`, and the task records,
-  all awaited on the server's event loop: no thread hop per request.
+* Two I/O shells, chosen by the ``--admission`` setting:
+  :class:`AsyncAdmission` (the default) awaits
+  :class:`~buttress.AsyncDeduplicator` (``effectively_once``) whose handler
+  awaits :meth:`~buttress.distributed.AsyncFairQueue.enqueue`, and the task
+  records, on the server's event loop: no thread hop per request.
+  :class:`ThreadedAdmission` runs the same steps with the sync components
+  (:class:`Admission`) on a small thread pool, one hop per batch.
 
 The gateway only calls ``await admit(request)``, ``await status(task_id)``,
 ``pending()``, ``stats()`` and ``await aclose()`` (:class:`AdmissionPort`).
@@ -26,15 +29,16 @@ import asyncio
 import contextvars
 import math
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
 from buttress._validate import require_int
-from buttress.dedupe import AsyncDeduplicator, DedupeStatus
+from buttress.dedupe import AsyncDeduplicator, DedupeStatus, Deduplicator
 from buttress.errors import Rejected, StoreUnavailable
-from buttress.service.records import AsyncTaskRecords
+from buttress.service.records import AsyncTaskRecords, TaskRecords
 
-__all__ = ["AdmissionCore", "AdmissionPort", "AsyncAdmission", "GroupCommit", "Outcome",
-           "TaskRequest"]
+__all__ = ["Admission", "AdmissionCore", "AdmissionPort", "AsyncAdmission", "GroupCommit",
+           "Outcome", "TaskRequest", "ThreadedAdmission", "async_client"]
 
 
 class TaskRequest(NamedTuple):
@@ -70,8 +74,9 @@ class AdmissionPort(Protocol):
     async def aclose(self) -> None: ...
 
 
-# The store error that ended the batch being committed (each batch runs in a task of its
-# own, with its own copy of the context), so its other new tasks are not even tried.
+# The store error that ended the batch being committed, so its other new tasks are not
+# even tried.  A context variable: each batch runs in an asyncio task of its own (with its
+# own copy of the context), or on a pool thread (one context per thread).
 _batch_failure: contextvars.ContextVar[StoreUnavailable | None] = contextvars.ContextVar(
     "buttress_admission_batch_failure", default=None)
 
@@ -261,14 +266,31 @@ class GroupCommit:
                 self._start()
 
 
-class AsyncAdmission:
+class _Grouped:
+    """What both shells share: the group commit in front of ``admit_batch``."""
+
+    core: AdmissionCore
+    group: GroupCommit
+
+    async def admit(self, request: TaskRequest) -> Outcome:
+        """Admit one request, in the next group commit."""
+        return await self.group.admit(request)
+
+    def pending(self) -> int:
+        return self.group.pending()
+
+    def stats(self) -> dict[str, Any]:
+        return self.group.stats()
+
+
+class AsyncAdmission(_Grouped):
     """Admission on the server's event loop: AsyncDeduplicator, AsyncFairQueue, records.
 
     ``queue`` is an :class:`~buttress.distributed.AsyncFairQueue`;
     ``dedupe_store`` an :class:`~buttress.AsyncRedisStore` or
     :class:`~buttress.AsyncSQLiteStore`; ``records`` the task records on the
-    same ``redis.asyncio`` client.  Every Redis error becomes a 503 answer;
-    nothing here raises for Redis.
+    same ``redis.asyncio`` client (:func:`async_client` makes one).  Every
+    Redis error becomes a 503 answer; nothing here raises for Redis.
     """
 
     def __init__(self, queue: Any, dedupe_store: Any, records: AsyncTaskRecords, *,
@@ -281,10 +303,6 @@ class AsyncAdmission:
                                         mode="effectively_once", lease=min(lease, ttl))
         self.group = GroupCommit(self.core, self.admit_batch, committers=committers,
                                  max_pending=max_pending, max_batch=max_batch)
-
-    async def admit(self, request: TaskRequest) -> Outcome:
-        """Admit one request, in the next group commit."""
-        return await self.group.admit(request)
 
     async def admit_batch(self, requests: list[TaskRequest]) -> list[Outcome]:
         """Claim the ids, enqueue each claimed task once, answer each; never raises for Redis."""
@@ -312,12 +330,6 @@ class AsyncAdmission:
             return self.core.unavailable(task_id, exc)
         return self.core.status_answer(task_id, record, claim)
 
-    def pending(self) -> int:
-        return self.group.pending()
-
-    def stats(self) -> dict[str, Any]:
-        return self.group.stats()
-
     async def aclose(self) -> None:
         """Let the batches in flight finish (their requests are answered)."""
         await self.group.wait_idle()
@@ -330,3 +342,116 @@ class AsyncAdmission:
         except StoreUnavailable as exc:
             self.core.enqueue_failed(exc)
             raise
+
+
+class Admission:
+    """The same steps as :class:`AsyncAdmission` with the sync components (thread-safe).
+
+    :class:`~buttress.Deduplicator` whose handler calls
+    :meth:`~buttress.distributed.FairQueue.enqueue`, and :class:`TaskRecords`,
+    all on one redis-py client; :class:`ThreadedAdmission` runs it on threads.
+    """
+
+    def __init__(self, core: AdmissionCore, queue: Any, dedupe_store: Any,
+                 records: TaskRecords, *, ttl: float, lease: float) -> None:
+        self.core = core
+        self.queue = queue
+        self.records = records
+        self.dedupe = Deduplicator(self._enqueue, dedupe_store, ttl=ttl,
+                                   mode="effectively_once", lease=min(lease, ttl))
+
+    def admit_batch(self, requests: list[TaskRequest]) -> list[Outcome]:
+        """Claim the ids, enqueue each claimed task once, answer each; never raises for Redis."""
+        core = self.core
+        core.begin_batch()
+        try:
+            results = self.dedupe.process_batch(core.messages(requests))
+        except StoreUnavailable as exc:
+            return core.all_unavailable(requests, exc)
+        outcomes, duplicates = core.answers(requests, results)
+        if not duplicates:
+            return outcomes  # type: ignore[return-value]  # no duplicate: all filled
+        try:
+            states = self.records.states([requests[i].id for i in duplicates])
+        except Exception as exc:  # redis errors: the answer is "retry", whatever they are
+            return core.duplicates_unknown(requests, outcomes, duplicates, exc)
+        return core.duplicates(requests, outcomes, duplicates, states)
+
+    def status(self, task_id: str) -> Outcome:
+        """The task's state: the workers' record, else the admission claim."""
+        try:
+            record = self.records.read(task_id)
+            claim = self.dedupe.lookup(task_id) if record is None else None
+        except Exception as exc:
+            return self.core.unavailable(task_id, exc)
+        return self.core.status_answer(task_id, record, claim)
+
+    def _enqueue(self, task_id: str, body: dict[str, Any]) -> str:
+        args, kwargs = self.core.enqueue_call(task_id, body)
+        try:
+            return str(self.queue.enqueue(*args, **kwargs))
+        except StoreUnavailable as exc:
+            self.core.enqueue_failed(exc)
+            raise
+
+
+class ThreadedAdmission(_Grouped):
+    """:class:`Admission` (sync components) on a thread pool, awaited by the event loop.
+
+    At most ``committers`` batches run at once, each on a pool thread, plus
+    two threads for GET reads so a status never waits behind a batch.
+    """
+
+    def __init__(self, admission: Admission, *, committers: int = 2, max_pending: int = 512,
+                 max_batch: int = 64) -> None:
+        self.admission = admission
+        self.core = admission.core
+        self.dedupe = admission.dedupe
+        self._pool = ThreadPoolExecutor(max_workers=committers + 2,
+                                        thread_name_prefix="buttress-admit")
+        self.group = GroupCommit(self.core, self._commit, committers=committers,
+                                 max_pending=max_pending, max_batch=max_batch)
+
+    async def status(self, task_id: str) -> Outcome:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.admission.status, task_id)
+
+    async def aclose(self) -> None:
+        """Let the batches in flight finish, then stop the threads."""
+        await self.group.wait_idle()
+        self._pool.shutdown(wait=False)
+
+    async def _commit(self, requests: list[TaskRequest]) -> list[Outcome]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.admission.admit_batch, requests)
+
+
+def async_client(url: str, **options: Any) -> Any:
+    """A ``redis.asyncio`` client for admission: connections handed out without a read.
+
+    redis-py's asyncio pool checks every connection it hands out for unread
+    data (a zero-timeout read under the pool's lock): on the gateway that was
+    a third of each command's cost.  Admission never leaves a connection with
+    unread data (redis-py disconnects one whose command was interrupted, and
+    admission commands are never cancelled), so this pool skips the check.
+    With a redis-py whose pool has no ``get_available_connection``, the
+    standard pool is used.
+    """
+    import redis.asyncio
+
+    base = redis.asyncio.ConnectionPool
+    if not hasattr(base, "get_available_connection"):
+        return redis.asyncio.Redis.from_url(url, **options)
+
+    class CheckoutPool(base):  # type: ignore[misc, valid-type]
+        async def get_connection(self, command_name: Any = None, *keys: Any,
+                                 **kwargs: Any) -> Any:
+            connection = self.get_available_connection()
+            try:
+                await connection.connect()  # at once if connected; reconnects a dropped one
+            except BaseException:
+                await self.release(connection)
+                raise
+            return connection
+
+    return redis.asyncio.Redis.from_pool(CheckoutPool.from_url(url, **options))

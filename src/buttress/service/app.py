@@ -9,10 +9,16 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from buttress.service.admission import AsyncAdmission
+from buttress.service.admission import (
+    Admission,
+    AdmissionCore,
+    AsyncAdmission,
+    ThreadedAdmission,
+    async_client,
+)
 from buttress.service.gateway import LATENCY_BUCKETS, Gateway
 from buttress.service.maintenance import Maintenance, record_drain
-from buttress.service.records import AsyncTaskRecords
+from buttress.service.records import AsyncTaskRecords, TaskRecords
 from buttress.service.settings import ServiceSettings, add_arguments, settings_from
 
 __all__ = ["Service", "add_cli", "run_cli"]
@@ -34,7 +40,7 @@ class Service:
         import redis.asyncio
         from prometheus_client import CollectorRegistry, Histogram
 
-        from buttress.dedupe import AsyncRedisStore, AsyncSQLiteStore, SQLiteStore
+        from buttress.dedupe import AsyncRedisStore, AsyncSQLiteStore, RedisStore, SQLiteStore
         from buttress.distributed import AsyncFairQueue, FairQueue
         from buttress.metrics import register
         from buttress.service import observe
@@ -43,33 +49,43 @@ class Service:
         timeout = settings.redis_timeout
         # No client-side resends: a command that timed out may still run, and the HTTP
         # client's retry (after 503 + Retry-After) is the one that is safe (same id).
-        # Two clients: admission's on the server's event loop (redis.asyncio), and the
-        # maintenance thread's (redis-py).
-        client_options: dict[str, Any] = {"socket_timeout": timeout,
-                                          "socket_connect_timeout": timeout}
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                   "client_name": "buttress-gateway"}
+        threads = settings.admission == "threads"
+        # redis-py for the maintenance thread (and threaded admission); redis.asyncio for
+        # admission on the server's event loop.
         self.client = redis.Redis.from_url(
             settings.redis_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-            max_connections=8, client_name="buttress-gateway", **client_options)
-        self.async_client = redis.asyncio.Redis.from_url(
-            settings.redis_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
-            client_name="buttress-gateway", **client_options)
+            max_connections=settings.admission_batches + 8 if threads else 8, **options)
         queue_options = {"high_water": settings.high_water,
                          "low_water": settings.low_water or None}
         self.queue = FairQueue(self.client, settings.queue, **queue_options)
+        self.store: Any = None  # Redis expires its own claims: nothing for maintenance
         if settings.dedupe_sqlite:
-            self.store: Any = SQLiteStore(settings.dedupe_sqlite, sweep_every=None)
-            admission_store: Any = AsyncSQLiteStore(store=self.store)
+            self.store = SQLiteStore(settings.dedupe_sqlite, sweep_every=None)
+        namespace = f"buttress:svc:{settings.queue}:admit"
+        ttl_ms = round(settings.dedupe_ttl * 1000)
+        grouping = {"committers": settings.admission_batches,
+                    "max_pending": settings.max_pending}
+        self.async_client: Any = None
+        if threads:
+            core = AdmissionCore(retry_after=settings.retry_after)
+            steps = Admission(core, self.queue, self.store or RedisStore(self.client,
+                                                                         namespace=namespace),
+                              TaskRecords(self.client, settings.queue, ttl_ms=ttl_ms),
+                              ttl=settings.dedupe_ttl, lease=settings.admission_lease)
+            self.admission: Any = ThreadedAdmission(steps, **grouping)
         else:
-            self.store = None  # Redis expires its own claims: nothing for maintenance
-            admission_store = AsyncRedisStore(self.async_client,
-                                              namespace=f"buttress:svc:{settings.queue}:admit")
-        records = AsyncTaskRecords(self.async_client, settings.queue,
-                                   ttl_ms=round(settings.dedupe_ttl * 1000))
-        self.admission = AsyncAdmission(
-            AsyncFairQueue(self.async_client, settings.queue, **queue_options),
-            admission_store, records, ttl=settings.dedupe_ttl, lease=settings.admission_lease,
-            retry_after=settings.retry_after, committers=settings.admission_batches,
-            max_pending=settings.max_pending)
+            self.async_client = async_client(
+                settings.redis_url,
+                retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options)
+            store = (AsyncSQLiteStore(store=self.store) if self.store is not None
+                     else AsyncRedisStore(self.async_client, namespace=namespace))
+            self.admission = AsyncAdmission(
+                AsyncFairQueue(self.async_client, settings.queue, **queue_options), store,
+                AsyncTaskRecords(self.async_client, settings.queue, ttl_ms=ttl_ms),
+                ttl=settings.dedupe_ttl, lease=settings.admission_lease,
+                retry_after=settings.retry_after, **grouping)
         self._closed_on_loop = False
         self.registry = registry if registry is not None else CollectorRegistry()
         latency = Histogram("buttress_gateway_request_duration_seconds",
@@ -115,7 +131,8 @@ class Service:
             return
         self._closed_on_loop = True
         await self.admission.aclose()
-        await self.async_client.aclose()
+        if self.async_client is not None:
+            await self.async_client.aclose()
 
     def close(self) -> None:
         """Stop maintenance (stepping down), record how the drain went, close the clients."""
