@@ -296,7 +296,7 @@ def test_parse_task_unit() -> None:
     ({"redis_url": "redis://x", "high_water": "10", "low_water": "10"}, {}, "--low-water"),
     ({"redis_url": "redis://x", "queue": "a{b}"}, {}, "--queue must not contain"),
     ({"redis_url": "redis://x"}, {"BUTTRESS_ADMISSION": "fast"},
-     "BUTTRESS_ADMISSION must be one of 'async', 'threads'"),
+     "BUTTRESS_ADMISSION must be one of 'threads', 'async'"),
 ])
 def test_settings_errors_name_the_setting(given: dict, env: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("{", r"\{")):
@@ -405,15 +405,17 @@ def test_maintenance_sweeps_a_sqlite_dedupe_store(tmp_path: Any, module_redis: A
         store.close()
 
 
-def test_sqlite_dedupe_store_in_process(tmp_path: Any, redis_url: str,
-                                        module_redis: Any) -> None:
+@pytest.mark.parametrize("admission", ["threads", "async"])
+def test_sqlite_dedupe_store_in_process(tmp_path: Any, redis_url: str, module_redis: Any,
+                                        admission: str) -> None:
     """--dedupe-sqlite: claims in SQLite, the queue in Redis; the app called in process."""
     import asyncio
 
     from buttress.service import Service
 
-    settings = settings_from({"redis_url": redis_url, "queue": f"sq-{os.getpid()}",
-                              "dedupe_sqlite": str(tmp_path / "claims.db")}, {})
+    settings = settings_from({"redis_url": redis_url, "queue": f"sq-{admission}-{os.getpid()}",
+                              "dedupe_sqlite": str(tmp_path / "claims.db"),
+                              "admission": admission}, {})
     service = Service(settings, registry=CollectorRegistry())
 
     async def run() -> list[int]:

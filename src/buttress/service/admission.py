@@ -11,13 +11,16 @@ Decide once, do I/O once (docs/service.md, "The request flow"):
 * :class:`GroupCommit` batches the requests that arrive while a batch is in
   flight (a group commit: one dedupe claim call and one done call per batch,
   one enqueue script call per new task), on the event loop.
-* Two I/O shells, chosen by the ``--admission`` setting:
-  :class:`AsyncAdmission` (the default) awaits
-  :class:`~buttress.AsyncDeduplicator` (``effectively_once``) whose handler
-  awaits :meth:`~buttress.distributed.AsyncFairQueue.enqueue`, and the task
-  records, on the server's event loop: no thread hop per request.
-  :class:`ThreadedAdmission` runs the same steps with the sync components
-  (:class:`Admission`) on a small thread pool, one hop per batch.
+* Two I/O shells, chosen by the ``--admission`` setting (docs/service.md has
+  the figures behind the default):
+  :class:`ThreadedAdmission` (``threads``, the default) runs the steps with the
+  sync components (:class:`Admission`: :class:`~buttress.Deduplicator` whose
+  handler calls :meth:`~buttress.distributed.FairQueue.enqueue`) on a pool
+  thread, one hop per batch, so Redis I/O runs beside the event loop's HTTP
+  work; :class:`AsyncAdmission` (``async``) awaits the asyncio twins
+  (:class:`~buttress.AsyncDeduplicator`,
+  :class:`~buttress.distributed.AsyncFairQueue`) on the server's event loop:
+  no thread at all, a lower tail latency, less throughput on 2+ cores.
 
 The gateway only calls ``await admit(request)``, ``await status(task_id)``,
 ``pending()``, ``stats()`` and ``await aclose()`` (:class:`AdmissionPort`).
@@ -419,7 +422,11 @@ class ThreadedAdmission(_Grouped):
     async def aclose(self) -> None:
         """Let the batches in flight finish, then stop the threads."""
         await self.group.wait_idle()
-        self._pool.shutdown(wait=False)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the threads (after the batches they run)."""
+        self._pool.shutdown(wait=True)
 
     async def _commit(self, requests: list[TaskRequest]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
@@ -431,9 +438,9 @@ def async_client(url: str, **options: Any) -> Any:
 
     redis-py's asyncio pool checks every connection it hands out for unread
     data (a zero-timeout read under the pool's lock): on the gateway that was
-    a third of each command's cost.  Admission never leaves a connection with
-    unread data (redis-py disconnects one whose command was interrupted, and
-    admission commands are never cancelled), so this pool skips the check.
+    a third of each command's cost.  A connection never comes back with unread
+    data here (redis-py disconnects one whose command was interrupted, by a
+    timeout or a cancelled request), so this pool skips the check.
     With a redis-py whose pool has no ``get_available_connection``, the
     standard pool is used.
     """

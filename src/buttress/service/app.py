@@ -144,6 +144,8 @@ class Service:
                 record_drain(self.client, self.settings.queue, outcome)
             except Exception as exc:
                 logger.warning("could not record the drain outcome: %r", exc)
+        if isinstance(self.admission, ThreadedAdmission):
+            self.admission.close()  # served without lifespan events: its threads end here
         if self.store is not None:
             self.store.close()
         logger.info("gateway stopped: %s", json.dumps(self.gateway.stats()))
