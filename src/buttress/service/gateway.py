@@ -28,11 +28,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from buttress._lifespan import lifespan
 from buttress.dedupe.core import MAX_ID_BYTES
 from buttress.errors import ButtressError
 from buttress.service.admission import AdmissionPort, Outcome, TaskRequest
 
-__all__ = ["MAX_PRIORITY", "BadRequest", "Gateway", "lifespan", "parse_task"]
+__all__ = ["MAX_PRIORITY", "BadRequest", "Gateway", "parse_task"]
 
 logger = logging.getLogger("buttress.service")
 
@@ -230,29 +231,3 @@ async def _respond(send: Send, status: int, body: bytes, content_type: bytes | N
     headers.append((b"content-length", b"%d" % len(body)))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def lifespan(receive: Receive, send: Send, *,
-                   startup: Callable[[], Awaitable[None]] | None = None,
-                   shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Answer an ASGI ``lifespan`` scope, running ``startup`` and ``shutdown`` (coroutines).
-
-    A hook that raises is reported to the server as ``...failed`` with the
-    error (uvicorn then refuses to start, or logs it at shutdown).  Used by the
-    gateway (its shutdown awaits the admissions in flight and closes its Redis
-    client on the loop that used it) and by examples/slow_service.py (no hooks).
-    """
-    while True:
-        message = await receive()
-        phase = message["type"].rpartition(".")[2]  # startup or shutdown
-        hook = startup if phase == "startup" else shutdown
-        try:
-            if hook is not None:
-                await hook()
-        except Exception as exc:
-            logger.exception("lifespan %s failed", phase)
-            await send({"type": f"lifespan.{phase}.failed", "message": repr(exc)})
-            return
-        await send({"type": f"lifespan.{phase}.complete"})
-        if phase == "shutdown":
-            return
