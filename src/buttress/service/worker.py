@@ -66,13 +66,33 @@ _POLL = 0.05  # seconds between two claims of an id another worker holds
 
 
 class _HandlersCore:
-    """What both handler shells decide: envelopes, retries of a held id, records, results."""
+    """What both handler shells decide: envelopes, retries of a held id, records, results.
 
-    def __init__(self, handlers: Mapping[str, Callable[[Any], Any]], *, lease: float,
-                 worker_name: str | None) -> None:
+    A shell names its I/O classes (records, dedupe store, deduplicator) and
+    defines ``handle`` and ``_run``; the rest is here.
+    """
+
+    _records: type[TaskRecords]
+    _store: type[Any]
+    _deduplicator: type[Any]
+
+    def __init__(self, handlers: Mapping[str, Callable[[Any], Any]], client: Any, queue: str,
+                 *, ttl: float = 86_400.0, lease: float = 30.0,
+                 worker_name: str | None = None) -> None:
         self.handlers = dict(handlers)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.lease = lease
+        self.records = self._records(client, queue, ttl_ms=round(ttl * 1000))
+        store = self._store(client, namespace=f"buttress:svc:{queue}:run")
+        self.dedupe = self._deduplicator(self._run, store, ttl=ttl, mode="effectively_once",
+                                         lease=lease)
+        self.wrapped = self._wrap(self.handle)
+
+    def handle(self, name: str, envelope: Any) -> Any:
+        raise NotImplementedError
+
+    def _run(self, task_id: str, body: dict[str, Any]) -> Any:
+        raise NotImplementedError
 
     @staticmethod
     def _message(name: str, envelope: Any) -> tuple[str, dict[str, Any]]:
@@ -148,15 +168,9 @@ class ServiceHandlers(_HandlersCore):
     :class:`AsyncServiceHandlers` is the asyncio twin, for ``AsyncWorker``.
     """
 
-    def __init__(self, handlers: Mapping[str, Callable[[Any], Any]], client: Any, queue: str,
-                 *, ttl: float = 86_400.0, lease: float = 30.0,
-                 worker_name: str | None = None) -> None:
-        super().__init__(handlers, lease=lease, worker_name=worker_name)
-        self.records = TaskRecords(client, queue, ttl_ms=round(ttl * 1000))
-        store = RedisStore(client, namespace=f"buttress:svc:{queue}:run")
-        self.dedupe = Deduplicator(self._run, store, ttl=ttl, mode="effectively_once",
-                                   lease=lease)
-        self.wrapped = self._wrap(self.handle)
+    records: TaskRecords
+    dedupe: Deduplicator
+    _records, _store, _deduplicator = TaskRecords, RedisStore, Deduplicator
 
     def handle(self, name: str, envelope: Any) -> Any:
         """Run the task unless its id already ran; raise to make the queue retry it."""
@@ -196,15 +210,9 @@ class AsyncServiceHandlers(_HandlersCore):
     function taking the gateway's envelope.
     """
 
-    def __init__(self, handlers: Mapping[str, Callable[[Any], Any]], client: Any, queue: str,
-                 *, ttl: float = 86_400.0, lease: float = 30.0,
-                 worker_name: str | None = None) -> None:
-        super().__init__(handlers, lease=lease, worker_name=worker_name)
-        self.records = AsyncTaskRecords(client, queue, ttl_ms=round(ttl * 1000))
-        store = AsyncRedisStore(client, namespace=f"buttress:svc:{queue}:run")
-        self.dedupe = AsyncDeduplicator(self._run, store, ttl=ttl, mode="effectively_once",
-                                        lease=lease)
-        self.wrapped = self._wrap(self.handle)
+    records: AsyncTaskRecords
+    dedupe: AsyncDeduplicator
+    _records, _store, _deduplicator = AsyncTaskRecords, AsyncRedisStore, AsyncDeduplicator
 
     async def handle(self, name: str, envelope: Any) -> Any:
         """Run the task unless its id already ran; raise to make the queue retry it."""
