@@ -31,7 +31,11 @@ class Service:
 
     ``Service(settings).app`` is the ASGI app (wrap it with the shutdown
     middleware, as :func:`run_cli` does through :func:`buttress.serve_asgi`);
-    :meth:`start` starts the maintenance loop, :meth:`close` stops everything.
+    :meth:`start` starts the maintenance loop; :meth:`aclose` (on the loop that
+    served the app: the lifespan shutdown calls it) lets the admissions in flight
+    finish and closes what lives on that loop, then :meth:`close` stops the rest.
+    ``settings.admission`` picks :class:`ThreadedAdmission` (default) or
+    :class:`AsyncAdmission`.
     """
 
     def __init__(self, settings: ServiceSettings, *, controller: Any = None,
