@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from buttress._lifespan import lifespan
 from buttress._validate import parse_int_setting, parse_number_setting
 from buttress.shutdown import (
     GracefulShutdown,
@@ -108,13 +109,8 @@ def make_asgi_app(work_seconds: float) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)  # nothing to open or close
+            return
         path = scope["path"]
         logger.info("request %s %s", scope["method"], path)
         if path == "/events":

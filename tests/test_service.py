@@ -170,10 +170,11 @@ def test_leader_maintenance_exports_queue_metrics(gateway: Gateway) -> None:
            'outcome="accepted"}' in str(text)
 
 
-def test_redis_unavailable_is_503_then_recovers(tmp_path: Any) -> None:
+@pytest.mark.parametrize("admission", ["async", "threads"])
+def test_redis_unavailable_is_503_then_recovers(admission: str) -> None:
     with RedisServer() as server:
         gw = Gateway(server.url, "outage", "--redis-timeout", "0.3", "--retry-after", "2",
-                     env={"BUTTRESS_GRACE_PERIOD": "4"}).wait_ready()
+                     "--admission", admission, env={"BUTTRESS_GRACE_PERIOD": "4"}).wait_ready()
         try:
             assert post(gw, task("o-1")).status_code == 202
             server.stop()
@@ -196,29 +197,6 @@ def test_sigterm_drains_and_records_the_drain(redis_url: str, module_redis: Any)
     assert post(gw, task("d-1")).status_code == 202
     assert gw.terminate() == 0
     assert module_redis.hget(f"buttress:svc:{queue}:drains", "clean") == b"1"
-
-
-def test_worker_runs_each_id_once_even_when_enqueued_twice(redis_url: str,
-                                                           module_redis: Any) -> None:
-    # Two queue tasks for one id (a double admission): the wrapped handler runs once.
-    queue_name = f"once-{os.getpid()}"
-    queue = FairQueue(module_redis, queue_name)
-    workers = [Worker(redis_url, queue_name, "--concurrency", "2") for _ in range(2)]
-    try:
-        wait_until(lambda: all(worker.serving(module_redis) for worker in workers), timeout=60,
-                   message="both workers serving")
-        for _copy in range(2):
-            for i in range(20):
-                queue.enqueue("record", {"id": f"w-{i}", "payload": {"n": f"w-{i}",
-                                                                       "tenant": "t"}},
-                              tenant="t")
-        wait_until(lambda: queue.stats()["completed"] == 40, timeout=60)
-    finally:
-        codes = [worker.terminate() for worker in workers]  # every one, before asserting
-    assert codes == [0, 0]
-    runs = {k.decode(): int(v) for k, v in module_redis.hgetall(f"{queue_name}:runs").items()}
-    assert runs == {f"w-{i}": 1 for i in range(20)}
-    assert module_redis.hget(f"buttress:svc:{queue_name}:task:{{w-3}}", "state") == b"done"
 
 
 def test_worker_handler_failure_is_retried_not_swallowed(module_redis: Any) -> None:
@@ -317,6 +295,8 @@ def test_parse_task_unit() -> None:
      "BUTTRESS_REDIS_TIMEOUT must be a number"),
     ({"redis_url": "redis://x", "high_water": "10", "low_water": "10"}, {}, "--low-water"),
     ({"redis_url": "redis://x", "queue": "a{b}"}, {}, "--queue must not contain"),
+    ({"redis_url": "redis://x"}, {"BUTTRESS_ADMISSION": "fast"},
+     "BUTTRESS_ADMISSION must be one of 'threads', 'async'"),
 ])
 def test_settings_errors_name_the_setting(given: dict, env: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("{", r"\{")):
@@ -351,8 +331,7 @@ def test_gateway_registers_with_metrics_kinds(module_redis: Any, redis_url: str)
         assert b"buttress_gateway_pending_admissions" in body
         assert content_type.startswith("text/plain")
     finally:
-        service.admission.close()
-        service.client.close()
+        service.close()
 
 
 def test_sigkill_of_a_worker_mid_task_is_redelivered_once(redis_url: str,
@@ -426,15 +405,17 @@ def test_maintenance_sweeps_a_sqlite_dedupe_store(tmp_path: Any, module_redis: A
         store.close()
 
 
-def test_sqlite_dedupe_store_in_process(tmp_path: Any, redis_url: str,
-                                        module_redis: Any) -> None:
+@pytest.mark.parametrize("admission", ["threads", "async"])
+def test_sqlite_dedupe_store_in_process(tmp_path: Any, redis_url: str, module_redis: Any,
+                                        admission: str) -> None:
     """--dedupe-sqlite: claims in SQLite, the queue in Redis; the app called in process."""
     import asyncio
 
     from buttress.service import Service
 
-    settings = settings_from({"redis_url": redis_url, "queue": f"sq-{os.getpid()}",
-                              "dedupe_sqlite": str(tmp_path / "claims.db")}, {})
+    settings = settings_from({"redis_url": redis_url, "queue": f"sq-{admission}-{os.getpid()}",
+                              "dedupe_sqlite": str(tmp_path / "claims.db"),
+                              "admission": admission}, {})
     service = Service(settings, registry=CollectorRegistry())
 
     async def run() -> list[int]:
@@ -442,6 +423,7 @@ def test_sqlite_dedupe_store_in_process(tmp_path: Any, redis_url: str,
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             answers = await asyncio.gather(*(client.post("/v1/tasks", json=task(f"s-{i % 5}"))
                                              for i in range(20)))
+        await service.aclose()  # what the lifespan shutdown does under a server
         return sorted(a.status_code for a in answers)
 
     try:

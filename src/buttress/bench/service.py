@@ -1,12 +1,17 @@
 """Suite ``service``: what the gateway's guarantees cost, and what metrics registration costs.
 
-Gateway cases: two servers run side by side, each in its own process, both the
+Gateway cases: four servers run side by side, each in its own process, all the
 same ASGI app (:class:`buttress.service.Gateway`: JSON parsing, validation, the
-shutdown middleware, a bounded Redis thread pool) served by ``serve_asgi`` on
-uvicorn.  One admits through the real path (dedupe claim on the id, fair-queue
-enqueue script, task record, done write); the other, the baseline, does one
-bare ``LPUSH`` of the task into a Redis list.  A client process sends POSTs
-with fresh ids over keep-alive connections with a raw-socket HTTP client:
+shutdown middleware) served by ``serve_asgi`` on uvicorn.  Two admit through
+the real path (dedupe claim on the id, fair-queue enqueue script, done write,
+batched): with the sync components on a thread
+(:class:`~buttress.service.ThreadedAdmission`, the default) and with
+``--admission async`` on the event loop
+(:class:`~buttress.service.AsyncAdmission`).  Each has its baseline, the same
+app doing one bare ``LPUSH`` of the task into a Redis list the same way:
+redis-py on a thread pool, or ``redis.asyncio`` on the loop.  A client process
+sends POSTs with fresh ids over keep-alive connections with a raw-socket HTTP
+client:
 
 * throughput: requests spread over 8 connections (time per request is 1 / throughput);
 * latency: one connection, one request at a time; p50 and p99 are in the notes.
@@ -37,9 +42,15 @@ from typing import IO, Any
 ORDER = 70
 
 GUARANTEES = "buttress"
+ASYNC = "buttress --admission async"
 BARE = "bare LPUSH app"
-NOTES = {GUARANTEES: "dedupe claim + fair-queue enqueue, batched",
-         BARE: "same app, one LPUSH per request"}
+BARE_ASYNC = "bare LPUSH app, redis.asyncio"
+NOTES = {GUARANTEES: "dedupe claim + fair-queue enqueue, batched, on a thread",
+         ASYNC: "the same steps awaited on the event loop",
+         BARE: "same app, one redis-py LPUSH per request on a thread pool",
+         BARE_ASYNC: "same app, one redis.asyncio LPUSH per request on the loop"}
+MODES = {GUARANTEES: "service", ASYNC: "service-async", BARE: "bare-threads",
+         BARE_ASYNC: "bare"}
 CONNECTIONS = 8
 
 
@@ -55,8 +66,8 @@ def register(session: Any) -> None:
     client = _LoadClient()
     session.on_close(client.close)
     servers = {}
-    for name in (GUARANTEES, BARE):
-        server = _Server(url, bare=name == BARE)
+    for name, mode in MODES.items():
+        server = _Server(url, mode)
         session.on_close(server.close)
         servers[name] = server
     for requests, connections, title in (
@@ -70,6 +81,7 @@ def register(session: Any) -> None:
             case.add(name, _load(client, server, requests, connections, case, name, row_note),
                      setup=server.reset, items=requests, note=row_note)
         case.target(GUARANTEES, BARE, max_ratio=2.0)
+        case.target(ASYNC, BARE_ASYNC, max_ratio=2.0)
 
 
 def _load(client: _LoadClient, server: _Server, requests: int, connections: int, case: Any,
@@ -160,19 +172,16 @@ def _noop() -> None:
 
 
 class _Server:
-    """A gateway process (real admission, or the bare LPUSH baseline) on a free port."""
+    """A gateway process (real admission, or a bare LPUSH baseline) on a free port."""
 
-    def __init__(self, redis_url: str, *, bare: bool) -> None:
+    def __init__(self, redis_url: str, mode: str) -> None:
         from buttress.testing import free_port
 
         self.redis_url = redis_url
-        self.bare = bare
-        self.queue = f"bench-{'bare' if bare else 'svc'}-{os.getpid()}"
+        self.queue = f"bench-{mode}-{os.getpid()}"
         self.port = free_port()
         command = [sys.executable, "-m", "buttress.bench.service", "serve", "--redis",
-                   redis_url, "--queue", self.queue, "--port", str(self.port)]
-        if bare:
-            command.append("--bare")
+                   redis_url, "--queue", self.queue, "--port", str(self.port), "--mode", mode]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         _wait_ready(self.port, self.process)
@@ -252,60 +261,76 @@ class _LoadClient:
 
 def _serve(args: argparse.Namespace) -> int:
     """The server process: the real gateway, or the same app with a bare LPUSH admission."""
-    import redis
-
-    from buttress.service import Gateway, Outcome, Service, TaskRequest, settings_from
+    from buttress.service import Gateway, Service, settings_from
     from buttress.shutdown import GracefulShutdown, ShutdownBudget, serve_asgi
 
     controller = GracefulShutdown(ShutdownBudget(drain_delay=0, drain_timeout=5))
     settings = settings_from({"redis_url": args.redis, "queue": args.queue,
-                              "high_water": "100000000"}, {})
-    if not args.bare:
+                              "high_water": "100000000",
+                              "admission": "async" if args.mode == "service-async"
+                              else "threads"}, {})
+    if args.mode.startswith("service"):
         service = Service(settings, controller=controller)
         controller.add_cleanup(service.close)
         return serve_asgi(service.app, host="127.0.0.1", port=args.port, controller=controller)
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    client = redis.Redis.from_url(args.redis, max_connections=16)
-    pool = ThreadPoolExecutor(max_workers=8)
-    key = f"{args.queue}:list"
-
-    class BareAdmission:
-        """The same port as ThreadedAdmission: one LPUSH on the same kind of thread pool."""
-
-        def __init__(self) -> None:
-            self._pending = 0
-
-        def _push(self, request: TaskRequest) -> Outcome:
-            client.lpush(key, json.dumps(request._asdict()))
-            return Outcome(202, {"id": request.id, "state": "queued"}, "accepted")
-
-        async def admit(self, request: TaskRequest) -> Outcome:
-            import asyncio
-
-            self._pending += 1
-            try:
-                return await asyncio.get_running_loop().run_in_executor(pool, self._push,
-                                                                        request)
-            finally:
-                self._pending -= 1
-
-        async def status(self, task_id: str) -> Outcome:
-            return Outcome(404, {"id": task_id}, "not_found")
-
-        def pending(self) -> int:
-            return self._pending
-
-        def stats(self) -> dict[str, Any]:
-            return {"pending": self._pending, "batches": 0}
-
-        def close(self) -> None:
-            pool.shutdown()
-
-    app = Gateway(BareAdmission(), max_body_bytes=settings.max_body_bytes,
+    admission = _BareAdmission(args.redis, f"{args.queue}:list",
+                               threads=args.mode == "bare-threads")
+    app = Gateway(admission, max_body_bytes=settings.max_body_bytes,
                   max_tenant_bytes=settings.max_tenant_bytes)
     return serve_asgi(app, host="127.0.0.1", port=args.port, controller=controller)
+
+
+class _BareAdmission:
+    """The gateway's AdmissionPort doing one LPUSH: redis.asyncio, or redis-py in threads."""
+
+    def __init__(self, redis_url: str, key: str, *, threads: bool) -> None:
+        import redis
+        import redis.asyncio
+
+        self.key = key
+        self._pending = 0
+        if threads:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.client: Any = redis.Redis.from_url(redis_url, max_connections=16)
+            self.pool: Any = ThreadPoolExecutor(max_workers=8)
+        else:
+            self.client = redis.asyncio.Redis.from_url(redis_url)
+            self.pool = None
+
+    async def admit(self, request: Any) -> Any:
+        import asyncio
+
+        from buttress.service import Outcome
+
+        item = json.dumps(request._asdict())
+        self._pending += 1
+        try:
+            if self.pool is None:
+                await self.client.lpush(self.key, item)
+            else:
+                await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self.client.lpush, self.key, item)
+        finally:
+            self._pending -= 1
+        return Outcome(202, {"id": request.id, "state": "queued"}, "accepted")
+
+    async def status(self, task_id: str) -> Any:
+        from buttress.service import Outcome
+
+        return Outcome(404, {"id": task_id}, "not_found")
+
+    def pending(self) -> int:
+        return self._pending
+
+    def stats(self) -> dict[str, Any]:
+        return {"pending": self._pending, "batches": 0}
+
+    async def aclose(self) -> None:
+        if self.pool is None:
+            await self.client.aclose()
+        else:
+            self.pool.shutdown()
 
 
 def _load_loop(stdin: IO[str], stdout: IO[str]) -> int:
@@ -373,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--redis", required=True)
     serve.add_argument("--queue", required=True)
     serve.add_argument("--port", type=int, required=True)
-    serve.add_argument("--bare", action="store_true")
+    serve.add_argument("--mode", choices=sorted(MODES.values()), default="service")
     commands.add_parser("load")
     args = parser.parse_args(argv)
     if args.command == "serve":

@@ -9,10 +9,16 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from buttress.service.admission import Admission, ThreadedAdmission
+from buttress.service.admission import (
+    Admission,
+    AdmissionCore,
+    AsyncAdmission,
+    ThreadedAdmission,
+    async_client,
+)
 from buttress.service.gateway import LATENCY_BUCKETS, Gateway
 from buttress.service.maintenance import Maintenance, record_drain
-from buttress.service.records import TaskRecords
+from buttress.service.records import AsyncTaskRecords, TaskRecords
 from buttress.service.settings import ServiceSettings, add_arguments, settings_from
 
 __all__ = ["Service", "add_cli", "run_cli"]
@@ -25,16 +31,21 @@ class Service:
 
     ``Service(settings).app`` is the ASGI app (wrap it with the shutdown
     middleware, as :func:`run_cli` does through :func:`buttress.serve_asgi`);
-    :meth:`start` starts the maintenance loop, :meth:`close` stops everything.
+    :meth:`start` starts the maintenance loop; :meth:`aclose` (on the loop that
+    served the app: the lifespan shutdown calls it) lets the admissions in flight
+    finish and closes what lives on that loop, then :meth:`close` stops the rest.
+    ``settings.admission`` picks :class:`ThreadedAdmission` (default) or
+    :class:`AsyncAdmission`.
     """
 
     def __init__(self, settings: ServiceSettings, *, controller: Any = None,
                  registry: Any = None) -> None:
         import redis
+        import redis.asyncio
         from prometheus_client import CollectorRegistry, Histogram
 
-        from buttress.dedupe import RedisStore, SQLiteStore
-        from buttress.distributed import FairQueue
+        from buttress.dedupe import AsyncRedisStore, AsyncSQLiteStore, RedisStore, SQLiteStore
+        from buttress.distributed import AsyncFairQueue, FairQueue
         from buttress.metrics import register
         from buttress.service import observe
 
@@ -42,23 +53,44 @@ class Service:
         timeout = settings.redis_timeout
         # No client-side resends: a command that timed out may still run, and the HTTP
         # client's retry (after 503 + Retry-After) is the one that is safe (same id).
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                   "client_name": "buttress-gateway"}
+        threads = settings.admission == "threads"
+        # redis-py for the maintenance thread (and threaded admission); redis.asyncio for
+        # admission on the server's event loop.
         self.client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-            max_connections=settings.admission_threads + 8, client_name="buttress-gateway")
-        self.queue = FairQueue(self.client, settings.queue, high_water=settings.high_water,
-                               low_water=settings.low_water or None)
+            settings.redis_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+            max_connections=settings.admission_batches + 8 if threads else 8, **options)
+        queue_options = {"high_water": settings.high_water,
+                         "low_water": settings.low_water or None}
+        self.queue = FairQueue(self.client, settings.queue, **queue_options)
+        self.store: Any = None  # Redis expires its own claims: nothing for maintenance
         if settings.dedupe_sqlite:
-            self.store: Any = SQLiteStore(settings.dedupe_sqlite, sweep_every=None)
+            self.store = SQLiteStore(settings.dedupe_sqlite, sweep_every=None)
+        namespace = f"buttress:svc:{settings.queue}:admit"
+        ttl_ms = round(settings.dedupe_ttl * 1000)
+        grouping = {"committers": settings.admission_batches,
+                    "max_pending": settings.max_pending}
+        self.async_client: Any = None
+        if threads:
+            core = AdmissionCore(retry_after=settings.retry_after)
+            steps = Admission(core, self.queue, self.store or RedisStore(self.client,
+                                                                         namespace=namespace),
+                              TaskRecords(self.client, settings.queue, ttl_ms=ttl_ms),
+                              ttl=settings.dedupe_ttl, lease=settings.admission_lease)
+            self.admission: Any = ThreadedAdmission(steps, **grouping)
         else:
-            self.store = RedisStore(self.client, namespace=f"buttress:svc:{settings.queue}:admit")
-        records = TaskRecords(self.client, settings.queue,
-                              ttl_ms=round(settings.dedupe_ttl * 1000))
-        self.core = Admission(self.queue, self.store, records, ttl=settings.dedupe_ttl,
-                              lease=settings.admission_lease, retry_after=settings.retry_after)
-        self.admission = ThreadedAdmission(self.core, committers=settings.admission_threads,
-                                           max_pending=settings.max_pending,
-                                           retry_after=settings.retry_after)
+            self.async_client = async_client(
+                settings.redis_url,
+                retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options)
+            store = (AsyncSQLiteStore(store=self.store) if self.store is not None
+                     else AsyncRedisStore(self.async_client, namespace=namespace))
+            self.admission = AsyncAdmission(
+                AsyncFairQueue(self.async_client, settings.queue, **queue_options), store,
+                AsyncTaskRecords(self.async_client, settings.queue, ttl_ms=ttl_ms),
+                ttl=settings.dedupe_ttl, lease=settings.admission_lease,
+                retry_after=settings.retry_after, **grouping)
+        self._closed_on_loop = False
         self.registry = registry if registry is not None else CollectorRegistry()
         latency = Histogram("buttress_gateway_request_duration_seconds",
                             "Time to answer a task request", buckets=LATENCY_BUCKETS,
@@ -67,7 +99,7 @@ class Service:
                                max_tenant_bytes=settings.max_tenant_bytes,
                                tasks=frozenset(settings.tasks) or None,
                                metrics=self.render_metrics, latency=latency,
-                               name=settings.queue)
+                               name=settings.queue, shutdown=self.aclose)
         self.maintenance = Maintenance(self.client, self.queue,
                                        instance_id=settings.resolved_instance_id(),
                                        ttl_ms=settings.leader_ttl_ms,
@@ -76,7 +108,7 @@ class Service:
         self.controller = controller
         observe.install()
         register(self.gateway, self.registry, name=settings.queue)
-        register(self.core.dedupe, self.registry, name="admission")
+        register(self.admission.dedupe, self.registry, name="admission")
         register(self.maintenance, self.registry, name=settings.queue)
         register(self.maintenance.elector, self.registry)
         if controller is not None:
@@ -95,8 +127,19 @@ class Service:
         self.maintenance.start()
         return self
 
+    async def aclose(self) -> None:
+        """On the server's event loop (lifespan shutdown): finish the admissions in flight,
+        close the asyncio Redis client.  Call it yourself if you serve ``app`` without
+        lifespan events."""
+        if self._closed_on_loop:
+            return
+        self._closed_on_loop = True
+        await self.admission.aclose()
+        if self.async_client is not None:
+            await self.async_client.aclose()
+
     def close(self) -> None:
-        """Stop maintenance (stepping down), record how the drain went, close the pools."""
+        """Stop maintenance (stepping down), record how the drain went, close the clients."""
         self.maintenance.stop()
         if self.controller is not None:
             stats = self.controller.stats()
@@ -105,7 +148,10 @@ class Service:
                 record_drain(self.client, self.settings.queue, outcome)
             except Exception as exc:
                 logger.warning("could not record the drain outcome: %r", exc)
-        self.admission.close()
+        if isinstance(self.admission, ThreadedAdmission):
+            self.admission.close()  # served without lifespan events: its threads end here
+        if self.store is not None:
+            self.store.close()
         logger.info("gateway stopped: %s", json.dumps(self.gateway.stats()))
         self.client.close()
 

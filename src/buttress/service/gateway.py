@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from buttress._lifespan import lifespan
 from buttress.dedupe.core import MAX_ID_BYTES
 from buttress.errors import ButtressError
 from buttress.service.admission import AdmissionPort, Outcome, TaskRequest
@@ -122,6 +123,9 @@ def _text_field(document: dict[str, Any], name: str, max_bytes: int) -> str:
 class Gateway:
     """The ASGI app.  ``admission`` does the work; ``metrics`` renders /metrics (or None).
 
+    At the server's lifespan shutdown it awaits ``shutdown`` (default:
+    ``admission.aclose``) on the event loop that served the requests.
+
     ``stats()`` counts answers by status code and outcome: the source of
     ``buttress_gateway_requests_total``.
     """
@@ -129,7 +133,8 @@ class Gateway:
     def __init__(self, admission: AdmissionPort, *, max_body_bytes: int,
                  max_tenant_bytes: int, tasks: frozenset[str] | None = None,
                  metrics: Callable[[], tuple[bytes, str]] | None = None,
-                 latency: Any = None, name: str = "gateway") -> None:
+                 latency: Any = None, name: str = "gateway",
+                 shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
         self.admission = admission
         self.max_body_bytes = max_body_bytes
         self.max_tenant_bytes = max_tenant_bytes
@@ -137,6 +142,7 @@ class Gateway:
         self.name = name
         self._metrics = metrics
         self._latency = latency  # a prometheus_client Histogram, or None
+        self._shutdown = shutdown if shutdown is not None else admission.aclose
         self._answers: Counter[tuple[int, str]] = Counter()  # touched on the event loop only
 
     def stats(self) -> dict[str, Any]:
@@ -147,7 +153,7 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send, shutdown=self._shutdown)
             return
         if scope["type"] != "http":
             return
@@ -225,13 +231,3 @@ async def _respond(send: Send, status: int, body: bytes, content_type: bytes | N
     headers.append((b"content-length", b"%d" % len(body)))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -15,7 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from buttress._validate import parse_int_setting, parse_number_setting, require_str
+from buttress._validate import (
+    parse_int_setting,
+    parse_number_setting,
+    require_choice,
+    require_str,
+)
 
 __all__ = ["SETTINGS", "ServiceSettings", "add_arguments", "settings_from"]
 
@@ -35,7 +40,8 @@ class ServiceSettings:
     low_water: int = 0  # 0: high_water // 2
     dedupe_ttl: float = 86_400.0
     admission_lease: float = 5.0
-    admission_threads: int = 2
+    admission: str = "threads"  # threads: sync components on a thread; async: on the loop
+    admission_batches: int = 1
     max_pending: int = 512
     redis_timeout: float = 2.0
     retry_after: int = 1
@@ -65,6 +71,10 @@ def _seconds(minimum: float, maximum: float | None = None) -> Parser:
 def _text(max_bytes: int, forbidden: str = "") -> Parser:
     return lambda setting, text: require_str(setting, text.strip(), max_bytes=max_bytes,
                                              forbidden=forbidden)
+
+
+def _choice(*choices: str) -> Parser:
+    return lambda setting, text: require_choice(setting, text.strip(), choices)
 
 
 def _optional_text(setting: str, text: str) -> str:
@@ -104,10 +114,14 @@ SETTINGS: dict[str, tuple[str, str, Parser, str]] = {
                    "seconds an id is remembered (default 86400)"),
     "admission_lease": ("--admission-lease", "BUTTRESS_ADMISSION_LEASE", _seconds(0.1, 300),
                         "seconds a gateway holds an id while enqueuing it (default 5)"),
-    "admission_threads": ("--admission-threads", "BUTTRESS_ADMISSION_THREADS", _int(1, 64),
-                          "admission batches in flight at once, a thread each (default 2)"),
+    "admission": ("--admission", "BUTTRESS_ADMISSION", _choice("threads", "async"),
+                  "threads: dedupe and enqueue with the sync components on a thread, beside "
+                  "the event loop (more throughput on 2+ cores); async: awaited on the event "
+                  "loop (lower tail latency, one thread) (default threads)"),
+    "admission_batches": ("--admission-batches", "BUTTRESS_ADMISSION_BATCHES", _int(1, 64),
+                          "admission batches (group commits) in flight at once (default 1)"),
     "max_pending": ("--max-pending", "BUTTRESS_MAX_PENDING", _int(1),
-                    "admissions waiting for a thread before the gateway answers 429 "
+                    "admissions waiting or in flight before the gateway answers 429 "
                     "(default 512)"),
     "redis_timeout": ("--redis-timeout", "BUTTRESS_REDIS_TIMEOUT", _seconds(0.05, 60),
                       "socket timeout of Redis calls; past it the answer is 503 (default 2)"),
