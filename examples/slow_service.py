@@ -39,12 +39,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from buttress._lifespan import lifespan
 from buttress._validate import parse_int_setting, parse_number_setting
 from buttress.shutdown import (
     GracefulShutdown,
     PortInUseError,
     ShutdownBudget,
+    lifespan,
     serve_asgi,
     serve_wsgi,
 )

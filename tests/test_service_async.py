@@ -52,9 +52,9 @@ ASYNC_HANDLERS = {"record": record_async, "slow": slow_async}
 
 # Imported after the handlers: a worker process importing this module for them needs
 # only the lines above (pytest and the fixtures come with the rest, harmlessly).
-from buttress._lifespan import lifespan  # noqa: E402
 from buttress.distributed import FairQueue  # noqa: E402
 from buttress.service import AdmissionCore, GroupCommit, Outcome, TaskRequest  # noqa: E402
+from buttress.shutdown import lifespan  # noqa: E402
 from conftest import wait_until  # noqa: E402
 from service_support import Gateway, Worker  # noqa: E402
 

@@ -28,10 +28,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from buttress._lifespan import lifespan
 from buttress.dedupe.core import MAX_ID_BYTES
 from buttress.errors import ButtressError
 from buttress.service.admission import AdmissionPort, Outcome, TaskRequest
+from buttress.shutdown import lifespan
 
 __all__ = ["MAX_PRIORITY", "BadRequest", "Gateway", "parse_task"]
 

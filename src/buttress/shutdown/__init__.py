@@ -40,6 +40,7 @@ from buttress.shutdown._lifecycle import (
     ShutdownBudget,
     State,
 )
+from buttress.shutdown._lifespan import lifespan
 from buttress.shutdown._wsgi import WSGIGateway, WSGIMiddleware, WSGIServer, serve_wsgi
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "WSGIGateway",
     "WSGIMiddleware",
     "WSGIServer",
+    "lifespan",
     "serve_asgi",
     "serve_wsgi",
 ]

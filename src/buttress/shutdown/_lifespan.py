@@ -1,6 +1,7 @@
 """Answering an ASGI ``lifespan`` scope: one helper for every ASGI app in buttress.
 
-No dependencies (the shutdown example imports it without Redis or numpy).
+Public as ``buttress.shutdown.lifespan`` so an app served by ``serve_asgi``
+answers uvicorn's start-up and shutdown the same way the gateway does.
 """
 
 from __future__ import annotations
