@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -211,14 +210,15 @@ class _Server:
 
 
 def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    from buttress.bench._http import KeepAliveConnection
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"bench gateway exited with {process.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
-                if b" 200 " in sock.recv(1024):
+            with KeepAliveConnection(port, timeout=1) as connection:
+                if connection.request("GET", "/readyz")[0] == 200:
                     return
         except OSError:
             pass
@@ -345,6 +345,8 @@ def _load_loop(stdin: IO[str], stdout: IO[str]) -> int:
 
 
 def _send(port: int, requests: int, connections: int, prefix: str) -> dict[str, Any]:
+    from buttress.bench._http import KeepAliveConnection
+
     per_connection = [requests // connections + (i < requests % connections)
                       for i in range(connections)]
     latencies: list[float] = []
@@ -354,29 +356,15 @@ def _send(port: int, requests: int, connections: int, prefix: str) -> dict[str, 
     def one_connection(number: int, count: int) -> None:
         mine: list[float] = []
         failed = 0
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reader = sock.makefile("rb")
+        with KeepAliveConnection(port) as connection:
             for i in range(count):
                 body = json.dumps({"id": f"{prefix}{number}-{i}", "tenant": f"t{i % 3}",
                                    "task": "noop", "priority": 0,
                                    "payload": {"n": i}}).encode()
-                request = (b"POST /v1/tasks HTTP/1.1\r\nHost: bench\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                           % (len(body), body))
                 started = time.perf_counter()
-                sock.sendall(request)
-                status = reader.readline()
-                length = 0
-                while True:
-                    header = reader.readline()
-                    if header in (b"\r\n", b""):
-                        break
-                    if header.lower().startswith(b"content-length:"):
-                        length = int(header.split(b":")[1])
-                reader.read(length)
+                status, _answer = connection.request("POST", "/v1/tasks", body)
                 mine.append(time.perf_counter() - started)
-                if b" 202 " not in status:
+                if status != 202:
                     failed += 1
         with lock:
             latencies.extend(mine)
