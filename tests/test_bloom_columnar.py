@@ -356,3 +356,17 @@ print("ok")
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("hasher", HASHERS)
+def test_runs_of_one_length_hash_like_mixed_lengths(hasher):
+    # one length everywhere (the fixed-width fast path), empty keys, and a
+    # single odd length late in a run
+    for keys in (["abc"] * 70, [""] * 40, ["abc"] * 69 + ["abcd"], [b"xy"] * 33 + [b"x"]):
+        for arrow_type in (pa.large_binary(), pa.binary()) if isinstance(keys[0], bytes) \
+                else (pa.string(), pa.large_string()):
+            column = pa.array(keys, type=arrow_type)
+            assert hasher.xxh64_many(column).tolist() == _hash.xxh64_many(keys).tolist()
+            assert hasher.xxh64_many(column.slice(1)).tolist() == \
+                _hash.xxh64_many(keys[1:]).tolist()
+            assert filled(NATIVE, "split_block", column) == filled(NATIVE, "split_block", keys)
