@@ -42,7 +42,6 @@ differ (``buttress._bloom`` or the pure-Python core in
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -260,7 +259,7 @@ class BloomFilterBase:
                     with open_file() as own:
                         fill(own, range(part, own.num_row_groups, readers))
 
-                _run_threads([functools.partial(share, part) for part in range(readers)])
+                _bloom._run_parallel([(share, part) for part in range(readers)])
         logger.debug("built %r from %s column %r", bf, path, column)
         return bf
 
@@ -761,27 +760,6 @@ class BloomGuard(Generic[V]):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _run_threads(calls: list[Callable[[], None]]) -> None:
-    """Run each call on its own thread (the last on this one); re-raise the first error."""
-    errors: list[BaseException] = []
-
-    def guarded(call: Callable[[], None]) -> None:
-        try:
-            call()
-        except BaseException as exc:  # re-raised below, in the calling thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(call,), name="buttress-bloom-parquet",
-                                daemon=True) for call in calls[:-1]]
-    for thread in threads:
-        thread.start()
-    guarded(calls[-1])
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 def _check_fp_rate(fp_rate: Any) -> float:
