@@ -286,7 +286,7 @@ def test_threads_give_the_single_thread_bits(layout, threads, monkeypatch):
     rng = np.random.default_rng(7)
     keys = rng.integers(0, 2**63, size=40_000, dtype=np.int64)
     words = pa.array([f"k{i}" if i % 13 else None for i in range(30_000)])
-    for batch in (keys, words, [f"w{i}" for i in range(20_000)]):
+    for batch in (keys, words, words.dictionary_encode(), [f"w{i}" for i in range(20_000)]):
         one = NATIVE.for_capacity(60_000, 0.01, layout=layout)
         one.insert_many(batch)
         many = NATIVE.for_capacity(60_000, 0.01, layout=layout)
