@@ -28,6 +28,8 @@ cdef enum KeyKind:
     KEYS_VIEWS = 7      # Arrow string_view/binary_view: 16-byte views over `buffers`
     KEYS_NULL = 8       # Arrow null type: every key is null
     KEYS_NPSTRING = 9   # numpy 2 StringDType: `width`-byte packed strings of dtype `descr`
+    KEYS_DICT = 10      # Arrow dictionary: `width`-byte indices in `values` into `ints`, the
+                        # dictionary's `dict_size` hashes (computed once, with the batch's seed)
 
 
 cdef struct KeySource:
@@ -36,7 +38,7 @@ cdef struct KeySource:
     Py_ssize_t offset             # Arrow offset: applies to validity, offsets, views, values
     const uint8_t* validity       # Arrow validity bitmap, or NULL when no key is null
     Py_ssize_t null_count
-    const uint64_t* ints          # KEYS_HASHES / KEYS_U64
+    const uint64_t* ints          # KEYS_HASHES / KEYS_U64 / KEYS_DICT (the dictionary's)
     const unsigned char* values   # element data, string bytes, or the views
     const void* offsets           # KEYS_OFFSETS32 / KEYS_OFFSETS64
     const unsigned char** buffers # KEYS_VIEWS: the variadic data buffers
@@ -44,6 +46,7 @@ cdef struct KeySource:
     bint is_signed
     bint strip_nul
     const void* descr             # KEYS_NPSTRING: the StringDType (its allocator reads them)
+    Py_ssize_t dict_size          # KEYS_DICT: how many hashes `ints` holds
 
 
 cdef class KeyChunk:

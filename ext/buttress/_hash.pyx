@@ -27,9 +27,12 @@ key:
   pandas, DuckDB results; a one-column table is its column): integers of every
   width by the int rule, string / large_string / string_view as UTF-8 (the same
   hash as the ``str``), binary / large_binary / binary_view / fixed_size_binary
-  as is.  Nulls are not keys: a Bloom filter skips them on insert and answers
-  False for them; ``xxh64_many`` refuses them (ValueError).  Other Arrow types
-  (floats, bool, lists, structs, dictionaries, temporal types) raise TypeError
+  as is; a dictionary-encoded column of those as its values (each dictionary
+  entry is hashed once per chunk, then the keys gather by their indices).
+  Nulls are not keys (in a dictionary column: a null index or a null entry):
+  a Bloom filter skips them on insert and answers False for them;
+  ``xxh64_many`` refuses them (ValueError).  Other Arrow types (floats, bool,
+  lists, structs, temporal types, dictionaries of those) raise TypeError
   naming the type.
 """
 
@@ -64,6 +67,7 @@ cdef extern from "arrow_c.h":
         int64_t n_children
         const void** buffers
         ArrowArray** children
+        ArrowArray* dictionary
         void* release
 
     struct ArrowArrayStream:
@@ -147,16 +151,83 @@ ctypedef fused arrow_offset:
     int64_t
 
 
+cdef enum:
+    # hash_by_offsets decides fixed-width or not per run of this many keys, so
+    # the offsets it scans are still in cache when the keys are hashed.
+    OFFSETS_RUN = 64
+
+
 cdef inline void hash_by_offsets(const arrow_offset* offsets, const unsigned char* values,
                                  Py_ssize_t n, uint64_t seed, uint64_t* out) noexcept nogil:
-    # Arrow (large_)string/binary: key i is values[offsets[i]:offsets[i + 1]];
-    # each offset is loaded once, as the end of one key and the start of the next.
+    # Arrow (large_)string/binary: key i is values[offsets[i]:offsets[i + 1]].
+    # Keys of one length (ids, codes, fixed-format strings) are common: a run of
+    # them is hashed as fixed-width keys, one loop with no offset loads, whose
+    # hashes the CPU overlaps better (measured: 13-byte ids 4.3 against 5.1 ns).
+    cdef Py_ssize_t i, run, done = 0
+    cdef int64_t begin, end, width
+    cdef arrow_offset step, mismatch
+    while done < n:
+        run = min(<Py_ssize_t>OFFSETS_RUN, n - done)
+        begin = offsets[done]
+        width = offsets[done + 1] - begin
+        step = <arrow_offset>width
+        mismatch = 0
+        for i in range(done + 1, done + run):  # no early exit: the scan vectorizes
+            mismatch |= (offsets[i + 1] - offsets[i]) ^ step
+        if mismatch == 0:
+            xxh64_fixed_width(values + begin, run, <Py_ssize_t>width, False, seed, out + done)
+        else:
+            for i in range(done, done + run):
+                end = offsets[i + 1]
+                out[i] = xxh64_bytes(values + begin, <size_t>(end - begin), seed)
+                begin = end
+        done += run
+
+
+ctypedef fused dict_index:
+    int8_t
+    uint8_t
+    int16_t
+    uint16_t
+    int32_t
+    uint32_t
+    int64_t
+    uint64_t
+
+
+cdef inline void gather_hashes(const dict_index* indices, const uint64_t* hashes,
+                               Py_ssize_t size, Py_ssize_t n, uint64_t* out) noexcept nogil:
+    # A dictionary-encoded key's hash is its dictionary entry's, hashed once per
+    # chunk.  A null slot's index may be anything: out of range gives 0 (unused).
     cdef Py_ssize_t i
-    cdef int64_t begin = offsets[0], end
+    cdef uint64_t index
     for i in range(n):
-        end = offsets[i + 1]
-        out[i] = xxh64_bytes(values + begin, <size_t>(end - begin), seed)
-        begin = end
+        index = <uint64_t><int64_t>indices[i]
+        out[i] = hashes[index] if index < <uint64_t>size else 0
+
+
+cdef void gather_dict(const KeySource* src, Py_ssize_t start, Py_ssize_t n,
+                      uint64_t* out) noexcept nogil:
+    cdef const unsigned char* at = src.values + (src.offset + start) * src.width
+    if src.width == 4:
+        if src.is_signed:
+            gather_hashes(<const int32_t*>at, src.ints, src.dict_size, n, out)
+        else:
+            gather_hashes(<const uint32_t*>at, src.ints, src.dict_size, n, out)
+    elif src.width == 1:
+        if src.is_signed:
+            gather_hashes(<const int8_t*>at, src.ints, src.dict_size, n, out)
+        else:
+            gather_hashes(<const uint8_t*>at, src.ints, src.dict_size, n, out)
+    elif src.width == 2:
+        if src.is_signed:
+            gather_hashes(<const int16_t*>at, src.ints, src.dict_size, n, out)
+        else:
+            gather_hashes(<const uint16_t*>at, src.ints, src.dict_size, n, out)
+    elif src.is_signed:
+        gather_hashes(<const int64_t*>at, src.ints, src.dict_size, n, out)
+    else:
+        gather_hashes(<const uint64_t*>at, src.ints, src.dict_size, n, out)
 
 
 cdef void hash_source(const KeySource* src, Py_ssize_t start, Py_ssize_t n, uint64_t seed,
@@ -172,6 +243,8 @@ cdef void hash_source(const KeySource* src, Py_ssize_t start, Py_ssize_t n, uint
     cdef int kind = src.kind
     if kind == KEYS_HASHES:
         memcpy(out, src.ints + start, n * sizeof(uint64_t))
+    elif kind == KEYS_DICT:
+        gather_dict(src, start, n, out)
     elif kind == KEYS_U64:
         for i in range(n):
             out[i] = xxh64_u64(src.ints[start + i], seed)
@@ -423,9 +496,9 @@ def iter_key_chunks(keys, uint64_t seed=0, str caller="insert_many/contains_many
         return
     kind, capsules = exported
     if kind == "array":
-        yield array_chunk(capsules)
+        yield array_chunk(capsules, seed)
         return
-    yield from stream_chunks(capsules)
+    yield from stream_chunks(capsules, seed)
 
 
 cdef object export_arrow(keys):
@@ -559,14 +632,14 @@ cdef KeyChunk numpy_chunk(array):
     return chunk
 
 
-cdef KeyChunk array_chunk(capsules):
+cdef KeyChunk array_chunk(capsules, uint64_t seed):
     schema_capsule, array_capsule = capsules
     cdef ArrowSchema* schema = <ArrowSchema*>PyCapsule_GetPointer(schema_capsule, "arrow_schema")
     cdef ArrowArray* array = <ArrowArray*>PyCapsule_GetPointer(array_capsule, "arrow_array")
-    return arrow_chunk(schema, array, capsules)
+    return arrow_chunk(schema, array, capsules, seed)
 
 
-def stream_chunks(capsule):
+def stream_chunks(capsule, uint64_t seed=0):
     """Pull an Arrow stream chunk by chunk."""
     cdef ArrowArrayStream* stream = <ArrowArrayStream*>PyCapsule_GetPointer(
         capsule, "arrow_array_stream")
@@ -582,7 +655,7 @@ def stream_chunks(capsule):
         if holder.array.release == NULL:  # end of stream
             return
         holder.keep = (schema, capsule)
-        yield arrow_chunk(&schema.schema, &holder.array, holder)
+        yield arrow_chunk(&schema.schema, &holder.array, holder, seed)
 
 
 cdef object stream_error(ArrowArrayStream* stream, str doing):
@@ -634,20 +707,30 @@ cdef str arrow_type_name(ArrowSchema* schema):
     return f"Arrow format {fmt!r}"
 
 
+cdef bint plain_key_type(ArrowSchema* schema):
+    fmt = schema.format.decode("utf-8", "replace")
+    return schema.dictionary == NULL and (fmt in _INT_FORMATS or fmt in _BYTES_FORMATS
+                                          or fmt == "n" or fmt.startswith("w:"))
+
+
 cdef ArrowSchema* check_arrow_type(ArrowSchema* schema) except NULL:
-    """The schema of the key column (a one-column table's column), or TypeError."""
+    """The schema of the key column (a one-column table's column), or TypeError.
+
+    A dictionary-encoded column is a key column when its values are.
+    """
     if schema.dictionary == NULL and schema.format.decode("utf-8", "replace") == "+s" \
             and schema.n_children == 1:
         schema = schema.children[0]
-    fmt = schema.format.decode("utf-8", "replace")
-    if schema.dictionary == NULL and (fmt in _INT_FORMATS or fmt in _BYTES_FORMATS
-                                      or fmt == "n" or fmt.startswith("w:")):
+    if plain_key_type(schema):
+        return schema
+    if schema.dictionary != NULL and schema.format.decode("utf-8", "replace") in _INT_FORMATS \
+            and plain_key_type(schema.dictionary):
         return schema
     raise TypeError(
         f"unsupported Arrow key type {arrow_type_name(schema)}: keys must be integers "
         f"(int8..uint64), string, large_string, string_view, binary, large_binary, "
-        f"binary_view or fixed_size_binary; cast the column first (a one-column table "
-        f"is read as its column)")
+        f"binary_view or fixed_size_binary, or a dictionary of those; cast the column "
+        f"first (a one-column table is read as its column)")
 
 
 cdef Py_ssize_t count_nulls(const KeySource* src, Py_ssize_t count) noexcept nogil:
@@ -657,7 +740,8 @@ cdef Py_ssize_t count_nulls(const KeySource* src, Py_ssize_t count) noexcept nog
     return nulls
 
 
-cdef KeyChunk arrow_chunk(ArrowSchema* schema, ArrowArray* array, object owner):
+cdef KeyChunk arrow_chunk(ArrowSchema* schema, ArrowArray* array, object owner,
+                         uint64_t seed):
     cdef KeyChunk chunk = KeyChunk.__new__(KeyChunk)
     cdef ArrowSchema* column = check_arrow_type(schema)
     cdef int64_t offset = array.offset
@@ -684,6 +768,10 @@ cdef KeyChunk arrow_chunk(ArrowSchema* schema, ArrowArray* array, object owner):
         chunk.src.kind = KEYS_HASHES
         chunk.src.validity = NULL
         chunk.src.null_count = 0
+    elif column.dictionary != NULL:
+        chunk.src.values = <const unsigned char*>array.buffers[1]
+        chunk.src.width, chunk.src.is_signed = _INT_FORMATS[fmt]
+        dictionary_chunk(chunk, column.dictionary, array.dictionary, seed)
     elif fmt == "n":
         chunk.src.kind = KEYS_NULL
         chunk.src.validity = NULL
@@ -710,3 +798,57 @@ cdef KeyChunk arrow_chunk(ArrowSchema* schema, ArrowArray* array, object owner):
         chunk.src.values = <const unsigned char*>array.buffers[1]
         chunk.src.buffers = <const unsigned char**>(array.buffers + 2)
     return chunk
+
+
+cdef int dictionary_chunk(KeyChunk chunk, ArrowSchema* schema, ArrowArray* dictionary,
+                          uint64_t seed) except -1:
+    """Make ``chunk`` (its indices, validity and offset set) read a dictionary-encoded
+    column: hash the dictionary's entries once, then each key is a gather.
+
+    A key is null when its index is null or its dictionary entry is null.
+    """
+    cdef KeyChunk entries = arrow_chunk(schema, dictionary, None, seed)
+    cdef Py_ssize_t size = entries.src.count, i, count = chunk.src.count, nulls = 0
+    cdef uint64_t index
+    cdef uint64_t[::1] hashes_view
+    cdef uint8_t[::1] entry_nulls_view
+    cdef uint8_t[::1] bits
+    cdef KeySource* src = &chunk.src
+    hashes = np.zeros(max(size, 1), dtype=np.uint64)
+    hashes_view = hashes
+    if size:
+        with nogil:
+            hash_source(&entries.src, 0, size, seed, &hashes_view[0])
+    src.kind = KEYS_DICT
+    src.ints = &hashes_view[0]
+    src.dict_size = size
+    chunk.owner = (chunk.owner, hashes)
+    if entries.src.validity == NULL and entries.src.kind != KEYS_NULL:
+        return 0
+    # Null entries: fold them into one validity bitmap for this chunk's keys,
+    # which then start at bit 0 (the indices' offset moves into `values`).
+    entry_nulls = np.zeros(max(size, 1), dtype=np.uint8)
+    entry_nulls_view = entry_nulls
+    validity = np.zeros((count + 7) // 8, dtype=np.uint8)
+    bits = validity
+    with nogil:
+        for i in range(size):
+            entry_nulls_view[i] = key_is_null(&entries.src, i)
+        for i in range(count):
+            if key_is_null(src, i):
+                nulls += 1
+                continue
+            index = <uint64_t>load_int(src.values + (src.offset + i) * src.width, src.width,
+                                       src.is_signed)
+            if index < <uint64_t>size and entry_nulls_view[index]:
+                nulls += 1
+                continue
+            bits[i >> 3] |= <uint8_t>(1 << (i & 7))
+    src.values += src.offset * src.width
+    src.offset = 0
+    src.validity = &bits[0] if count else NULL
+    src.null_count = nulls
+    if nulls == 0:
+        src.validity = NULL
+    chunk.owner = (chunk.owner, validity)
+    return 0

@@ -153,7 +153,7 @@ BUTTRESS_INLINE uint64_t buttress_xxh64_u64(uint64_t key, uint64_t seed) {
 
 /* Hash `count` elements of `width` bytes; `strip_nul` drops each element's
  * trailing NUL bytes first (numpy 'S' padding, what arr.tolist() removes). */
-BUTTRESS_INLINE void buttress_xxh64_fixed_width(const unsigned char *data, ptrdiff_t count,
+BUTTRESS_FORCE_INLINE void buttress_xxh64_fixed_width(const unsigned char *data, ptrdiff_t count,
                                                 ptrdiff_t width, int strip_nul, uint64_t seed,
                                                 uint64_t *out) {
     for (ptrdiff_t i = 0; i < count; i++) {

@@ -118,10 +118,13 @@ def _arrow_chunks(keys: Any) -> list[Any] | None:
     supported = (pa.types.is_integer, pa.types.is_string, pa.types.is_large_string,
                  pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
                  pa.types.is_null, pa.types.is_string_view, pa.types.is_binary_view)
-    if not any(check(column_type) for check in supported):
+    # a dictionary-encoded column is read as its values (to_pylist decodes it)
+    value_type = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
+    if not any(check(value_type) for check in supported):
         raise TypeError(f"unsupported Arrow key type {column_type}: keys must be integers "
                         f"(int8..uint64), string, large_string, string_view, binary, "
-                        f"large_binary, binary_view or fixed_size_binary; cast the column first")
+                        f"large_binary, binary_view or fixed_size_binary, or a dictionary of "
+                        f"those; cast the column first")
     return chunks
 
 
