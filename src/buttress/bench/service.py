@@ -178,7 +178,12 @@ def _scrape_cases(session: Any) -> None:
     queued = 100_000
     release = threading.Event()
     scheduler = TaskScheduler(1, high_water=queued + 2, max_size=queued + 2).start()
-    session.on_close(lambda: (release.set(), scheduler.shutdown(drain=False)))
+
+    def close_held() -> None:
+        release.set()
+        scheduler.shutdown(drain=False)
+
+    session.on_close(close_held)
     scheduler.enqueue(release.wait, priority=100)  # holds the one worker: the rest stay queued
     for i in range(queued):
         scheduler.enqueue(_noop, priority=i % 10)
