@@ -25,7 +25,6 @@ from typing import IO, Any
 
 import httptools
 import httpx
-import pytest
 import redis
 
 from buttress.testing import free_port
@@ -131,12 +130,15 @@ class Gateway(_Process):
                    "--port", str(self.port), "--tasks", "record,slow", *args]
         self._start(command, service_env(redis_url, queue, **(env or {})), log)
 
-    def wait_ready(self, timeout: float = 30.0) -> Gateway:
+    def wait_ready(self, timeout: float = 30.0, watch: Watch | None = None) -> Gateway:
+        """Wait for /readyz; fail at once if this process (or one ``watch`` holds) died."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             failure = self.died()
             if failure is not None:
                 raise ProcessDied(failure)
+            if watch is not None:
+                watch.check()
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return self
@@ -170,13 +172,26 @@ class Watch:
     A process the test stops or kills through :meth:`_Process.terminate` /
     :meth:`_Process.kill` (or marks ``stopping``) is exempt.  :meth:`fail`
     records a failure found elsewhere (another thread) so that every loop
-    that checks stops too.  Thread-safe.
+    that checks stops too.  As a context manager it kills what it holds on
+    exit.  Thread-safe.
     """
 
     def __init__(self, processes: Iterable[_Process] = ()) -> None:
         self._lock = threading.Lock()
         self.processes: list[_Process] = list(processes)
         self.failure: str | None = None
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill every watched process still running (the test is over)."""
+        self.fail("the test is over")  # a loop still waiting in another thread stops now
+        for process in self.processes:
+            process.kill()
 
     def add(self, process: _Process) -> Any:
         with self._lock:
@@ -203,15 +218,13 @@ class Watch:
     def wait_until(self, condition: Callable[[], object], timeout: float = 10.0,
                    interval: float = 0.01, message: str = "condition") -> object:
         """conftest's wait_until, failing at once when a watched process dies."""
-        deadline = time.monotonic() + timeout
-        while True:
+        from conftest import wait_until  # not at import: worker processes import this module
+
+        def checked() -> object:
             self.check()
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                pytest.fail(f"timed out after {timeout}s waiting for {message}")
-            time.sleep(interval)
+            return condition()
+
+        return wait_until(checked, timeout=timeout, interval=interval, message=message)
 
 
 class HttpConnection(asyncio.Protocol):
