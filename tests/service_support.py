@@ -101,10 +101,10 @@ class _Process:
                 f"its stderr ends with:\n{self.stderr_tail()}")
 
     def stop(self) -> None:
-        """SIGTERM, without waiting: the exit that follows is expected."""
-        self.stopping = True
-        if self.process.poll() is None:
+        """SIGTERM (once: a second one means "now" to a server), without waiting."""
+        if not self.stopping and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+        self.stopping = True
 
     def terminate(self, timeout: float = 30.0) -> int:
         self.stop()
