@@ -54,14 +54,16 @@ from buttress.testing import RedisServer
 from service_support import Gateway, HttpConnection, ProcessDied, Watch, Worker
 from test_service import assert_terms_do_not_overlap
 
-# The figure: 60-100 s for this test on the shared 2-core machine at load 6-12.  (The
+# The figure: 30 s for this test on the shared 2-core machine at load 5, 60-100 s at
+# load 6-12.  (The
 # load generator once used httpx, which cost more CPU per request than the gateway answering it.)
 TASKS = int(os.environ.get("E2E_TASKS", "20000"))
 TENANTS = {"big": 10, "small-1": 1, "small-2": 1}
 QUEUE = "e2e"
 # Deadline for each step of the fault schedule (progress waits), generous on a loaded machine.
 STEP_TIMEOUT = 600
-HIGH_WATER = 1000  # reached before the workers resume: the shedding path (429) is exercised
+HIGH_WATER = 2000  # reached before the workers resume: the shedding path (429) is exercised;
+# each small tenant then has ~170 queued, so the all-backlogged window holds ~300-500 completions
 CONCURRENCY = 2  # worker threads per process
 LEADER_TTL = 1.0  # seconds, the maintenance election's lease
 
@@ -255,10 +257,7 @@ def test_end_to_end_with_rolling_restart_kill_and_redis_pause(tmp_path: Path) ->
             load.slots[slot] = replacement.url
             gateways[slot] = replacement
             account("gateways", old)  # its CPU so far (the drain is idle)
-            watch.wait_until(lambda: old.process.poll() is not None, timeout=30,
-                             message=f"the old gateway of slot {slot} to exit")
-            assert old.process.returncode == 0, f"gateway drain exit code {old.process.returncode}"
-            stopped.append(old)
+            stopped.append(old)  # it drains while the run goes on; its exit is checked at the end
             events.append(f"gateway slot {slot} restarted at {load.done}")
 
         def chaos() -> None:
@@ -393,6 +392,8 @@ def test_end_to_end_with_rolling_restart_kill_and_redis_pause(tmp_path: Path) ->
             assert leaderless <= 2 * LEADER_TTL, (leaderless, events)
 
             # 5. Metrics equal the client's counts.
+            for old in stopped:  # the replaced gateways drained cleanly
+                assert old.process.wait(30) == 0, f"drain exit code {old.process.returncode}"
             counted: Counter[tuple[int, str]] = Counter()
             for gateway in gateways:
                 counted += scraped_answers(gateway.url)
