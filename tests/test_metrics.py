@@ -33,10 +33,13 @@ from buttress.metrics import (
     OTHER_TENANTS,
     SHAPES,
     _Families,
+    capped_tenants,
     kind_of,
     register,
     unregister,
 )
+from buttress.reference.heap import PriorityDeque as TwinDeque
+from buttress.scheduler import PriorityDeque
 from conftest import wait_until
 
 PROMTOOL = shutil.which("promtool")
@@ -280,3 +283,50 @@ def test_a_new_class_is_matched_by_the_shape_of_its_stats() -> None:
     for kind, shape in SHAPES.items():
         others = [other for other, keys in SHAPES.items() if other != kind and keys == shape]
         assert not others, f"{kind} and {others} have the same stats() shape"
+
+
+def test_tenant_series_are_capped_whatever_the_number_of_tenants() -> None:
+    depths = {f"tenant-{i:04d}": float(i % 50) for i in range(5000)}
+    kept = capped_tenants(depths, 20)
+    assert len(kept) == 21 and kept[-1][0] == OTHER_TENANTS
+    assert sum(value for _, value in kept) == sum(depths.values())  # nothing lost, only folded
+    assert [name for name, _ in kept[:2]] == ["tenant-0049", "tenant-0099"]  # ties: by name
+    assert capped_tenants(depths, 20) == kept  # the same series every scrape
+    ages = capped_tenants({"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.5}, 1, combine=max)
+    assert ages == [("a", 3.0), (OTHER_TENANTS, 2.0)]
+    assert capped_tenants({"a": 1.0}, 20) == [("a", 1.0)]  # under the cap: no __other__
+
+
+@pytest.mark.parametrize("deque_class", [PriorityDeque, TwinDeque])
+def test_priority_counts_match_items(deque_class: type) -> None:
+    """What a scheduler's stats() reads at every scrape: counts, no object per queued task."""
+    deque = deque_class()
+    assert deque.priority_counts() == {}
+    handles = [deque.push(i, (i % 40) + (0.5 if i % 3 == 0 else 0)) for i in range(2000)]
+    for handle in handles[::7]:
+        deque.remove(handle)
+    for _ in range(100):
+        deque.pop()
+        deque.pop_lowest()
+    expected: dict[float, int] = {}
+    for priority, _ in deque.items():
+        expected[priority] = expected.get(priority, 0) + 1
+    assert len(expected) > 32  # past the native deque's table of distinct priorities
+    assert deque.priority_counts() == expected
+
+
+def test_a_scrape_reads_queued_by_priority_from_counts() -> None:
+    release = threading.Event()
+    scheduler = TaskScheduler(workers=1, high_water=1000).start()
+    try:
+        scheduler.enqueue(release.wait, priority=100)
+        wait_until(lambda: scheduler.stats()["running"] == 1)
+        for i in range(30):
+            scheduler.enqueue(lambda: None, priority=i % 3 + (0.5 if i == 0 else 0))
+        assert scheduler.stats()["queued_by_priority"] == {0.5: 1, 0: 9, 1: 10, 2: 10}
+        registry = CollectorRegistry()
+        register(scheduler, registry, name="held")
+        assert scrape(registry)["buttress_scheduler_queued", (("scheduler", "held"),)] == 30
+    finally:
+        release.set()
+        scheduler.shutdown()

@@ -505,6 +505,48 @@ cdef class MinMaxHeap:
                 Py_XDECREF(snapshot[i].item)
             free(snapshot)
 
+    def priority_counts(self):
+        """``{priority: number queued}`` (O(n), but no object per entry: what stats() needs).
+
+        ``items()`` builds a tuple per entry; a scheduler's ``stats()`` (read at
+        every metrics scrape, under the scheduler's lock) only needs the counts.
+        """
+        cdef Py_ssize_t i, j, n = self.size
+        cdef double* priorities
+        cdef double seen[32]  # most deques hold a few distinct priorities: count in C
+        cdef Py_ssize_t tally[32]
+        cdef int used = 0
+        cdef dict counts = {}
+        cdef double p
+        if n == 0:
+            return counts
+        # Counting past the table allocates (boxed floats): copy the keys out first, so
+        # nothing that runs meanwhile can change what is counted.
+        priorities = <double*>malloc(n * sizeof(double))
+        if priorities is NULL:
+            raise MemoryError(f"PriorityDeque.priority_counts: cannot copy {n} keys")
+        for i in range(n):
+            priorities[i] = self.heap[i].priority
+        try:
+            for i in range(n):
+                p = priorities[i]
+                for j in range(used):
+                    if seen[j] == p:
+                        tally[j] += 1
+                        break
+                else:
+                    if used < 32:
+                        seen[used] = p
+                        tally[used] = 1
+                        used += 1
+                    else:
+                        counts[p] = counts.get(p, 0) + 1
+        finally:
+            free(priorities)
+        for j in range(used):
+            counts[seen[j]] = tally[j]
+        return counts
+
     def clear(self):
         """Drop every entry (outstanding handles become stale) and release the memory."""
         fresh = [None] * MIN_CAPACITY  # allocate before the state changes (see the docstring)

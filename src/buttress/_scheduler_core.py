@@ -366,9 +366,9 @@ class SchedulerCore:
                 event._notify()
 
     def stats(self, *, workers: int, idle_workers: int) -> dict[str, Any]:
-        by_priority: dict[float, int] = {}
-        for key, _ in self.queue.items():
-            by_priority[key] = by_priority.get(key, 0) + 1
+        # Counted in C, no object per queued task: this runs under the driver's lock at every
+        # metrics scrape, and building (priority, item) pairs held it 0.1-0.2 s at 100k queued.
+        by_priority = self.queue.priority_counts()
         shedding = self.shedding_seconds
         if self.shedding_since is not None:
             shedding += time.monotonic() - self.shedding_since

@@ -383,13 +383,20 @@ def _queue(s: Mapping[str, Any], item: str, f: _Families) -> None:
                 tenant=tenant)
 
 
-def capped_tenants(by_tenant: Mapping[str, float], limit: int) -> list[tuple[str, float]]:
-    """The ``limit`` largest tenants by value; the rest summed as ``__other__``."""
+def capped_tenants(by_tenant: Mapping[str, float], limit: int,
+                   combine: Callable[[Iterable[float]], float] = sum) -> list[tuple[str, float]]:
+    """The ``limit`` largest tenants by value; the rest as one ``__other__`` series.
+
+    ``combine`` folds the rest: ``sum`` for counts such as depth (the default),
+    ``max`` for ages (a sum of ages means nothing).  At most ``limit + 1``
+    series whatever the number of tenants; ties are broken by tenant name, so
+    the series kept do not flap between scrapes.
+    """
     ranked = sorted(by_tenant.items(), key=lambda pair: (-pair[1], pair[0]))
     kept = ranked[:limit]
     rest = ranked[limit:]
     if rest:
-        kept.append((OTHER_TENANTS, sum(value for _, value in rest)))
+        kept.append((OTHER_TENANTS, combine(value for _, value in rest)))
     return kept
 
 

@@ -159,6 +159,14 @@ class PriorityDeque:
         """``(priority, item)`` pairs of everything queued, in no particular order (O(n))."""
         return [(h._key, h._item) for _, _, h in self._high if h._queued]
 
+    def priority_counts(self) -> dict[float, int]:
+        """``{priority: number queued}`` (O(n), but no object per entry: what stats() needs)."""
+        counts: dict[float, int] = {}
+        for _, _, handle in self._high:
+            if handle._queued:
+                counts[handle._key] = counts.get(handle._key, 0) + 1
+        return counts
+
     def clear(self) -> None:
         """Drop every entry (outstanding handles become stale) and release the memory."""
         high: list[tuple[float, int, DequeHandle]] = []

@@ -41,9 +41,10 @@ def _maintenance(s: Mapping[str, Any], item: str, f: _Families) -> None:
     f.gauge("buttress_queue_oldest_head_age_seconds",
             "Age of the oldest task at the head of a tenant's queue", max(ages.values(),
                                                                           default=0.0), item)
-    for tenant, age in capped_tenants(ages, f.max_tenants):
+    for tenant, age in capped_tenants(ages, f.max_tenants, combine=max):
         f.gauge("buttress_queue_head_age_seconds", "Age of the task at the head of each "
-                "tenant's queue (capped; __other__ is the sum)", age, item, tenant=tenant)
+                "tenant's queue (capped; __other__ is the oldest of the rest)", age, item,
+                tenant=tenant)
     for outcome in ("clean", "timed_out"):
         f.counter("buttress_gateway_drains", "Gateway drains in the deployment, by outcome",
                   snapshot["drains"].get(outcome, 0), item, outcome=outcome)
