@@ -315,7 +315,10 @@ class WorkerCore:
     Every task the worker holds -- running, waiting its turn in a prefetched
     batch, or finished and waiting for its ack -- is in ``_held`` until Redis has
     acknowledged it, and the keeper renews all of them; finished tasks wait in
-    ``_finished`` until the next call to Redis carries their acks.
+    ``_finished`` until the next call to Redis carries their acks.  ``_held`` is
+    keyed by (task id, delivery token): after Redis restarts without persistence,
+    task ids start again from 1, so a task leased then may share its id with one
+    leased before the restart that the worker still holds.
     """
 
     _queue_type: type = QueueCore
@@ -361,7 +364,7 @@ class WorkerCore:
         self.idle_wait = float(idle_wait)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self._books = threading.Lock()  # held briefly, never across I/O
-        self._held: dict[str, LeasedTask] = {}
+        self._held: dict[tuple[str, str], LeasedTask] = {}
         self._finished: list[LeasedTask] = []
         self._running = 0
         self._counts = dict.fromkeys(self._COUNTERS, 0)
@@ -403,7 +406,7 @@ class WorkerCore:
         """Redis answered a call that carried ``acks``: they are no longer held."""
         with self._books:
             for task in acks:
-                self._held.pop(task.id, None)
+                self._held.pop((task.id, task.token), None)
         if stale:
             self._stale(stale)
 
@@ -425,7 +428,7 @@ class WorkerCore:
     def _ended_without_ack(self, task: LeasedTask) -> None:
         """A failed task is settled by its fail call, not by an ack."""
         with self._books:
-            self._held.pop(task.id, None)
+            self._held.pop((task.id, task.token), None)
 
     # ---------------------------------------------------------------- the calls' plans
 
@@ -446,9 +449,9 @@ class WorkerCore:
         stale, tasks = reply
         with self._books:  # one lock round for the whole reply: this runs once per task
             for task in acks:
-                self._held.pop(task.id, None)
+                self._held.pop((task.id, task.token), None)
             for task in tasks:
-                self._held[task.id] = task
+                self._held[task.id, task.token] = task
         if stale:
             self._stale(stale)
         return tasks
@@ -459,8 +462,8 @@ class WorkerCore:
         acks = self._take_finished()
         if not renew_due or final:
             return acks, []
-        acked = {task.id for task in acks}
-        return acks, [task for task in self._held_tasks() if task.id not in acked]
+        acked = {(task.id, task.token) for task in acks}
+        return acks, [task for task in self._held_tasks() if (task.id, task.token) not in acked]
 
     def _keeper_answered(self, acks: list[LeasedTask],
                          reply: tuple[list[str], int] | None) -> None:
@@ -474,7 +477,7 @@ class WorkerCore:
         if acks:
             with self._books:
                 for task in acks:
-                    self._held.pop(task.id, None)
+                    self._held.pop((task.id, task.token), None)
             logger.warning("worker %s: %d finished task(s) not acknowledged will be "
                            "redelivered", self.name, len(acks))
 
