@@ -57,12 +57,23 @@ local function tenant_key(tenant) return PREFIX .. 't:' .. tenant end
 local REQUEST = PREFIX .. 'req:' .. (ARGV[2] or '')
 
 -- Put a task into its tenant's queue; a tenant that had no ready work joins the ring's tail.
-local function make_ready(id, tenant, score, priority)
+-- `depth`: the ready depth before this task, when the caller knows it (enqueue); the caller
+-- then stores the new depth itself, and pushes a wake token only below MAX_WAKE_TOKENS
+-- ready tasks: idle workers leased nothing when they went idle, so a backlog that long
+-- has already pushed a token for each of the first MAX_WAKE_TOKENS tasks after it.
+-- (Every redis.call costs about 2 us in the script: the enqueue path counts them.)
+local function make_ready(id, tenant, score, priority, depth)
   local q = tenant_key(tenant)
   if redis.call('ZADD', q, score, id) == 1 and redis.call('ZCARD', q) == 1 then
     redis.call('RPUSH', RING, tenant)
   end
   redis.call('HINCRBY', DEPTH, tenant .. '\n' .. priority, 1)
+  if depth then
+    if depth < MAX_WAKE_TOKENS and redis.call('RPUSH', WAKE, '1') > MAX_WAKE_TOKENS then
+      redis.call('LTRIM', WAKE, 0, MAX_WAKE_TOKENS - 1)
+    end
+    return
+  end
   redis.call('HINCRBY', META, 'depth', 1)
   if redis.call('LLEN', WAKE) < MAX_WAKE_TOKENS then
     redis.call('RPUSH', WAKE, '1')
@@ -167,11 +178,12 @@ if operation == 'enqueue' then
     end
     return {'rejected', math.floor(retry_ms), depth}
   end
-  redis.call('HINCRBY', META, 'seq', 1)
   redis.call('HSET', task_key(id), 'name', ARGV[4], 'payload', ARGV[5], 'tenant', ARGV[3],
     'priority', ARGV[6], 'score', ARGV[7], 'deadline', ARGV[8], 'attempts', 0,
     'enqueued_at', now)
-  make_ready(id, ARGV[3], ARGV[7], ARGV[6])
+  make_ready(id, ARGV[3], ARGV[7], ARGV[6], depth)
+  -- The sequence and the depth in one write (both were read above; the script is atomic).
+  redis.call('HSET', META, 'seq', tonumber(id), 'depth', depth + 1)
   update_state(state, depth + 1, high, low, now)
   return {'ok', id, depth + 1}
 end
