@@ -91,6 +91,27 @@ class AsyncWorkerThread:
         assert not self.thread.is_alive()
 
 
+class WorkerThread:
+    """A Worker in a thread, driven like AsyncWorkerThread (``worker``, ``stop``, ``error``)."""
+
+    def __init__(self, url: str, name: str, handlers: dict[str, Any], *,
+                 client_options: dict[str, Any] | None = None, **options: Any) -> None:
+        queue = make_queue(redis.Redis.from_url(url, **(client_options or {})), name,
+                           **{k: options.pop(k) for k in ("lease_ms", "max_attempts",
+                                                          "completion_log") if k in options})
+        self.worker = Worker(queue, handlers, **options)
+        self.thread, self._errors = run_in_thread(self.worker)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._errors[0] if self._errors else None
+
+    def stop(self, drain: bool = True) -> None:
+        self.worker.stop(drain=drain)
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+
 # --------------------------------------------------------------------------- resends
 
 
@@ -299,35 +320,23 @@ def test_a_read_only_replica_is_unavailable_and_workers_resume_on_a_primary(
         queue.enqueue("t", 1, tenant="a")
     assert isinstance(caught.value.__cause__, redis.RedisError)  # chained: READONLY
     done: list[int] = []
-    if kind == "sync":
-        worker = Worker(make_queue(redis.Redis.from_url(replica.url), "failover"),
-                        {"t": done.append}, idle_wait=0.1)
-        thread, errors = run_in_thread(worker)
-        wait_until(lambda: worker.stats()["store_errors"] >= 3, timeout=10,
-                   message="worker backing off")
-        assert thread.is_alive()
-        stats = worker.stats
-    else:
-        async def record(payload: int) -> None:
-            done.append(payload)
 
-        async_worker = AsyncWorkerThread(replica.url, "failover", {"t": record}, idle_wait=0.1)
-        assert async_worker.worker is not None
-        stats = async_worker.worker.stats
-        wait_until(lambda: stats()["store_errors"] >= 3, timeout=10,
-                   message="worker backing off")
-        assert async_worker.thread.is_alive()
+    async def record(payload: int) -> None:
+        done.append(payload)
+
+    runner = (WorkerThread(replica.url, "failover", {"t": done.append}, idle_wait=0.1)
+              if kind == "sync" else
+              AsyncWorkerThread(replica.url, "failover", {"t": record}, idle_wait=0.1))
+    assert runner.worker is not None
+    stats = runner.worker.stats
+    wait_until(lambda: stats()["store_errors"] >= 3, timeout=10, message="worker backing off")
+    assert runner.thread.is_alive()
     # The failover completes: the server the clients use becomes the primary.
     client.replicaof("NO", "ONE")
     wait_until(lambda: _try_enqueue(queue, 2), timeout=10, message="writes accepted")
     wait_until(lambda: done == [2], timeout=15, message="worker resuming")
-    if kind == "sync":
-        worker.stop()
-        thread.join(10)
-        assert errors == []
-    else:
-        async_worker.stop()
-        assert async_worker.error is None
+    runner.stop()
+    assert runner.error is None
     assert stats()["completed"] == 1
     client.close()
 
@@ -393,19 +402,11 @@ def test_a_restart_without_persistence_with_tasks_in_flight(kind):
         queue = make_queue(redis.Redis.from_url(server.url, socket_connect_timeout=1), "inflight")
         for n in range(4):
             queue.enqueue("hold", n, tenant="a")
-        options = {"concurrency": 3, "prefetch": 2, "idle_wait": 0.1, "lease_ms": 900}
-        if kind == "sync":
-            worker: Any = Worker(make_queue(redis.Redis.from_url(
-                server.url, socket_connect_timeout=1), "inflight", lease_ms=900),
-                handlers, **{k: v for k, v in options.items() if k != "lease_ms"})
-            thread, errors = run_in_thread(worker)
-            stats = worker.stats
-        else:
-            async_worker = AsyncWorkerThread(server.url, "inflight", handlers,
-                                             client_options={"socket_connect_timeout": 1},
-                                             **options)
-            assert async_worker.worker is not None
-            stats = async_worker.worker.stats
+        runner = (WorkerThread if kind == "sync" else AsyncWorkerThread)(
+            server.url, "inflight", handlers, client_options={"socket_connect_timeout": 1},
+            concurrency=3, prefetch=2, idle_wait=0.1, lease_ms=900)
+        assert runner.worker is not None
+        stats = runner.worker.stats
         wait_until(lambda: len(started) == 2 and stats()["held"] == 4, timeout=10,
                    message="two tasks running, two waiting")
         server.stop()  # the fault: Redis gone, then back empty (no persistence)
@@ -420,13 +421,8 @@ def test_a_restart_without_persistence_with_tasks_in_flight(kind):
                    timeout=15, message="the new tasks acknowledged")
         in_redis = queue.stats()
         final = stats()
-        if kind == "sync":
-            worker.stop()
-            thread.join(10)
-            assert errors == []
-        else:
-            async_worker.stop()
-            assert async_worker.error is None
+        runner.stop()
+        assert runner.error is None
     assert runs == {**{("old", n): 1 for n in range(4)}, ("new", 0): 1, ("new", 1): 1}
     assert final["completed"] == 6 and final["stale_acks"] == 4
     # Nothing came back: the old tasks' acks found no record, no lease expired.
