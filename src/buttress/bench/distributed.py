@@ -35,6 +35,18 @@ tasks per round trip, to show what batching buys.  ``buttress async`` is an
 AsyncWorker per process with 8 in-flight coroutines (prefetch 1), judged
 against the asyncio peers (which keep 10 to 100 tasks in flight per process).
 
+Two more cases put the cost of the resend records (request ids, ``req:<id>``) in
+numbers: drain and enqueue of today's queue against the queue from before issue
+11 (``buttress before #11``: ``distributed.py`` of the tree that
+``BUTTRESS_BENCH_OLD_SRC`` names, e.g. ``git archive 4ea162d src``, loaded beside
+today's package), on the same Redis, with ``buttress again`` as the noise floor;
+the target is at most 1.10x the time.  Without the variable they are not
+evaluated.
+
+A peer that is not installed is skipped as such; one that is installed but
+fails to import is skipped with its import error (taskiq-redis 1.0 on taskiq
+0.13 did that), one that cannot connect with its error.
+
 Round trips are counted on the client side by a redis-py connection class that
 counts requests sent (a pipeline or a script call is one), for the libraries
 that take a redis-py client (buttress, RQ, huey); worker processes publish their
