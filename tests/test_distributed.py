@@ -606,9 +606,9 @@ def test_worker_backs_off_while_redis_is_down_and_resumes():
         assert not thread.is_alive()
 
 
-def _try_enqueue(queue: FairQueue, payload: int) -> bool:
+def _try_enqueue(queue: FairQueue, payload: int, task_name: str = "t") -> bool:
     try:
-        queue.enqueue("t", payload, tenant="a")
+        queue.enqueue(task_name, payload, tenant="a")
     except StoreUnavailable:
         return False
     return True

@@ -91,6 +91,27 @@ class AsyncWorkerThread:
         assert not self.thread.is_alive()
 
 
+class WorkerThread:
+    """A Worker in a thread, driven like AsyncWorkerThread (``worker``, ``stop``, ``error``)."""
+
+    def __init__(self, url: str, name: str, handlers: dict[str, Any], *,
+                 client_options: dict[str, Any] | None = None, **options: Any) -> None:
+        queue = make_queue(redis.Redis.from_url(url, **(client_options or {})), name,
+                           **{k: options.pop(k) for k in ("lease_ms", "max_attempts",
+                                                          "completion_log") if k in options})
+        self.worker = Worker(queue, handlers, **options)
+        self.thread, self._errors = run_in_thread(self.worker)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._errors[0] if self._errors else None
+
+    def stop(self, drain: bool = True) -> None:
+        self.worker.stop(drain=drain)
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+
 # --------------------------------------------------------------------------- resends
 
 
@@ -299,35 +320,23 @@ def test_a_read_only_replica_is_unavailable_and_workers_resume_on_a_primary(
         queue.enqueue("t", 1, tenant="a")
     assert isinstance(caught.value.__cause__, redis.RedisError)  # chained: READONLY
     done: list[int] = []
-    if kind == "sync":
-        worker = Worker(make_queue(redis.Redis.from_url(replica.url), "failover"),
-                        {"t": done.append}, idle_wait=0.1)
-        thread, errors = run_in_thread(worker)
-        wait_until(lambda: worker.stats()["store_errors"] >= 3, timeout=10,
-                   message="worker backing off")
-        assert thread.is_alive()
-        stats = worker.stats
-    else:
-        async def record(payload: int) -> None:
-            done.append(payload)
 
-        async_worker = AsyncWorkerThread(replica.url, "failover", {"t": record}, idle_wait=0.1)
-        assert async_worker.worker is not None
-        stats = async_worker.worker.stats
-        wait_until(lambda: stats()["store_errors"] >= 3, timeout=10,
-                   message="worker backing off")
-        assert async_worker.thread.is_alive()
+    async def record(payload: int) -> None:
+        done.append(payload)
+
+    runner = (WorkerThread(replica.url, "failover", {"t": done.append}, idle_wait=0.1)
+              if kind == "sync" else
+              AsyncWorkerThread(replica.url, "failover", {"t": record}, idle_wait=0.1))
+    assert runner.worker is not None
+    stats = runner.worker.stats
+    wait_until(lambda: stats()["store_errors"] >= 3, timeout=10, message="worker backing off")
+    assert runner.thread.is_alive()
     # The failover completes: the server the clients use becomes the primary.
     client.replicaof("NO", "ONE")
     wait_until(lambda: _try_enqueue(queue, 2), timeout=10, message="writes accepted")
     wait_until(lambda: done == [2], timeout=15, message="worker resuming")
-    if kind == "sync":
-        worker.stop()
-        thread.join(10)
-        assert errors == []
-    else:
-        async_worker.stop()
-        assert async_worker.error is None
+    runner.stop()
+    assert runner.error is None
     assert stats()["completed"] == 1
     client.close()
 
@@ -352,6 +361,72 @@ def test_async_worker_survives_a_restart_without_persistence():
         wait_until(lambda: done == [1, 2], timeout=15, message="worker resuming")
         worker.stop()
         assert worker.error is None
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_restart_without_persistence_with_tasks_in_flight(kind):
+    """Redis restarts empty while the worker holds four tasks: two running, two waiting.
+
+    The outcome docs/distributed.md states: the held tasks run to their end, once;
+    their records are gone, so their acks are stale (counted, nothing comes back);
+    the worker counts the store errors and keeps serving.  Tasks enqueued after the
+    restart take ids from 1 again, the held tasks' ids: they run once each, their
+    leases renewed (the worker tells tasks apart by id and delivery token).
+    """
+    gate = threading.Event()
+    started: list[tuple[str, int]] = []
+    runs: Counter[tuple[str, int]] = Counter()
+
+    def hold(payload: int) -> None:
+        started.append(("old", payload))
+        gate.wait(10)
+        runs["old", payload] += 1
+
+    def slow(payload: int) -> None:  # outlasts a lease: needs its renewals
+        started.append(("new", payload))
+        time.sleep(1.3)
+        runs["new", payload] += 1
+
+    handlers: dict[str, Any] = {"hold": hold, "slow": slow}
+    if kind == "async":
+        async def hold_async(payload: int) -> None:
+            await asyncio.to_thread(hold, payload)
+
+        async def slow_async(payload: int) -> None:
+            started.append(("new", payload))
+            await asyncio.sleep(1.3)
+            runs["new", payload] += 1
+
+        handlers = {"hold": hold_async, "slow": slow_async}
+    with RedisServer() as server:
+        queue = make_queue(redis.Redis.from_url(server.url, socket_connect_timeout=1), "inflight")
+        for n in range(4):
+            queue.enqueue("hold", n, tenant="a")
+        runner = (WorkerThread if kind == "sync" else AsyncWorkerThread)(
+            server.url, "inflight", handlers, client_options={"socket_connect_timeout": 1},
+            concurrency=3, prefetch=2, idle_wait=0.1, lease_ms=900)
+        assert runner.worker is not None
+        stats = runner.worker.stats
+        wait_until(lambda: len(started) == 2 and stats()["held"] == 4, timeout=10,
+                   message="two tasks running, two waiting")
+        server.stop()  # the fault: Redis gone, then back empty (no persistence)
+        wait_until(lambda: stats()["store_errors"] > 0, timeout=10, message="a store error")
+        server.start()
+        wait_until(lambda: _try_enqueue(queue, 0, task_name="slow"), timeout=10,
+                   message="Redis back")
+        queue.enqueue("slow", 1, tenant="b")  # ids 1 and 2 again: held by the worker too
+        wait_until(lambda: ("new", 0) in started, timeout=10, message="a new task running")
+        gate.set()
+        wait_until(lambda: queue.stats()["completed"] == 2 and stats()["held"] == 0,
+                   timeout=15, message="the new tasks acknowledged")
+        in_redis = queue.stats()
+        final = stats()
+        runner.stop()
+        assert runner.error is None
+    assert runs == {**{("old", n): 1 for n in range(4)}, ("new", 0): 1, ("new", 1): 1}
+    assert final["completed"] == 6 and final["stale_acks"] == 4
+    # Nothing came back: the old tasks' acks found no record, no lease expired.
+    assert (in_redis["stale_acks"], in_redis["redelivered"], in_redis["depth"]) == (4, 0, 0)
 
 
 class BrokenQueue(FairQueue):

@@ -35,6 +35,18 @@ tasks per round trip, to show what batching buys.  ``buttress async`` is an
 AsyncWorker per process with 8 in-flight coroutines (prefetch 1), judged
 against the asyncio peers (which keep 10 to 100 tasks in flight per process).
 
+Two more cases put the cost of the resend records (request ids, ``req:<id>``) in
+numbers: drain and enqueue of today's queue against the queue from before issue
+11 (``buttress before #11``: ``distributed.py`` of the tree that
+``BUTTRESS_BENCH_OLD_SRC`` names, e.g. ``git archive 4ea162d src``, loaded beside
+today's package), on the same Redis, with ``buttress again`` as the noise floor;
+the target is at most 1.10x the time.  Without the variable they are not
+evaluated.
+
+A peer that is not installed is skipped as such; one that is installed but
+fails to import is skipped with its import error (taskiq-redis 1.0 on taskiq
+0.13 did that), one that cannot connect with its error.
+
 Round trips are counted on the client side by a redis-py connection class that
 counts requests sent (a pipeline or a script call is one), for the libraries
 that take a redis-py client (buttress, RQ, huey); worker processes publish their
@@ -46,6 +58,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
+import importlib.util
 import mmap
 import os
 import signal
@@ -56,6 +70,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import buttress
@@ -74,6 +89,10 @@ DRAMATIQ = "dramatiq 8 threads"
 TASKIQ = "taskiq ListQueueBroker"
 SAQ = "saq concurrency=10"
 ARQ = "arq max_jobs=10"
+# The resend records' cost: the same worker and producer before issue 11 (no request ids).
+OURS_AGAIN = "buttress again"
+BEFORE = "buttress before #11"
+OLD_SRC_ENV = "BUTTRESS_BENCH_OLD_SRC"
 SYNC_PEERS = (RQ, HUEY, CELERY, DRAMATIQ)
 ASYNC_PEERS = (TASKIQ, SAQ, ARQ)
 TENANTS = ("tenant-a", "tenant-b", "tenant-c")
@@ -346,10 +365,16 @@ class Buttress(Implementation):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        from buttress.distributed import FairQueue
-
-        self.fair = FairQueue(self.producer, self.queue, high_water=10**9, low_water=10**9 - 1)
+        self.fair = self.module().FairQueue(self.producer, self.queue, high_water=10**9,
+                                            low_water=10**9 - 1)
         self.meta = self.fair.prefix + "meta"
+
+    @staticmethod
+    def module() -> ModuleType:
+        """Where FairQueue and Worker come from (the producer's and the worker processes')."""
+        import buttress.distributed
+
+        return buttress.distributed
 
     def enqueue(self, i: int) -> None:
         self.fair.enqueue("noop", i, tenant=TENANTS[i % 3])
@@ -370,6 +395,40 @@ class ButtressPrefetch(Buttress):
 
     label = OURS_PREFETCH
     prefetch = 8
+
+
+class ButtressBefore(Buttress):
+    """The queue before issue 11 (no request ids, no resend records), same settings."""
+
+    label = BEFORE
+
+    @staticmethod
+    def module() -> ModuleType:
+        return old_distributed()
+
+
+def old_distributed() -> ModuleType:
+    """``buttress/distributed.py`` of the tree ``BUTTRESS_BENCH_OLD_SRC`` names (before #11).
+
+    It is loaded under its own module name beside today's package (it imports only
+    ``buttress._validate.require_int`` and ``buttress.errors``, which kept their API), so
+    one process and one Redis time both.
+    """
+    name = "buttress_before_11_distributed"
+    if name in sys.modules:
+        return sys.modules[name]
+    src = os.environ.get(OLD_SRC_ENV, "")
+    path = os.path.join(src, "buttress", "distributed.py")
+    if not src or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{OLD_SRC_ENV}={src!r} has no buttress/distributed.py: give the src/ of a checkout "
+            "from before issue 11 (git -C REPO archive 4ea162d src | tar -x -C DIR)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 class ButtressAsync(Buttress):
@@ -513,7 +572,7 @@ class ArqPeer(AsyncPeer):
 IMPLEMENTATIONS: dict[str, type[Implementation]] = {
     OURS: Buttress, OURS_PREFETCH: ButtressPrefetch, OURS_ASYNC: ButtressAsync, RQ: Rq,
     HUEY: Huey, CELERY: CeleryPeer, DRAMATIQ: DramatiqPeer, TASKIQ: TaskiqPeer, SAQ: SaqPeer,
-    ARQ: ArqPeer}
+    ARQ: ArqPeer, BEFORE: ButtressBefore}
 PEER_MODULES = {RQ: "rq", HUEY: "huey", CELERY: "celery", DRAMATIQ: "dramatiq",
                 TASKIQ: "taskiq_redis", SAQ: "saq", ARQ: "arq"}
 
@@ -530,8 +589,12 @@ def register(session: BenchSession) -> None:
     skipped: list[tuple[str, str]] = []
     for index, (label, cls) in enumerate(IMPLEMENTATIONS.items()):
         module = PEER_MODULES.get(label)
-        if module and session.peer(module) is None:
-            skipped.append((label, f"{module} is not installed (pip install 'buttress[compare]')"))
+        problem = _peer_problem(session, module) if module else None
+        if label == BEFORE and not os.environ.get(OLD_SRC_ENV):
+            problem = (f"set {OLD_SRC_ENV} to the src/ of a checkout from before issue 11 "
+                       "(git archive 4ea162d src)")
+        if problem:
+            skipped.append((label, problem))
             continue
         queue = "bench-" + "".join(c if c.isalnum() else "-" for c in label) + f"-{os.getpid()}"
         try:
@@ -542,7 +605,10 @@ def register(session: BenchSession) -> None:
     drain = session.case("distributed", f"drain {n:,} no-op tasks, {WORKERS} worker processes",
                          unit="task")
     enqueue = session.case("distributed", f"enqueue {n:,} tasks, one producer", unit="task")
+    by_label = {impl.label: impl for impl in impls}
     for impl in impls:
+        if impl.label == BEFORE:
+            continue  # not a peer: the resend-cost cases below
         drain.add(impl.label, _drain_work(impl, drain), items=n,
                   setup=functools.partial(impl.prepare_drain, n))
         if impl.label not in (OURS_PREFETCH, OURS_ASYNC):  # same producer as "buttress"
@@ -553,7 +619,9 @@ def register(session: BenchSession) -> None:
         session.on_close(impl.close)
     for case in (drain, enqueue):
         for label, reason in skipped:
-            case.skip(label, reason)
+            if label != BEFORE:
+                case.skip(label, reason)
+    _resend_cost(session, n, by_label, dict(skipped))
     # The promise is worker throughput.  Enqueue is reported without a target: huey's
     # is one ZADD, ours one script that also does admission and fairness bookkeeping.
     for peer in SYNC_PEERS:
@@ -572,22 +640,73 @@ def register(session: BenchSession) -> None:
         "resend record.")
 
 
-def _drain_work(impl: Implementation, case: Any) -> Callable[[int], None]:
+def _resend_cost(session: BenchSession, n: int, impls: dict[str, Implementation],
+                 skipped: dict[str, str]) -> None:
+    """The resend records' cost: today's queue against itself before issue 11, same Redis.
+
+    The issue's promise: request ids and resend records (``req:<id>``) cost at most
+    10% on drain and enqueue.  ``buttress again`` runs today's queue a second time
+    (the same workers and producer): its ratio to ``buttress`` is the run's noise
+    floor.  Without ``BUTTRESS_BENCH_OLD_SRC`` the old side is skipped and the
+    targets are not evaluated.
+    """
+    ours = impls.get(OURS)
+    if ours is None:
+        return
+    repeats = 11 if session.quick else 7  # many rounds, three sides: the medians settle
+    drain = session.case("distributed", f"resend records' cost: drain {n:,} tasks, "
+                         f"{WORKERS} worker processes", unit="task", repeats=repeats)
+    enqueue = session.case("distributed", f"resend records' cost: enqueue {n:,} tasks",
+                           unit="task", repeats=repeats)
+    sides = [(OURS, ours), (OURS_AGAIN, ours)]
+    if BEFORE in impls:
+        sides.append((BEFORE, impls[BEFORE]))
+    for label, impl in sides:
+        drain.add(label, _drain_work(impl, drain, label), items=n,
+                  setup=functools.partial(impl.prepare_drain, n))
+        enqueue.add(label, _enqueue_work(impl, enqueue, n, label), items=n,
+                    setup=impl.prepare_enqueue)
+    for case in (drain, enqueue):
+        case.noise_floor(OURS, OURS_AGAIN)
+        case.target(OURS, BEFORE, max_ratio=1.10)
+        if BEFORE in skipped:
+            case.skip(BEFORE, skipped[BEFORE])
+
+
+def _drain_work(impl: Implementation, case: Any, label: str = "") -> Callable[[int], None]:
     def work(target: int) -> None:
         impl.timed_drain(target)
         if impl.counts_round_trips:
-            row = case.row(impl.label)
+            row = case.row(label or impl.label)
             per_task = sum(impl.drain_rt) / (row.items * len(impl.drain_rt))
             row.note = f"{per_task:.2f} worker RT/task"
     return work
 
 
-def _enqueue_work(impl: Implementation, case: Any, n: int) -> Callable[[None], None]:
+def _enqueue_work(impl: Implementation, case: Any, n: int,
+                  label: str = "") -> Callable[[None], None]:
     def work(_: None) -> None:
         impl.timed_enqueue(n)
         if impl.counts_round_trips:
-            case.row(impl.label).note = f"{impl.enqueue_rt[-1]:.2f} producer RT/task"
+            case.row(label or impl.label).note = f"{impl.enqueue_rt[-1]:.2f} producer RT/task"
     return work
+
+
+def _peer_problem(session: BenchSession, module: str) -> str | None:
+    """Why a peer cannot run (None: it imports): not installed, or installed but broken."""
+    if session.peer(module) is not None:
+        return None
+    try:
+        installed = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return f"{module} is not installed (pip install 'buttress[compare]')"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # an import error is reported as what it is
+        return f"{module} is installed but fails to import: {type(exc).__name__}: {exc}"
+    return None
 
 
 def process_stopped(pid: int) -> bool:
@@ -623,12 +742,11 @@ def _serve(label: str, url: str, queue: str, counter_path: str, slot: int) -> No
     logging.basicConfig(level=logging.WARNING)
     counters = RoundTrips(counter_path, slot + 1)
     _DONE = (counters, slot)
-    if label in (OURS, OURS_PREFETCH):
-        from buttress.distributed import FairQueue, Worker
-
+    if label in (OURS, OURS_PREFETCH, BEFORE):
+        module = ButtressBefore.module() if label == BEFORE else Buttress.module()
         prefetch = ButtressPrefetch.prefetch if label == OURS_PREFETCH else Buttress.prefetch
-        worker = Worker(FairQueue(counting_client(url, counters, slot), queue), {"noop": noop},
-                        prefetch=prefetch)
+        worker = module.Worker(module.FairQueue(counting_client(url, counters, slot), queue),
+                               {"noop": noop}, prefetch=prefetch)
         counters.set_ready(slot)
         worker.run()
     elif label == OURS_ASYNC:

@@ -52,6 +52,9 @@ _MAX_PRIORITY = 2**53  # scores are doubles: larger integers would lose their or
 _MAX_RETRY_DELAY_MS = 3_600_000
 _STAT_COUNTERS = ("rejected", "completed", "failed", "retried", "redelivered", "expired",
                   "dead", "revived", "stale_acks", "shed_entries")
+_REJECTED = (b"rejected", "rejected")  # the enqueue reply's status (bytes, or str if decoded)
+# json.dumps(payload, allow_nan=False, separators=...) builds an encoder per call (~1 us).
+_encode_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 # stats(): the reads of one pipeline, in order.
 STATS_READS = (("hgetall", "meta"), ("hgetall", "depth"), ("zcard", "leases"),
                ("zcard", "delayed"), ("llen", "dead"), ("llen", "ring"))
@@ -151,9 +154,17 @@ class QueueCore:
     def _enqueue_request(self, task_name: str, payload: Any, tenant: str,
                          priority: int | float, deadline: float | None,
                          request_id: str | None) -> list[Any]:
-        require_str("task_name", task_name)
-        require_str("tenant", tenant)
-        _check_priority("priority", priority)
+        # The common case checked inline (a producer's hot path); anything else goes
+        # through the validators, which raise with their messages.
+        if type(task_name) is not str or not task_name:
+            require_str("task_name", task_name)
+        if type(tenant) is not str or not tenant:
+            require_str("tenant", tenant)
+        if type(priority) is int and -_MAX_PRIORITY <= priority <= _MAX_PRIORITY:
+            priority_text, score_text = str(priority), str(-priority)
+        else:
+            _check_priority("priority", priority)
+            priority_text, score_text = number_text(priority), number_text(-priority)
         deadline_ms = ""
         if deadline is not None:
             require_number("deadline", deadline)
@@ -167,18 +178,18 @@ class QueueCore:
         else:
             require_str("request_id", request_id, max_bytes=200)
         try:
-            payload_json = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+            payload_json = _encode_json(payload)
         except TypeError as exc:
             raise TypeError(f"payload must be JSON-serialisable: {exc}") from None
         except ValueError as exc:
             raise ValueError(f"payload must be JSON-serialisable: {exc}") from None
         sheddable = "1" if priority < self.shed_below else "0"
-        return ["enqueue", request_id, tenant, task_name, payload_json, number_text(priority),
-                number_text(-priority), deadline_ms, sheddable, self.high_water,
+        return ["enqueue", request_id, tenant, task_name, payload_json, priority_text,
+                score_text, deadline_ms, sheddable, self.high_water,
                 self.low_water, self.resend_window_ms]
 
     def _enqueue_reply(self, reply: Any, priority: int | float) -> str:
-        if text(reply[0]) == "rejected":
+        if reply[0] in _REJECTED:
             raise Rejected(
                 f"queue {self.name!r} is shedding (ready depth {int(reply[2])} reached "
                 f"high_water={self.high_water}; priority {priority!r} < "
@@ -315,7 +326,10 @@ class WorkerCore:
     Every task the worker holds -- running, waiting its turn in a prefetched
     batch, or finished and waiting for its ack -- is in ``_held`` until Redis has
     acknowledged it, and the keeper renews all of them; finished tasks wait in
-    ``_finished`` until the next call to Redis carries their acks.
+    ``_finished`` until the next call to Redis carries their acks.  ``_held`` is
+    keyed by (task id, delivery token): after Redis restarts without persistence,
+    task ids start again from 1, so a task leased then may share its id with one
+    leased before the restart that the worker still holds.
     """
 
     _queue_type: type = QueueCore
@@ -361,7 +375,7 @@ class WorkerCore:
         self.idle_wait = float(idle_wait)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self._books = threading.Lock()  # held briefly, never across I/O
-        self._held: dict[str, LeasedTask] = {}
+        self._held: dict[tuple[str, str], LeasedTask] = {}
         self._finished: list[LeasedTask] = []
         self._running = 0
         self._counts = dict.fromkeys(self._COUNTERS, 0)
@@ -403,7 +417,7 @@ class WorkerCore:
         """Redis answered a call that carried ``acks``: they are no longer held."""
         with self._books:
             for task in acks:
-                self._held.pop(task.id, None)
+                self._held.pop((task.id, task.token), None)
         if stale:
             self._stale(stale)
 
@@ -425,7 +439,7 @@ class WorkerCore:
     def _ended_without_ack(self, task: LeasedTask) -> None:
         """A failed task is settled by its fail call, not by an ack."""
         with self._books:
-            self._held.pop(task.id, None)
+            self._held.pop((task.id, task.token), None)
 
     # ---------------------------------------------------------------- the calls' plans
 
@@ -446,9 +460,9 @@ class WorkerCore:
         stale, tasks = reply
         with self._books:  # one lock round for the whole reply: this runs once per task
             for task in acks:
-                self._held.pop(task.id, None)
+                self._held.pop((task.id, task.token), None)
             for task in tasks:
-                self._held[task.id] = task
+                self._held[task.id, task.token] = task
         if stale:
             self._stale(stale)
         return tasks
@@ -459,8 +473,8 @@ class WorkerCore:
         acks = self._take_finished()
         if not renew_due or final:
             return acks, []
-        acked = {task.id for task in acks}
-        return acks, [task for task in self._held_tasks() if task.id not in acked]
+        acked = {(task.id, task.token) for task in acks}
+        return acks, [task for task in self._held_tasks() if (task.id, task.token) not in acked]
 
     def _keeper_answered(self, acks: list[LeasedTask],
                          reply: tuple[list[str], int] | None) -> None:
@@ -474,7 +488,7 @@ class WorkerCore:
         if acks:
             with self._books:
                 for task in acks:
-                    self._held.pop(task.id, None)
+                    self._held.pop((task.id, task.token), None)
             logger.warning("worker %s: %d finished task(s) not acknowledged will be "
                            "redelivered", self.name, len(acks))
 

@@ -57,12 +57,23 @@ local function tenant_key(tenant) return PREFIX .. 't:' .. tenant end
 local REQUEST = PREFIX .. 'req:' .. (ARGV[2] or '')
 
 -- Put a task into its tenant's queue; a tenant that had no ready work joins the ring's tail.
-local function make_ready(id, tenant, score, priority)
+-- `depth`: the ready depth before this task, when the caller knows it (enqueue); the caller
+-- then stores the new depth itself, and pushes a wake token only below MAX_WAKE_TOKENS
+-- ready tasks: idle workers leased nothing when they went idle, so a backlog that long
+-- has already pushed a token for each of the first MAX_WAKE_TOKENS tasks after it.
+-- (Every redis.call costs about 2 us in the script: the enqueue path counts them.)
+local function make_ready(id, tenant, score, priority, depth)
   local q = tenant_key(tenant)
   if redis.call('ZADD', q, score, id) == 1 and redis.call('ZCARD', q) == 1 then
     redis.call('RPUSH', RING, tenant)
   end
   redis.call('HINCRBY', DEPTH, tenant .. '\n' .. priority, 1)
+  if depth then
+    if depth < MAX_WAKE_TOKENS and redis.call('RPUSH', WAKE, '1') > MAX_WAKE_TOKENS then
+      redis.call('LTRIM', WAKE, 0, MAX_WAKE_TOKENS - 1)
+    end
+    return
+  end
   redis.call('HINCRBY', META, 'depth', 1)
   if redis.call('LLEN', WAKE) < MAX_WAKE_TOKENS then
     redis.call('RPUSH', WAKE, '1')
@@ -106,9 +117,10 @@ local function dead_letter(id, reason, now, max_dead)
 end
 
 -- Acknowledge `n` tasks whose (id, delivery token) pairs start at ARGV[first]; each is
--- owner-checked by its token.  Returns the ids whose lease was lost (stale acks).
+-- owner-checked by its token.  Returns the ids whose lease was lost (stale acks) and the
+-- number acknowledged (the caller adds it to the `completed` counter).
 local function apply_acks(first, n, done_max)
-  local stale = {}
+  local stale, done = {}, 0
   for i = 0, n - 1 do
     local id, tok = ARGV[first + 2 * i], ARGV[first + 1 + 2 * i]
     local key = task_key(id)
@@ -116,7 +128,7 @@ local function apply_acks(first, n, done_max)
     if t[1] == tok then
       redis.call('ZREM', LEASES, id)
       redis.call('DEL', key)
-      redis.call('HINCRBY', META, 'completed', 1)
+      done = done + 1
       if done_max > 0 then
         redis.call('RPUSH', DONE, t[2] .. '\n' .. id)
         if redis.call('LLEN', DONE) > done_max then redis.call('LPOP', DONE) end
@@ -126,7 +138,7 @@ local function apply_acks(first, n, done_max)
       redis.call('HINCRBY', META, 'stale_acks', 1)
     end
   end
-  return stale
+  return stale, done
 end
 
 -- The operations, one block each: only the called one runs (an if-chain, not functions
@@ -167,11 +179,12 @@ if operation == 'enqueue' then
     end
     return {'rejected', math.floor(retry_ms), depth}
   end
-  redis.call('HINCRBY', META, 'seq', 1)
   redis.call('HSET', task_key(id), 'name', ARGV[4], 'payload', ARGV[5], 'tenant', ARGV[3],
     'priority', ARGV[6], 'score', ARGV[7], 'deadline', ARGV[8], 'attempts', 0,
     'enqueued_at', now)
-  make_ready(id, ARGV[3], ARGV[7], ARGV[6])
+  make_ready(id, ARGV[3], ARGV[7], ARGV[6], depth)
+  -- The sequence and the depth in one write (both were read above; the script is atomic).
+  redis.call('HSET', META, 'seq', tonumber(id), 'depth', depth + 1)
   update_state(state, depth + 1, high, low, now)
   return {'ok', id, depth + 1}
 end
@@ -201,9 +214,16 @@ if operation == 'lease' then
   local lease_ms, max_attempts = tonumber(ARGV[3]), tonumber(ARGV[4])
   local max_dead, done_max = tonumber(ARGV[5]), tonumber(ARGV[6])
   local owner, count, n_acks = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+  -- The counters this call changes are read once here and written once at the end
+  -- (one HSET instead of an HINCRBY per task: the worker's cycle is the hot path).
+  local m = redis.call('HMGET', META, 'depth', 'completed', 'leased_total', 'high_water',
+    'low_water', 'state')
+  local depth0, completed0 = tonumber(m[1]) or 0, tonumber(m[2]) or 0
+  local leased0 = tonumber(m[3]) or 0
+  local depth, leased = depth0, leased0
 
   -- 1. Acknowledgements, each owner-checked by its delivery token.
-  local stale = apply_acks(10, n_acks, done_max)
+  local stale, completed = apply_acks(10, n_acks, done_max)
 
   -- 2. Expired leases: back to the front of their tenant's queue, or dead after the
   --    last attempt.
@@ -220,7 +240,8 @@ if operation == 'lease' then
         dead_letter(id, 'lease expired on attempt ' .. t[4] .. ' of ' .. max_attempts ..
           ' (worker lost or handler slower than lease_ms)', now, max_dead)
       else
-        make_ready(id, t[1], t[2], t[3])
+        make_ready(id, t[1], t[2], t[3], depth)
+        depth = depth + 1
       end
     end
   end
@@ -230,7 +251,10 @@ if operation == 'lease' then
   for _, id in ipairs(due) do
     redis.call('ZREM', DELAYED, id)
     local t = redis.call('HMGET', task_key(id), 'tenant', 'score', 'priority')
-    if t[1] then make_ready(id, t[1], t[2], t[3]) end
+    if t[1] then
+      make_ready(id, t[1], t[2], t[3], depth)
+      depth = depth + 1
+    end
   end
 
   -- 4. Deficit round robin.  The ring's head is the tenant whose turn it is; a turn
@@ -257,7 +281,7 @@ if operation == 'lease' then
         if t[1] then
           local field = tenant .. '\n' .. t[3]
           if redis.call('HINCRBY', DEPTH, field, -1) <= 0 then redis.call('HDEL', DEPTH, field) end
-          redis.call('HINCRBY', META, 'depth', -1)
+          depth = depth - 1
           if t[4] ~= '' and tonumber(t[4]) <= now then
             redis.call('HINCRBY', META, 'expired', 1)
             dead_letter(id, 'expired: deadline passed before the task started', now, max_dead)
@@ -267,7 +291,7 @@ if operation == 'lease' then
             redis.call('HSET', key, 'attempts', attempts, 'lease', token, 'owner', owner,
               'leased_at', now)
             redis.call('ZADD', LEASES, now + lease_ms, id)
-            redis.call('HINCRBY', META, 'leased_total', 1)
+            leased = leased + 1
             ids[#ids + 1] = id
             out[#out + 1] = {id, t[1], t[2], tenant, t[3], attempts, t[4]}
           end
@@ -283,7 +307,11 @@ if operation == 'lease' then
     end
   end
   if redis.call('LLEN', RING) == 0 then redis.call('DEL', WAKE) end
-  update_state_from_meta(now)
+  if depth ~= depth0 or completed > 0 or leased ~= leased0 then
+    redis.call('HSET', META, 'depth', depth, 'completed', completed0 + completed,
+      'leased_total', leased)
+  end
+  if m[4] then update_state(m[6], depth, tonumber(m[4]), tonumber(m[5]), now) end
   -- A call that neither acked nor leased changed nothing: a resend may act afresh.
   if #ids > 0 or n_acks > 0 then
     redis.call('SET', REQUEST, table.concat(ids, ','), 'PX', lease_ms)
@@ -300,7 +328,9 @@ if operation == 'renew' then
   local lease_ms, n_acks = tonumber(ARGV[3]), tonumber(ARGV[5])
   local stale = {}
   if n_acks > 0 and not redis.call('GET', REQUEST) then
-    stale = apply_acks(6, n_acks, tonumber(ARGV[4]))
+    local done
+    stale, done = apply_acks(6, n_acks, tonumber(ARGV[4]))
+    if done > 0 then redis.call('HINCRBY', META, 'completed', done) end
     redis.call('SET', REQUEST, '1', 'PX', lease_ms)
   end
   local now, renewed = now_ms(), 0
