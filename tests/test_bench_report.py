@@ -222,3 +222,17 @@ def test_the_pytest_benchmark_suite_collects_the_registered_cases() -> None:
         cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "test_case[hashing/xxh64-many-1-000-000-uint64-keys[buttress]]" in done.stdout
+
+
+def test_a_peer_that_fails_to_import_is_not_called_missing(tmp_path, monkeypatch):
+    """An installed but broken peer (a mismatched release) says so, with its error."""
+    (tmp_path / "broken_peer_for_bench.py").write_text(
+        "raise ImportError('cannot import name model_dump from taskiq.compat')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with bench.BenchSession(quick=True) as session:
+        assert session.peer("broken_peer_for_bench") is None
+        assert session.peer_problem("broken_peer_for_bench") == (
+            "broken_peer_for_bench is installed but fails to import: ImportError: "
+            "cannot import name model_dump from taskiq.compat")
+        assert "is not installed" in session.peer_problem("no_such_peer_for_bench")
+        assert session.peer_problem("json") is None

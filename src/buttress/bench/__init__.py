@@ -54,6 +54,7 @@ import functools
 import gc
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
@@ -426,6 +427,7 @@ class BenchSession:
         self.cases: list[Case] = []
         self.notes: list[str] = []
         self.peers: dict[str, str | None] = {}  # module -> installed version (None: missing)
+        self._peer_problems: dict[str, str] = {}  # module -> why it could not be imported
         self.suite = ""  # the suite registering now (set by run())
         self._stack = contextlib.ExitStack()
         self._redis_url: str | None = None
@@ -438,14 +440,31 @@ class BenchSession:
         return case
 
     def peer(self, module: str) -> ModuleType | None:
-        """Import a comparison peer, or return None (the caller records the skip)."""
+        """Import a comparison peer, or return None (the caller records the skip).
+
+        :meth:`peer_problem` then says why: not installed, or installed but
+        failing to import (a broken or mismatched release is not "missing").
+        """
         try:
             imported = importlib.import_module(module)
-        except ImportError:
+        except ImportError as exc:
             self.peers[module] = None
+            try:
+                installed = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                installed = False
+            self._peer_problems[module] = (
+                f"{module} is installed but fails to import: {type(exc).__name__}: {exc}"
+                if installed else f"{module} is not installed (pip install 'buttress[compare]')")
+            if installed:
+                logger.warning("%s", self._peer_problems[module])
             return None
         self.peers[module] = _version_of(module)
         return imported
+
+    def peer_problem(self, module: str) -> str | None:
+        """Why :meth:`peer` returned None for ``module`` (None: it imports)."""
+        return None if self.peer(module) is not None else self._peer_problems[module]
 
     def redis_url(self) -> str:
         """A Redis for the suites: ``BUTTRESS_REDIS_URL`` or a server started for this run."""

@@ -589,7 +589,7 @@ def register(session: BenchSession) -> None:
     skipped: list[tuple[str, str]] = []
     for index, (label, cls) in enumerate(IMPLEMENTATIONS.items()):
         module = PEER_MODULES.get(label)
-        problem = _peer_problem(session, module) if module else None
+        problem = session.peer_problem(module) if module else None
         if label == BEFORE and not os.environ.get(OLD_SRC_ENV):
             problem = (f"set {OLD_SRC_ENV} to the src/ of a checkout from before issue 11 "
                        "(git archive 4ea162d src)")
@@ -690,23 +690,6 @@ def _enqueue_work(impl: Implementation, case: Any, n: int,
         if impl.counts_round_trips:
             case.row(label or impl.label).note = f"{impl.enqueue_rt[-1]:.2f} producer RT/task"
     return work
-
-
-def _peer_problem(session: BenchSession, module: str) -> str | None:
-    """Why a peer cannot run (None: it imports): not installed, or installed but broken."""
-    if session.peer(module) is not None:
-        return None
-    try:
-        installed = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        installed = False
-    if not installed:
-        return f"{module} is not installed (pip install 'buttress[compare]')"
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # an import error is reported as what it is
-        return f"{module} is installed but fails to import: {type(exc).__name__}: {exc}"
-    return None
 
 
 def process_stopped(pid: int) -> bool:
