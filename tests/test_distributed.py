@@ -492,6 +492,26 @@ def test_retry_after_follows_the_drain_rate(redis_client, unique_name):
     assert caught.value.retry_after is not None and caught.value.retry_after >= 0.5
 
 
+def test_retry_after_follows_the_recent_drain_rate_not_the_average_since_shedding(
+        redis_client, unique_name):
+    """Workers that stalled (or started late) do not inflate every later hint."""
+    queue = make_queue(redis_client, unique_name, high_water=100, low_water=10)
+    for i in range(100):
+        queue.enqueue("t", i, tenant="a")
+    shedding_began = time.monotonic()
+    time.sleep(2.0)  # the workers stall: nothing drains
+    with pytest.raises(Rejected):
+        queue.enqueue("t", "x", tenant="a")
+    queue.lease(40)  # then they drain fast: 40 tasks in about a second
+    time.sleep(1.05)
+    with pytest.raises(Rejected) as caught:
+        queue.enqueue("t", "y", tenant="a")
+    # The average since shedding began would say 50 excess tasks at 40 per (>= 3 s).
+    average_hint = 50 * (time.monotonic() - shedding_began) / 40
+    hint = caught.value.retry_after
+    assert hint is not None and 0.5 <= hint <= 0.6 * average_hint
+
+
 def test_stats_report_depth_by_tenant_and_priority(redis_client, unique_name):
     queue = make_queue(redis_client, unique_name)
     queue.enqueue("t", 1, tenant="a", priority=1)

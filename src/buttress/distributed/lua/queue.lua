@@ -45,6 +45,8 @@ local MAX_WAKE_TOKENS = 64
 local RECLAIM_PER_CALL = 100
 -- Sanity bound on DRR visits in one lease call (fractional weights rotate without serving).
 local MAX_VISITS = 10000
+-- The Retry-After hint's drain rate is measured over the last 1-2 windows of this length.
+local RATE_WINDOW_MS = 1000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -169,10 +171,29 @@ if operation == 'enqueue' then
   if state == 'shedding' and ARGV[9] == '1' then
     redis.call('DEL', REQUEST)  -- refused: nothing to remember, a resend is judged afresh
     redis.call('HINCRBY', META, 'rejected', 1)
-    -- Hint: time to drain to low_water at the dequeue rate observed since shedding began.
-    local r = redis.call('HMGET', META, 'shed_since', 'shed_leased', 'leased_total')
-    local elapsed = now - (tonumber(r[1]) or now)
-    local drained = (tonumber(r[3]) or 0) - (tonumber(r[2]) or 0)
+    -- Hint: time to drain to low_water at the recent dequeue rate.  The rate runs from
+    -- a sample point 1-2 s old (two samples, rolled forward by the rejections), not
+    -- from the start of the shedding: an average since then kept a slow start or a
+    -- stall of the workers in every hint (20-60 s hints after workers restarted).
+    local r = redis.call('HMGET', META, 'shed_since', 'shed_leased', 'leased_total',
+                         'rate_at', 'rate_leased', 'rate_next_at', 'rate_next_leased')
+    local total = tonumber(r[3]) or 0
+    local since = tonumber(r[1]) or now
+    local a_at, a_n = tonumber(r[4]), tonumber(r[5])
+    local b_at, b_n = tonumber(r[6]), tonumber(r[7])
+    if not b_at or b_at < since then  -- the first hint of this shedding episode
+      a_at, a_n = since, tonumber(r[2]) or 0
+      b_at, b_n = a_at, a_n
+    end
+    if now - b_at >= RATE_WINDOW_MS then
+      a_at, a_n, b_at, b_n = b_at, b_n, now, total
+    end
+    if a_at ~= tonumber(r[4]) or b_at ~= tonumber(r[6]) then
+      redis.call('HSET', META, 'rate_at', a_at, 'rate_leased', a_n,
+                 'rate_next_at', b_at, 'rate_next_leased', b_n)
+    end
+    local elapsed = now - a_at
+    local drained = total - a_n
     local retry_ms = 1000
     if drained > 0 and elapsed > 0 then
       retry_ms = math.min(60000, math.max(10, math.max(1, depth - low) * elapsed / drained))
