@@ -297,6 +297,31 @@ def test_a_task_past_its_deadline_is_not_run(make):
 
 # -- hysteresis ----------------------------------------------------------------
 
+def test_retry_after_follows_the_recent_drain_rate_not_the_average_since_shedding(make):
+    """A worker stalled early in the shedding does not lengthen every later hint."""
+    gate = threading.Event()
+    scheduler = make(1, high_water=100, low_water=10, max_size=1000, shed_below=5).start()
+    scheduler.enqueue(gate.wait, 9)  # the one worker stalls on this
+    wait_until(lambda: scheduler.stats()["running"] == 1, message="the worker stalled")
+    for _ in range(100):
+        scheduler.enqueue(functools.partial(time.sleep, 0.02), 9)  # then ~50 a second
+    assert scheduler.state == "shedding"
+    shedding_began = time.monotonic()
+    time.sleep(2.0)
+    with pytest.raises(Rejected):
+        scheduler.enqueue(lambda: None, 0)
+    gate.set()
+    time.sleep(1.05)
+    with pytest.raises(Rejected) as refused:
+        scheduler.enqueue(lambda: None, 0)
+    queued = len(scheduler)
+    drained = 100 - queued  # claimed by the worker since the shedding began
+    assert drained > 0
+    average_hint = max(1, queued - 10) * (time.monotonic() - shedding_began) / drained
+    hint = refused.value.retry_after
+    assert hint is not None and hint <= 0.6 * average_hint
+
+
 def test_hysteresis_transitions_on_a_deterministic_run(make):
     changes = []
     scheduler = make(1, high_water=10, low_water=4, max_size=20, shed_below=5,

@@ -55,6 +55,8 @@ SHUTTING_DOWN = "shutting_down"
 STOPPED = "stopped"
 
 OVERFLOW_POLICIES = ("shed_lowest", "reject", "block")
+# Seconds per sample of the drain rate behind the retry-after hint (it spans 1-2 of them).
+RATE_WINDOW = 1.0
 # A worker claims a batch of tasks at a time: as many as it ran in about
 # BATCH_SECONDS last time, within 1..MAX_BATCH and at most its share of the
 # queue.  Fast tasks go in big batches (the lock and the hand-offs are most of
@@ -139,7 +141,10 @@ class SchedulerCore:
         self.events: list[Any] = []
         self.shedding_since: float | None = None
         self.shedding_seconds = 0.0
-        self.rate_mark = (0, time.monotonic())  # (dequeued, when): for retry-after hints
+        # Two (dequeued, when) samples for the retry-after hint's drain rate: the older
+        # one is 1-2 RATE_WINDOW old once the shedding has lasted that long.
+        start = (0, time.monotonic())
+        self.rate_marks = (start, start)
         self.dequeued = 0
         self.running = 0
         self.accepted = self.rejected = self.shed = self.expired = 0
@@ -221,8 +226,15 @@ class SchedulerCore:
 
     def retry_after(self) -> float:
         """Seconds until the queue is likely back at low_water, at the recent drain rate."""
-        dequeued, since = self.rate_mark
-        elapsed = time.monotonic() - since
+        # The rate of the last 1-2 windows, not the average since shedding began: a
+        # stall early in the shedding would otherwise lengthen every later hint.
+        now = time.monotonic()
+        older, newer = self.rate_marks
+        if now - newer[1] >= RATE_WINDOW:
+            older, newer = newer, (self.dequeued, now)
+            self.rate_marks = (older, newer)
+        dequeued, since = older
+        elapsed = now - since
         rate = (self.dequeued - dequeued) / elapsed if elapsed > 0 else 0.0
         excess = max(1, len(self.queue) - self.low_water)
         return min(60.0, max(0.01, excess / rate)) if rate > 0 else 1.0
@@ -340,7 +352,7 @@ class SchedulerCore:
             self.shedding_since = None
         if new == SHEDDING:
             self.shedding_since = now
-            self.rate_mark = (self.dequeued, now)
+            self.rate_marks = ((self.dequeued, now), (self.dequeued, now))
         self.state = new
         self.shed_at = self.high_water if new == NORMAL else math.inf
         self.logger.log(logging.INFO if new != SHEDDING else logging.WARNING,
