@@ -441,13 +441,14 @@ def async_client(url: str, **options: Any) -> Any:
     a third of each command's cost.  A connection never comes back with unread
     data here (redis-py disconnects one whose command was interrupted, by a
     timeout or a cancelled request), so this pool skips the check.
-    With a redis-py whose pool has no ``get_available_connection``, the
-    standard pool is used.
+    With a redis-py without ``get_available_connection`` or ``Redis.from_pool``,
+    the standard pool is used.
     """
     import redis.asyncio
 
     base = redis.asyncio.ConnectionPool
-    if not hasattr(base, "get_available_connection"):
+    if not (hasattr(base, "get_available_connection")
+            and hasattr(redis.asyncio.Redis, "from_pool")):  # redis-py 5.0.0 has neither
         return redis.asyncio.Redis.from_url(url, **options)
 
     class CheckoutPool(base):  # type: ignore[misc, valid-type]
