@@ -464,7 +464,9 @@ class BenchSession:
 
     def peer_problem(self, module: str) -> str | None:
         """Why :meth:`peer` returned None for ``module`` (None: it imports)."""
-        return None if self.peer(module) is not None else self._peer_problems[module]
+        if module not in self.peers:  # not tried yet (a failed import is not retried)
+            self.peer(module)
+        return self._peer_problems.get(module)
 
     def redis_url(self) -> str:
         """A Redis for the suites: ``BUTTRESS_REDIS_URL`` or a server started for this run."""

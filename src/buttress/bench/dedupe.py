@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from buttress.bench import BenchSession
+from buttress.bench._child import OLD_SRC_ENV, child_env, close_child, expect, source_root
 from buttress.dedupe import (
     AsyncDeduplicator,
     AsyncRedisStore,
@@ -67,7 +68,6 @@ RAW_INSERT = "executemany INSERT OR IGNORE, 1 txn"
 EFFECTIVELY_ONCE = "buttress effectively_once"
 CLAIM_ALONE = "store.claim alone"
 OLD = "before idempotence (BUTTRESS_BENCH_OLD_SRC)"
-OLD_SRC_ENV = "BUTTRESS_BENCH_OLD_SRC"
 AGAIN = "buttress, a second process"
 NEW_RUNNER = "buttress"
 BATCH = 1_000
@@ -302,24 +302,15 @@ class _Runner:
     """A child process running :mod:`buttress.bench._dedupe_runner` on the buttress in ``src``."""
 
     def __init__(self, src: str, url: str, mode: str) -> None:
-        path = os.environ.get("PYTHONPATH")
-        env = {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else "")}
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dedupe_runner.py")
         self.process = subprocess.Popen(
             [sys.executable, script, url, f"bench:dedupe:ab:{uuid.uuid4().hex[:8]}", mode],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
-        loaded = self._expect("hello")
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env=child_env(src))
+        loaded = expect(self.process, "hello")
         if os.path.realpath(loaded) != os.path.realpath(os.path.join(src, "buttress")):
             self.close()
             raise RuntimeError(f"the runner for {src} imported buttress from {loaded}")
-
-    def _expect(self, word: str) -> str:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if line.split(" ", 1)[0].strip() != word:
-            self.close()
-            raise RuntimeError(f"dedupe bench runner said {line!r}, expected {word!r}")
-        return line[len(word):].strip()
 
     def _send(self, line: str) -> None:
         assert self.process.stdin is not None
@@ -327,30 +318,22 @@ class _Runner:
 
     def prepare(self, kind: str, count: int) -> _Runner:
         self._send(f"prepare {kind} {count}")
-        self._expect("ready")
+        expect(self.process, "ready")
         return self
 
     def run(self, _prepared: Any = None) -> float:
         """Process the prepared messages; the child's CPU seconds for them."""
         self._send("run")
-        return float(self._expect("done"))
+        return float(expect(self.process, "done"))
 
     def close(self) -> None:
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        close_child(self.process)
 
 
 def _idempotence_cost_cases(session: BenchSession, url: str, total: int, singles: int) -> None:
     """This tree against the tree before resend-safe claims: same driver, same Redis."""
-    import buttress
-
     old_src = os.environ.get(OLD_SRC_ENV)
-    new_src = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
+    new_src = source_root()
     runners: dict[str, _Runner] = {}
     reason = (f"set {OLD_SRC_ENV} to the src/ of a checkout before issue 11's resend "
               "safety (commit 4ea162d), extensions built")

@@ -73,8 +73,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-import buttress
 from buttress.bench import BenchSession
+from buttress.bench._child import OLD_SRC_ENV, child_env
 
 ORDER = 60
 
@@ -92,7 +92,6 @@ ARQ = "arq max_jobs=10"
 # The resend records' cost: the same worker and producer before issue 11 (no request ids).
 OURS_AGAIN = "buttress again"
 BEFORE = "buttress before #11"
-OLD_SRC_ENV = "BUTTRESS_BENCH_OLD_SRC"
 SYNC_PEERS = (RQ, HUEY, CELERY, DRAMATIQ)
 ASYNC_PEERS = (TASKIQ, SAQ, ARQ)
 TENANTS = ("tenant-a", "tenant-b", "tenant-c")
@@ -286,10 +285,7 @@ class Implementation:
     def start(self) -> None:
         if self.processes:
             return
-        # The workers import this same buttress, installed or not.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
+        env = child_env()  # the workers import this same buttress, installed or not
         for slot in self.worker_slots:
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "buttress.bench.distributed", self.label, self.url,

@@ -20,8 +20,9 @@ application with 8 keep-alive connections: gunicorn's ``gthread`` worker
 ``ThreadingHTTPServer`` with a hand-written gateway), that old path.
 
 A separate client process puts the load on them over keep-alive connections
-with a minimal raw-socket HTTP client (so the client's own cost dilutes the
-ratio as little as possible):
+(``buttress.bench._http``: responses parsed by httptools, a few microseconds of
+client work per request, so the client's own cost dilutes the ratio as little
+as possible):
 
 * throughput: requests spread over 8 concurrent connections (time per request
   is 1 / throughput);
@@ -54,6 +55,8 @@ import threading
 import time
 from typing import IO, Any
 
+from buttress.bench._child import OLD_SRC_ENV, child_env, close_child, expect
+
 ORDER = 40
 
 KINDS = ("wsgi", "asgi", "gunicorn")
@@ -65,7 +68,6 @@ BARE = "bare app"
 BARE_AGAIN = "bare app again"
 GTHREAD = "gunicorn gthread"
 OLD = "stdlib gateway (before #12)"
-OLD_SRC_ENV = "BUTTRESS_BENCH_OLD_SRC"
 NOTES = {BUTTRESS: "in-flight tracking + probes", BARE: "",
          BARE_AGAIN: "a second bare process: the noise floor",
          GTHREAD: "1 worker, 8 threads, bare app", OLD: "ThreadingHTTPServer, tracked"}
@@ -230,7 +232,7 @@ class ServerProcess:
     """
 
     def __init__(self, kind: str, *, tracked: bool) -> None:
-        env = _child_env()
+        env = child_env()
         self.port = _free_port()
         me = "buttress.bench.shutdown"
         if kind in ("wsgi", "asgi"):
@@ -257,7 +259,7 @@ class ServerProcess:
                                         stderr=self.log, text=True, env=env)
         try:
             if kind == "old":
-                self.port = int(_expect(self.process, "PORT"))
+                self.port = int(expect(self.process, "PORT"))
             _wait_listening(self.process, self.port)
         except RuntimeError as exc:
             self.log.seek(0)
@@ -268,7 +270,7 @@ class ServerProcess:
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        _close_process(self.process)
+        close_child(self.process)
         self.log.close()
 
 
@@ -298,47 +300,18 @@ class LoadClient:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "buttress.bench.shutdown", "load"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_child_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
         )
-        _expect(self.process, "READY")
+        expect(self.process, "READY")
 
     def run(self, port: int, requests: int, connections: int) -> float:
         assert self.process.stdin is not None
         self.process.stdin.write(f"{port} {requests} {connections}\n")
         self.process.stdin.flush()
-        return float(_expect(self.process, "DONE"))
+        return float(expect(self.process, "DONE"))
 
     def close(self) -> None:
-        _close_process(self.process)
-
-
-def _child_env() -> dict[str, str]:
-    """The environment, with this very buttress importable (installed or from a checkout)."""
-    import buttress
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(buttress.__file__)))
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
-
-
-def _expect(process: subprocess.Popen[str], word: str) -> str:
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith(word + " ") and line.strip() != word:
-        process.kill()
-        raise RuntimeError(f"bench helper {process.args!r} said {line!r}, expected {word}")
-    return line[len(word):].strip()
-
-
-def _close_process(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        close_child(self.process)
 
 
 # -- the helper processes themselves -------------------------------------------------
