@@ -49,3 +49,18 @@ def test_version_on_the_command_line() -> None:
                           text=True, timeout=60)
     assert done.returncode == 0
     assert done.stdout.strip() == f"buttress {buttress.__version__}"
+
+
+def test_a_late_sigterm_does_not_turn_a_finished_command_into_a_kill() -> None:
+    # A harness or orchestrator may send SIGTERM again after the service drained, while
+    # the interpreter is still exiting; the exit code must stay the command's own.  The
+    # atexit hook sends it at that point: after main() returned, before the process ends.
+    script = ("import atexit, os, runpy, signal\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), "
+              "print('survived', flush=True)))\n"
+              "runpy.run_module('buttress', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", script, "drain", "--port", "1",
+                           "--timeout", "5"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done  # drain's own answer: nothing listens on port 1
+    assert "could not drain" in done.stderr
+    assert done.stdout.strip() == "survived"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from buttress._version import __version__
@@ -64,11 +65,26 @@ def _add_optional_cli(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code (usage errors raise SystemExit)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     # A subcommand's errors print its own usage line (set as command_parser).
     return int(args.run(getattr(args, "command_parser", parser), args))
 
 
+def run() -> None:
+    """The process entry point (``python -m buttress``, the ``buttress`` script)."""
+    try:
+        code = main()
+    finally:
+        # The command is over (a service has drained and run its cleanup): the process
+        # is only exiting now, and a late SIGTERM (an orchestrator or harness sending
+        # it again) would turn that outcome into death by signal (-15).  The commands
+        # restore the handlers they found when they return, so ignore it from here on.
+        # Not in main(): a program that calls main() keeps its own signal handling.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -87,8 +87,10 @@ _CHECKSUM_OFFSET = 40
 
 _F = TypeVar("_F", bound="BloomFilterBase")
 # from_parquet: rows per batch, and the read buffer (bytes) that streams pages.
+# Measured at 10M ids in 10 row groups: a 256 KiB buffer grew the peak RSS by
+# 29.4 MiB, 128 KiB by 24.6 MiB, for about 5% more time (and 32 KiB no less).
 _PARQUET_BATCH = 1 << 15
-_PARQUET_BUFFER = 1 << 18
+_PARQUET_BUFFER = 1 << 17
 V = TypeVar("V")
 
 _READ_ONLY = (
