@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from buttress.distributed import FairQueue
 from buttress.service import BadRequest, ServiceHandlers, parse_task, settings_from
+from buttress.service.admission import enqueue_request_id
 from buttress.service.maintenance import Maintenance, head_ages
 from buttress.testing import RedisServer, free_port
 from conftest import wait_until
@@ -72,6 +73,31 @@ def test_accept_duplicate_conflict_and_status(gateway: Gateway, module_redis: An
     missing = httpx.get(gateway.url + "/v1/tasks/never-sent", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert FairQueue(module_redis, gateway.queue).stats()["enqueued"] == 1
+
+
+def test_a_retry_after_an_enqueue_that_ran_unseen_makes_no_second_task(
+        gateway: Gateway, module_redis: Any) -> None:
+    # The gateway's first try of r-1 ran in Redis, but its reply was lost (the client got
+    # 503, the claim was released): that enqueue, sent as the gateway sends it, is in the
+    # queue already.  The client's retry is claimed and enqueued again: one task, not two.
+    queue = FairQueue(module_redis, gateway.queue, high_water=40)
+    before = queue.stats()["enqueued"]
+    queue.enqueue("record", {"id": "r-1", "payload": {"n": "r-1", "tenant": "acme"}},
+                  tenant="acme", request_id=enqueue_request_id("r-1"))
+    retry = post(gateway, task("r-1"))
+    assert retry.status_code == 202, retry.text
+    assert queue.stats()["enqueued"] == before + 1
+    other = post(gateway, task("r-2"))  # another id is another request: a task of its own
+    assert other.status_code == 202, other.text
+    assert queue.stats()["enqueued"] == before + 2
+    for leased in queue.lease(10):  # leave the shared queue as empty as it was (no workers)
+        queue.ack(leased)
+
+
+def test_enqueue_request_ids_fit_the_queue_and_differ_per_id() -> None:
+    longest = enqueue_request_id("é" * 256)  # 512 bytes, the longest id the gateway takes
+    assert len(longest.encode()) <= 200  # what FairQueue.enqueue accepts
+    assert enqueue_request_id("a") == enqueue_request_id("a") != enqueue_request_id("b")
 
 
 BAD = [

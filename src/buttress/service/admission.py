@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from buttress.errors import Rejected, StoreUnavailable
 from buttress.service.records import AsyncTaskRecords, TaskRecords
 
 __all__ = ["Admission", "AdmissionCore", "AdmissionPort", "AsyncAdmission", "GroupCommit",
-           "Outcome", "TaskRequest", "ThreadedAdmission", "async_client"]
+           "Outcome", "TaskRequest", "ThreadedAdmission", "async_client", "enqueue_request_id"]
 
 
 class TaskRequest(NamedTuple):
@@ -84,6 +85,19 @@ _batch_failure: contextvars.ContextVar[StoreUnavailable | None] = contextvars.Co
     "buttress_admission_batch_failure", default=None)
 
 
+def enqueue_request_id(task_id: str) -> str:
+    """The request id of the gateway's enqueue of ``task_id``: the same for every try.
+
+    An enqueue that timed out on the gateway may still have run in Redis.  The
+    client's retry is claimed again and enqueued again; with the same request
+    id, the queue answers it with the first task's id and creates nothing, for
+    ``resend_window_ms`` (10 minutes by default).  A digest, not the id itself:
+    ids may be 512 bytes and request ids 200; 128 bits make a collision between
+    two ids in one window (which would drop the second) vanishingly unlikely.
+    """
+    return "gw:" + hashlib.blake2b(task_id.encode(), digest_size=16).hexdigest()
+
+
 class AdmissionCore:
     """Every admission decision, and no I/O (one per gateway process)."""
 
@@ -107,7 +121,8 @@ class AdmissionCore:
             # Redis already failed this batch: do not wait out one timeout per task.
             raise StoreUnavailable(f"not tried: {failed}")
         return ((body["task"], {"id": task_id, "payload": body["payload"]}),
-                {"tenant": body["tenant"], "priority": body["priority"]})
+                {"tenant": body["tenant"], "priority": body["priority"],
+                 "request_id": enqueue_request_id(task_id)})
 
     @staticmethod
     def enqueue_failed(exc: StoreUnavailable) -> None:
