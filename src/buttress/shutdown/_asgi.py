@@ -110,7 +110,21 @@ def uvicorn_defaults(controller: GracefulShutdown | None, options: dict[str, Any
                            math.ceil(budget.drain_timeout + budget.cleanup) + 1)
 
 
-class ASGIMiddleware:
+class ControllerMiddleware:
+    """What the ASGI and WSGI middlewares share: the app, its controller, the probe paths."""
+
+    def __init__(self, app: Any, controller: GracefulShutdown, *,
+                 metrics_registry: Any = None) -> None:
+        if not isinstance(controller, GracefulShutdown):
+            raise TypeError(f"controller must be a GracefulShutdown, got "
+                            f"{type(controller).__name__}: {controller!r}")
+        self.app = app
+        self.controller = controller
+        self.metrics_registry = metrics_registry
+        self._probe_paths = _probe_paths(controller, metrics_registry)
+
+
+class ASGIMiddleware(ControllerMiddleware):
     """Counts in-flight HTTP requests for the controller and answers its probes.
 
     While the service drains, responses get ``Connection: close``.  A request
@@ -126,16 +140,6 @@ class ASGIMiddleware:
     is refused with 403.  With a prometheus-client ``metrics_registry``,
     ``GET /metrics`` serves it (not counted as in flight).
     """
-
-    def __init__(self, app: ASGIApp, controller: GracefulShutdown, *,
-                 metrics_registry: Any = None) -> None:
-        if not isinstance(controller, GracefulShutdown):
-            raise TypeError(f"controller must be a GracefulShutdown, got "
-                            f"{type(controller).__name__}: {controller!r}")
-        self.app = app
-        self.controller = controller
-        self.metrics_registry = metrics_registry
-        self._probe_paths = _probe_paths(controller, metrics_registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

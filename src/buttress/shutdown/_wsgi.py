@@ -39,11 +39,11 @@ from buttress._validate import require_int, require_number
 from buttress.shutdown._asgi import (
     ASGIMiddleware,
     ASGIServer,
+    ControllerMiddleware,
     Message,
     Receive,
     Scope,
     Send,
-    _probe_paths,
     check_serve_arguments,
 )
 from buttress.shutdown._lifecycle import GracefulShutdown
@@ -347,7 +347,7 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-class WSGIMiddleware:
+class WSGIMiddleware(ControllerMiddleware):
     """Counts in-flight requests for the controller and answers its probes (any WSGI server).
 
     While the service drains, every response gets ``Connection: close`` so
@@ -357,16 +357,6 @@ class WSGIMiddleware:
     (The drain itself waits for connections, so a response still being written
     is never cut short by this count reaching zero.)
     """
-
-    def __init__(self, app: WSGIApp, controller: GracefulShutdown, *,
-                 metrics_registry: Any = None) -> None:
-        if not isinstance(controller, GracefulShutdown):
-            raise TypeError(f"controller must be a GracefulShutdown, got "
-                            f"{type(controller).__name__}: {controller!r}")
-        self.app = app
-        self.controller = controller
-        self.metrics_registry = metrics_registry
-        self._probe_paths = _probe_paths(controller, metrics_registry)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
