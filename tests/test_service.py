@@ -360,6 +360,20 @@ def test_gateway_registers_with_metrics_kinds(module_redis: Any, redis_url: str)
         service.close()
 
 
+@pytest.mark.parametrize(("dedupe_ttl", "window_ms"), [(86_400.0, 600_000), (30.0, 30_000)])
+def test_the_gateway_recognises_an_enqueue_retry_only_while_dedupe_remembers_the_id(
+        redis_url: str, dedupe_ttl: float, window_ms: int) -> None:
+    from buttress.service import Service
+
+    settings = settings_from({"redis_url": redis_url, "queue": f"win-{os.getpid()}",
+                              "dedupe_ttl": dedupe_ttl}, {})
+    service = Service(settings, registry=CollectorRegistry())
+    try:
+        assert service.queue.resend_window_ms == window_ms
+    finally:
+        service.close()
+
+
 def test_sigkill_of_a_worker_mid_task_is_redelivered_once(redis_url: str,
                                                           module_redis: Any) -> None:
     queue_name = f"kill-{os.getpid()}"

@@ -61,8 +61,14 @@ class Service:
         self.client = redis.Redis.from_url(
             settings.redis_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
             max_connections=settings.admission_batches + 8 if threads else 8, **options)
+        # An enqueue's request id is derived from the task id (admission.enqueue_request_id):
+        # the queue may recognise a retry only while the dedupe store remembers the id,
+        # or an id sent again after its dedupe record expired would be merged into the
+        # first task instead of queued anew.
         queue_options = {"high_water": settings.high_water,
-                         "low_water": settings.low_water or None}
+                         "low_water": settings.low_water or None,
+                         "resend_window_ms": min(600_000, max(1, round(settings.dedupe_ttl
+                                                                       * 1000)))}
         self.queue = FairQueue(self.client, settings.queue, **queue_options)
         self.store: Any = None  # Redis expires its own claims: nothing for maintenance
         if settings.dedupe_sqlite:
