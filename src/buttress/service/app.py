@@ -105,7 +105,8 @@ class Service:
                                max_tenant_bytes=settings.max_tenant_bytes,
                                tasks=frozenset(settings.tasks) or None,
                                metrics=self.render_metrics, latency=latency,
-                               name=settings.queue, shutdown=self.aclose)
+                               name=settings.queue, shutdown=self.aclose,
+                               body_timeout=settings.body_timeout)
         self.maintenance = Maintenance(self.client, self.queue,
                                        instance_id=settings.resolved_instance_id(),
                                        ttl_ms=settings.leader_ttl_ms,

@@ -9,8 +9,9 @@ shutdown middleware around this app, see :func:`buttress.serve_asgi`):
     409 the id was first sent with other content; 429 shedding or overloaded
     and 503 store unavailable, both with ``Retry-After``; 400 / 413 / 415 bad
     input, with a JSON error naming what was wrong, and nothing enqueued.
-``GET /v1/tasks/{id}``
-    The task's record: state (queued, running, done, failed) and times.
+``GET /v1/tasks/{id}`` (and ``HEAD``)
+    The task's record: state (queued, running, done, failed) and times.  The
+    id is the path segment percent-decoded once, as UTF-8.
 ``GET /metrics``
     Prometheus text format.
 
@@ -20,15 +21,17 @@ enqueue) goes through one :class:`~buttress.service.admission.AdmissionPort`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+import unicodedata
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from buttress.dedupe.core import MAX_ID_BYTES
+from buttress.dedupe.core import MAX_ID_BYTES, fingerprint
 from buttress.errors import ButtressError
 from buttress.service.admission import AdmissionPort, Outcome, TaskRequest
 from buttress.shutdown import lifespan
@@ -46,20 +49,28 @@ MAX_PRIORITY = 2**53  # the queue orders by a double: larger integers lose their
 MAX_TASK_NAME_BYTES = 200
 _FIELDS = ("id", "tenant", "task", "priority", "payload")
 _JSON = (b"content-type", b"application/json")
+_CLOSE = (b"connection", b"close")
+_TASK_PREFIX = "/v1/tasks/"
 # Latency buckets (seconds) for the request histogram: 0.5 ms .. 10 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
 
 
 class BadRequest(ButtressError):
-    """A request refused before admission: status 400/404/405/413/415 and a JSON error."""
+    """A request refused before admission: status 400/404/405/408/413/415 and a JSON error.
 
-    def __init__(self, status: int, error: str, detail: str, field: str | None = None) -> None:
+    ``headers`` go into the answer as they are (``Allow`` of a 405, ``Connection:
+    close`` of a 408 whose body was never read to its end).
+    """
+
+    def __init__(self, status: int, error: str, detail: str, field: str | None = None, *,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(detail)
         self.status = status
         self.body: dict[str, Any] = {"error": error, "detail": detail}
         if field is not None:
             self.body["field"] = field
+        self.headers = headers
 
 
 def parse_task(body: bytes, *, max_tenant_bytes: int,
@@ -81,7 +92,8 @@ def parse_task(body: bytes, *, max_tenant_bytes: int,
             raise BadRequest(400, "missing_field", f"{name!r} is required", name)
     task_id = _text_field(document, "id", MAX_ID_BYTES)
     tenant = _text_field(document, "tenant", max_tenant_bytes)
-    if any(ord(ch) < 32 for ch in tenant):
+    if not tenant.isprintable() and any(unicodedata.category(ch) == "Cc" for ch in tenant):
+        # Cc: C0 (U+0000-001F), DEL and the C1 controls (U+007F-009F), NEL included.
         raise BadRequest(400, "invalid_field", "'tenant' must not contain control characters",
                          "tenant")
     task = _text_field(document, "task", MAX_TASK_NAME_BYTES)
@@ -95,7 +107,15 @@ def parse_task(body: bytes, *, max_tenant_bytes: int,
     if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         raise BadRequest(400, "invalid_field", f"'priority' must be within +-2**53, got "
                          f"{priority}", "priority")
-    return TaskRequest(task_id, tenant, task, priority, document["payload"])
+    payload = document["payload"]
+    try:
+        # What admission does with it: a payload with no canonical JSON (a lone surrogate
+        # such as "\ud800", a number beyond a double such as 1e400) is refused here, not
+        # discovered by the dedupe claim of the batch it would share with other requests.
+        fingerprint(payload)
+    except TypeError as exc:  # its message says why ("payload cannot be serialised ...")
+        raise BadRequest(400, "invalid_field", str(exc)[:500], "payload") from None
+    return TaskRequest(task_id, tenant, task, priority, payload)
 
 
 def _no_constant(name: str) -> Any:
@@ -134,9 +154,11 @@ class Gateway:
                  max_tenant_bytes: int, tasks: frozenset[str] | None = None,
                  metrics: Callable[[], tuple[bytes, str]] | None = None,
                  latency: Any = None, name: str = "gateway",
-                 shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+                 shutdown: Callable[[], Awaitable[None]] | None = None,
+                 body_timeout: float = 10.0) -> None:
         self.admission = admission
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.max_tenant_bytes = max_tenant_bytes
         self.tasks = tasks
         self.name = name
@@ -159,15 +181,16 @@ class Gateway:
             return
         started = time.perf_counter()
         path, method = scope["path"], scope["method"]
+        headers = [_JSON]
         try:
             if path == "/v1/tasks":
                 if method != "POST":
-                    raise BadRequest(405, "method_not_allowed", "use POST /v1/tasks")
+                    raise _not_allowed("POST", "use POST /v1/tasks")
                 outcome = await self._post(scope, receive)
-            elif path.startswith("/v1/tasks/"):
-                if method != "GET":
-                    raise BadRequest(405, "method_not_allowed", "use GET /v1/tasks/{id}")
-                task_id = urllib.parse.unquote(path[len("/v1/tasks/"):])
+            elif path.startswith(_TASK_PREFIX):
+                if method not in ("GET", "HEAD"):
+                    raise _not_allowed("GET, HEAD", "use GET /v1/tasks/{id}")
+                task_id = _path_id(scope)
                 if not task_id or len(task_id.encode("utf-8", "replace")) > MAX_ID_BYTES:
                     raise BadRequest(400, "invalid_field", "the id in the path must be 1 to "
                                      f"{MAX_ID_BYTES} bytes", "id")
@@ -181,12 +204,12 @@ class Gateway:
                                  "GET /v1/tasks/{id}")
         except BadRequest as exc:
             outcome = Outcome(exc.status, exc.body, exc.body["error"])
+            headers.extend(exc.headers)
         except Exception:
             logger.exception("gateway: %s %s failed", method, path)
             outcome = Outcome(500, {"error": "internal", "detail": "see the gateway's log"},
                               "internal")
         self._answers[outcome.status, outcome.outcome] += 1
-        headers = [_JSON]
         if outcome.retry_after is not None:
             headers.append((b"retry-after", b"%d" % outcome.retry_after))
         await _respond(send, outcome.status, json.dumps(outcome.body).encode(), None, headers)
@@ -204,12 +227,69 @@ class Gateway:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise BadRequest(413, "body_too_large", f"the body is {int(declared)} bytes; at most "
                              f"{self.max_body_bytes} are accepted")
-        body = await _read_body(receive, self.max_body_bytes)
+        body = await _read_body(receive, self.max_body_bytes, self.body_timeout)
         request = parse_task(body, max_tenant_bytes=self.max_tenant_bytes, tasks=self.tasks)
         return await self.admission.admit(request)
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+def _not_allowed(allow: str, detail: str) -> BadRequest:
+    return BadRequest(405, "method_not_allowed", detail, headers=((b"allow", allow.encode()),))
+
+
+def _path_id(scope: Scope) -> str:
+    """The task id of ``/v1/tasks/{id}``: the path segment, percent-decoded once.
+
+    The server has decoded ``scope["path"]`` already, replacing bytes that are
+    not UTF-8 with U+FFFD; decoding it again would turn the id ``a%41`` (sent
+    as ``a%2541``) into ``aA``, another task.  The raw path, when the server
+    gives it, is checked to decode as UTF-8: if not, the path names no task (400)
+    rather than the task whose id holds U+FFFD.
+    """
+    raw = scope.get("raw_path")
+    if raw is not None:
+        try:
+            urllib.parse.unquote_to_bytes(bytes(raw).partition(b"?")[0]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(400, "invalid_field", "the id in the path is not UTF-8 once "
+                             "percent-decoded", "id") from None
+    return str(scope["path"][len(_TASK_PREFIX):])
+
+
+async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
+    """The request body, within ``limit`` bytes and ``timeout`` seconds in all.
+
+    The deadline covers the whole body, not each read: a client that sends a
+    byte now and then, or fewer bytes than its Content-Length and then nothing,
+    would otherwise hold the request (and every drain of this gateway) forever.
+    A timer cancels this task at the deadline (``asyncio.wait_for`` per read
+    would cost a task per request); its cancellation becomes a 408.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_later(timeout, expire)
+    try:
+        return await _receive_body(receive, limit)
+    except asyncio.CancelledError:
+        if not expired:
+            raise  # the drain deadline's cancellation: the middleware answers it
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+        if uncancel is not None:
+            uncancel()
+        raise BadRequest(408, "body_timeout", f"the body did not arrive within {timeout} "
+                         "seconds", headers=(_CLOSE,)) from None
+    finally:
+        timer.cancel()
+
+
+async def _receive_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -22,7 +22,13 @@ from buttress._validate import (
     require_str,
 )
 
-__all__ = ["SETTINGS", "ServiceSettings", "add_arguments", "settings_from"]
+__all__ = ["MAX_DEDUPE_TTL", "SETTINGS", "ServiceSettings", "add_arguments", "settings_from"]
+
+# Ten years: far past any resend, and far below what Redis refuses.  Redis takes an
+# expiry only if now + ttl stays below 2**63 ms (a ttl of about 9.2e15 s): a larger
+# --dedupe-ttl started the gateway and then failed every admission with a 500, and one
+# past 1.8e305 s stopped its start with an OverflowError traceback.
+MAX_DEDUPE_TTL = 315_360_000.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class ServiceSettings:
     admission: str = "threads"  # threads: sync components on a thread; async: on the loop
     admission_batches: int = 1
     max_pending: int = 512
+    body_timeout: float = 10.0
     redis_timeout: float = 2.0
     retry_after: int = 1
     leader_ttl_ms: int = 15_000
@@ -110,7 +117,7 @@ SETTINGS: dict[str, tuple[str, str, Parser, str]] = {
                    "ready depth at which the queue sheds (default 10000)"),
     "low_water": ("--low-water", "BUTTRESS_LOW_WATER", _int(0),
                   "ready depth at which shedding ends (default high_water // 2)"),
-    "dedupe_ttl": ("--dedupe-ttl", "BUTTRESS_DEDUPE_TTL", _seconds(1.0),
+    "dedupe_ttl": ("--dedupe-ttl", "BUTTRESS_DEDUPE_TTL", _seconds(1.0, MAX_DEDUPE_TTL),
                    "seconds an id is remembered (default 86400)"),
     "admission_lease": ("--admission-lease", "BUTTRESS_ADMISSION_LEASE", _seconds(0.1, 300),
                         "seconds a gateway holds an id while enqueuing it (default 5)"),
@@ -123,11 +130,13 @@ SETTINGS: dict[str, tuple[str, str, Parser, str]] = {
     "max_pending": ("--max-pending", "BUTTRESS_MAX_PENDING", _int(1),
                     "admissions waiting or in flight before the gateway answers 429 "
                     "(default 512)"),
+    "body_timeout": ("--body-timeout", "BUTTRESS_BODY_TIMEOUT", _seconds(0.1, 300),
+                     "seconds a client has to send a request body; past it, 408 (default 10)"),
     "redis_timeout": ("--redis-timeout", "BUTTRESS_REDIS_TIMEOUT", _seconds(0.05, 60),
                       "socket timeout of Redis calls; past it the answer is 503 (default 2)"),
     "retry_after": ("--retry-after", "BUTTRESS_RETRY_AFTER", _int(1, 3600),
                     "Retry-After seconds on 503 (default 1)"),
-    "leader_ttl_ms": ("--leader-ttl-ms", "BUTTRESS_LEADER_TTL_MS", _int(100),
+    "leader_ttl_ms": ("--leader-ttl-ms", "BUTTRESS_LEADER_TTL_MS", _int(100, 3_600_000),
                       "maintenance leader lease (default 15000)"),
     "maintenance_interval": ("--maintenance-interval", "BUTTRESS_MAINTENANCE_INTERVAL",
                              _seconds(0.05, 3600), "seconds between maintenance runs (default 5)"),

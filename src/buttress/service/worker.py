@@ -49,6 +49,7 @@ from buttress.dedupe import (
 from buttress.distributed import handler_factory
 from buttress.errors import ButtressError
 from buttress.service.records import AsyncTaskRecords, TaskRecords
+from buttress.service.settings import MAX_DEDUPE_TTL
 
 __all__ = ["AsyncServiceHandlers", "InProgressElsewhere", "ServiceHandlers", "async_handlers",
            "export_worker", "handlers"]
@@ -282,7 +283,7 @@ def _from_env(environ: Mapping[str, str] | None,
     if missing:
         raise ValueError(f"buttress.service.worker:handlers needs {', '.join(missing)} set")
     ttl = parse_number_setting("BUTTRESS_DEDUPE_TTL", env.get("BUTTRESS_DEDUPE_TTL", "86400"),
-                               minimum=1.0)
+                               minimum=1.0, maximum=MAX_DEDUPE_TTL)
     lease = parse_number_setting("BUTTRESS_WORKER_DEDUPE_LEASE",
                                  env.get("BUTTRESS_WORKER_DEDUPE_LEASE", "30"), minimum=0.1)
     service = kind(load_handlers(env["BUTTRESS_SERVICE_HANDLERS"]),
