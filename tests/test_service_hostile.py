@@ -1,0 +1,236 @@
+"""The gateway against hostile clients and edge settings: real processes, sockets and Redis.
+
+Each test here failed before the fix it guards (see each docstring): a payload
+the dedupe fingerprint cannot encode, a percent-encoded id decoded twice, a
+control character the tenant check missed, a request body that never ends, a
+405 without ``Allow``, and settings that started a gateway which then failed
+every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import urllib.parse
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from buttress.distributed import FairQueue
+from buttress.service import Service, settings_from
+from buttress.service.settings import MAX_DEDUPE_TTL
+from buttress.service.worker import handlers
+from service_support import Gateway
+
+
+def task(task_id: str, tenant: str = "acme", **extra: Any) -> dict[str, Any]:
+    body = {"id": task_id, "tenant": tenant, "task": "record", "priority": 0,
+            "payload": {"n": task_id, "tenant": tenant}}
+    body.update(extra)
+    return body
+
+
+@pytest.fixture(scope="module")
+def module_redis(redis_url: str) -> Any:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url: str) -> Any:
+    queue = f"hostile-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    gw = Gateway(redis_url, queue, "--body-timeout", "0.5",
+                 env={"BUTTRESS_GRACE_PERIOD": "6"}).wait_ready()
+    gw.queue = queue
+    yield gw
+    gw.kill()
+
+
+def enqueued(client: Any, queue: str) -> int:
+    return int(FairQueue(client, queue).stats()["enqueued"])
+
+
+def exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, read until the server closes the connection (or ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+# (what, the payload's JSON text, or raw bytes for the whole body)
+NO_CANONICAL_JSON = [
+    ("lone surrogate escape", '"\\ud800"'),
+    ("lone surrogate as a key", '{"\\udc00": 1}'),
+    ("float beyond a double", "[1e400]"),
+    ("negative float beyond a double", '{"x": -1e999}'),
+    ("CESU-8 surrogate bytes", b'"\xed\xa0\x80"'),
+]
+
+
+@pytest.mark.parametrize(("what", "payload"), NO_CANONICAL_JSON,
+                         ids=[case[0] for case in NO_CANONICAL_JSON])
+def test_a_payload_with_no_canonical_json_is_400_and_spares_its_batch(
+        gateway: Gateway, module_redis: Any, what: str, payload: str | bytes) -> None:
+    """Before: json.loads accepted these, the dedupe fingerprint of the batch raised
+    TypeError, and the hostile request and every request batched with it got 500."""
+    prefix = f"nc-{what.replace(' ', '-')}"
+    text = payload if isinstance(payload, bytes) else payload.encode()
+    hostile = (b'{"id":"%s-x","tenant":"t","task":"record","payload":%s}'
+               % (prefix.encode(), text))
+    before = enqueued(module_redis, gateway.queue)
+
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            good = [client.post("/v1/tasks", json=task(f"{prefix}-{i}")) for i in range(6)]
+            bad = client.post("/v1/tasks", content=hostile,
+                              headers={"content-type": "application/json"})
+            return list(await asyncio.gather(bad, *good))
+
+    answers = asyncio.run(send())
+    assert answers[0].status_code == 400, answers[0].text
+    assert answers[0].json()["field"] == "payload"
+    assert "canonical JSON" in answers[0].json()["detail"]
+    assert [a.status_code for a in answers[1:]] == [202] * 6, [a.text for a in answers[1:]]
+    assert enqueued(module_redis, gateway.queue) == before + 6
+
+
+def test_the_status_id_is_percent_decoded_once(gateway: Gateway) -> None:
+    """Before: the gateway unquoted the already-decoded path again, so GET a%2541 (the id
+    "a%41") answered with the task "aA", and a path that was not UTF-8 named a task with
+    U+FFFD in its id."""
+    for task_id in ("a%41", "aA", "x/y", "{tag}:*", "100%", "é ?#"):
+        assert httpx.post(gateway.url + "/v1/tasks", json=task(task_id),
+                          timeout=10).status_code == 202
+        path = "/v1/tasks/" + urllib.parse.quote(task_id, safe="")
+        answer = httpx.get(gateway.url + path, timeout=10)
+        assert answer.status_code == 200, (task_id, answer.text)
+        assert answer.json()["id"] == task_id
+    not_utf8 = exchange(gateway.port, b"GET /v1/tasks/%ff%fe HTTP/1.1\r\nHost: x\r\n"
+                                      b"Connection: close\r\n\r\n")
+    assert not_utf8.startswith(b"HTTP/1.1 400"), not_utf8
+    assert b'"field": "id"' in not_utf8
+
+
+@pytest.mark.parametrize("tenant", ["a\x7fb", "a\x85b", "a\x9fb", "\x00"],
+                         ids=["DEL", "NEL", "C1 APC", "NUL"])
+def test_every_control_character_in_the_tenant_is_400(gateway: Gateway, module_redis: Any,
+                                                       tenant: str) -> None:
+    """Before: only C0 (< U+0020) was refused; DEL and the C1 controls made tenants."""
+    before = enqueued(module_redis, gateway.queue)
+    answer = httpx.post(gateway.url + "/v1/tasks", json=task(f"cc-{tenant!r}",
+                                                             tenant=tenant), timeout=10)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["field"] == "tenant"
+    assert enqueued(module_redis, gateway.queue) == before
+
+
+def test_methods_405_with_allow_and_head_reads_a_status(gateway: Gateway) -> None:
+    """Before: 405 without the Allow header RFC 9110 requires, and HEAD of a status 405."""
+    options = httpx.request("OPTIONS", gateway.url + "/v1/tasks", timeout=10)
+    assert options.status_code == 405 and options.headers["allow"] == "POST"
+    delete = httpx.delete(gateway.url + "/v1/tasks/x", timeout=10)
+    assert delete.status_code == 405 and delete.headers["allow"] == "GET, HEAD"
+    assert httpx.post(gateway.url + "/v1/tasks", json=task("head-1"), timeout=10
+                      ).status_code == 202
+    head = httpx.head(gateway.url + "/v1/tasks/head-1", timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    assert httpx.head(gateway.url + "/v1/tasks/never", timeout=10).status_code == 404
+    lower = exchange(gateway.port, b"post /v1/tasks HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert lower.startswith(b"HTTP/1.1 400")  # llhttp refuses a method in odd case
+
+
+def _stalled_request(port: int, sent: bytes = b'{"id":') -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n" + sent)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_body_shorter_than_its_length_or_trickled_is_408(gateway: Gateway) -> None:
+    """Before: the gateway waited for the rest of the body forever."""
+    with _stalled_request(gateway.port) as sock:
+        answer = _read_all(sock)  # the server closes the connection after its 408
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"connection: close" in answer.lower() and b'"body_timeout"' in answer
+    with _stalled_request(gateway.port, b"") as sock:
+        started = time.monotonic()
+        with pytest.raises(OSError):  # a client sending one byte every 50 ms: 408 and closed
+            for byte in b'{"id":"slow","tenant":"t","task":"record","payload":1}' + b" " * 46:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.05)  # the attack itself, not a wait for a condition
+        assert time.monotonic() - started < 4.5  # the whole body would take 5 s
+        assert _read_all(sock).startswith(b"HTTP/1.1 408")
+
+
+def test_a_stalled_body_does_not_hold_the_drain(redis_url: str, module_redis: Any) -> None:
+    """Before: SIGTERM waited for the stalled request to the drain deadline, cut it, and
+    exited 3 with the drain recorded as timed_out (ButtressDrainTimedOut)."""
+    queue = f"stall-{os.getpid()}"
+    gw = Gateway(redis_url, queue, "--body-timeout", "0.5",
+                 env={"BUTTRESS_GRACE_PERIOD": "8"}).wait_ready()
+    try:
+        with _stalled_request(gw.port) as sock:
+            assert gw.terminate(30) == 0
+            assert _read_all(sock).startswith(b"HTTP/1.1 408")
+    finally:
+        gw.kill()
+    assert module_redis.hgetall(f"buttress:svc:{queue}:drains") == {b"clean": b"1"}
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"dedupe_ttl": "1e17"}, "--dedupe-ttl must be in"),
+    ({"dedupe_ttl": "1e306"}, "--dedupe-ttl must be in"),
+    ({"dedupe_ttl": "nan"}, "--dedupe-ttl must be a finite number"),
+    ({"dedupe_ttl": ""}, "--dedupe-ttl must be a number"),
+    ({"leader_ttl_ms": "99999999999999999999"}, "--leader-ttl-ms must be in"),
+    ({"body_timeout": "0"}, "--body-timeout must be in"),
+    ({"body_timeout": "inf"}, "--body-timeout must be a finite number"),
+])
+def test_settings_past_what_redis_or_the_clock_takes_are_refused(given: dict,
+                                                                 message: str) -> None:
+    """Before: --dedupe-ttl 1e17 started a gateway whose every admission was a 500 (Redis
+    refuses the expiry), 1e306 crashed the start with OverflowError, and a huge
+    --leader-ttl-ms killed the election thread (OverflowError in its wait)."""
+    with pytest.raises(ValueError, match=message):
+        settings_from({"redis_url": "redis://x", **given}, {})
+
+
+def test_the_longest_dedupe_ttl_admits(redis_url: str, module_redis: Any) -> None:
+    settings = settings_from({"redis_url": redis_url, "queue": f"ttl-{os.getpid()}",
+                              "dedupe_ttl": str(MAX_DEDUPE_TTL)}, {})
+    service = Service(settings, registry=CollectorRegistry())
+
+    async def admit() -> int:
+        transport = httpx.ASGITransport(app=service.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            answer = await client.post("/v1/tasks", json=task("long"))
+        await service.aclose()
+        return answer.status_code
+
+    try:
+        assert asyncio.run(admit()) == 202
+    finally:
+        service.close()
+
+
+def test_worker_refuses_a_dedupe_ttl_redis_would_refuse(redis_url: str) -> None:
+    env = {"BUTTRESS_SERVICE_HANDLERS": "service_support:HANDLERS",
+           "BUTTRESS_REDIS_URL": redis_url, "BUTTRESS_QUEUE": "q", "BUTTRESS_DEDUPE_TTL": "1e17"}
+    with pytest.raises(ValueError, match="BUTTRESS_DEDUPE_TTL must be in"):
+        handlers(env)
