@@ -416,8 +416,11 @@ class Admission:
 class ThreadedAdmission(_Grouped):
     """:class:`Admission` (sync components) on a thread pool, awaited by the event loop.
 
-    At most ``committers`` batches run at once, each on a pool thread, plus
-    two threads for GET reads so a status never waits behind a batch.
+    At most ``committers`` batches run at once, each on a thread of their
+    own pool; GET reads run on a second pool of two threads.  Two pools, not
+    one: in a shared queue a batch waited behind every status read queued
+    before it (24 reads while Redis was slow held a POST for 4 s), so a flood
+    of GETs starved admission, and the reads never waited behind a batch.
     """
 
     def __init__(self, admission: Admission, *, committers: int = 2, max_pending: int = 512,
@@ -425,14 +428,15 @@ class ThreadedAdmission(_Grouped):
         self.admission = admission
         self.core = admission.core
         self.dedupe = admission.dedupe
-        self._pool = ThreadPoolExecutor(max_workers=committers + 2,
-                                        thread_name_prefix="buttress-admit")
         self.group = GroupCommit(self.core, self._commit, committers=committers,
                                  max_pending=max_pending, max_batch=max_batch)
+        self._pool = ThreadPoolExecutor(max_workers=committers,
+                                        thread_name_prefix="buttress-admit")
+        self._reads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="buttress-status")
 
     async def status(self, task_id: str) -> Outcome:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.admission.status, task_id)
+        return await loop.run_in_executor(self._reads, self.admission.status, task_id)
 
     async def aclose(self) -> None:
         """Let the batches in flight finish, then stop the threads."""
@@ -440,8 +444,9 @@ class ThreadedAdmission(_Grouped):
         self.close()
 
     def close(self) -> None:
-        """Stop the threads (after the batches they run)."""
+        """Stop the threads (after the batches and reads they run)."""
         self._pool.shutdown(wait=True)
+        self._reads.shutdown(wait=True)
 
     async def _commit(self, requests: list[TaskRequest]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
