@@ -59,6 +59,14 @@ def slow(payload: Any) -> None:
 HANDLERS = {"record": record, "slow": slow}
 
 
+def task(task_id: str, tenant: str = "acme", n: Any = None, **extra: Any) -> dict[str, Any]:
+    """A ``POST /v1/tasks`` body for the ``record`` handler (``n``: its run key)."""
+    body = {"id": task_id, "tenant": tenant, "task": "record", "priority": 0,
+            "payload": {"n": n if n is not None else task_id, "tenant": tenant}}
+    body.update(extra)
+    return body
+
+
 def service_env(redis_url: str, queue: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, env.get("PYTHONPATH", "")) if p)

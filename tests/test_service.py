@@ -25,14 +25,7 @@ from buttress.service.admission import enqueue_request_id
 from buttress.service.maintenance import Maintenance, head_ages
 from buttress.testing import RedisServer, free_port
 from conftest import wait_until
-from service_support import Gateway, Worker
-
-
-def task(task_id: str, tenant: str = "acme", n: int | None = None, **extra: Any) -> dict:
-    body = {"id": task_id, "tenant": tenant, "task": "record", "priority": 0,
-            "payload": {"n": n if n is not None else task_id, "tenant": tenant}}
-    body.update(extra)
-    return body
+from service_support import Gateway, Worker, task
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from prometheus_client import CollectorRegistry
 
 from buttress.distributed import FairQueue
@@ -27,21 +26,7 @@ from buttress.service.settings import MAX_DEDUPE_TTL
 from buttress.service.worker import handlers
 from buttress.testing import RedisServer
 from conftest import PausedRedis
-from service_support import Gateway
-
-
-def task(task_id: str, tenant: str = "acme", **extra: Any) -> dict[str, Any]:
-    body = {"id": task_id, "tenant": tenant, "task": "record", "priority": 0,
-            "payload": {"n": task_id, "tenant": tenant}}
-    body.update(extra)
-    return body
-
-
-@pytest.fixture(scope="module")
-def module_redis(redis_url: str) -> Any:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
+from service_support import Gateway, task
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +66,14 @@ NO_CANONICAL_JSON = [
 @pytest.mark.parametrize(("what", "payload"), NO_CANONICAL_JSON,
                          ids=[case[0] for case in NO_CANONICAL_JSON])
 def test_a_payload_with_no_canonical_json_is_400_and_spares_its_batch(
-        gateway: Gateway, module_redis: Any, what: str, payload: str | bytes) -> None:
+        gateway: Gateway, redis_client: Any, what: str, payload: str | bytes) -> None:
     """Before: json.loads accepted these, the dedupe fingerprint of the batch raised
     TypeError, and the hostile request and every request batched with it got 500."""
     prefix = f"nc-{what.replace(' ', '-')}"
     text = payload if isinstance(payload, bytes) else payload.encode()
     hostile = (b'{"id":"%s-x","tenant":"t","task":"record","payload":%s}'
                % (prefix.encode(), text))
-    before = enqueued(module_redis, gateway.queue)
+    before = enqueued(redis_client, gateway.queue)
 
     async def send() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
@@ -102,7 +87,7 @@ def test_a_payload_with_no_canonical_json_is_400_and_spares_its_batch(
     assert answers[0].json()["field"] == "payload"
     assert "canonical JSON" in answers[0].json()["detail"]
     assert [a.status_code for a in answers[1:]] == [202] * 6, [a.text for a in answers[1:]]
-    assert enqueued(module_redis, gateway.queue) == before + 6
+    assert enqueued(redis_client, gateway.queue) == before + 6
 
 
 def test_the_status_id_is_percent_decoded_once(gateway: Gateway) -> None:
@@ -124,15 +109,15 @@ def test_the_status_id_is_percent_decoded_once(gateway: Gateway) -> None:
 
 @pytest.mark.parametrize("tenant", ["a\x7fb", "a\x85b", "a\x9fb", "\x00"],
                          ids=["DEL", "NEL", "C1 APC", "NUL"])
-def test_every_control_character_in_the_tenant_is_400(gateway: Gateway, module_redis: Any,
+def test_every_control_character_in_the_tenant_is_400(gateway: Gateway, redis_client: Any,
                                                        tenant: str) -> None:
     """Before: only C0 (< U+0020) was refused; DEL and the C1 controls made tenants."""
-    before = enqueued(module_redis, gateway.queue)
+    before = enqueued(redis_client, gateway.queue)
     answer = httpx.post(gateway.url + "/v1/tasks", json=task(f"cc-{tenant!r}",
                                                              tenant=tenant), timeout=10)
     assert answer.status_code == 400, answer.text
     assert answer.json()["field"] == "tenant"
-    assert enqueued(module_redis, gateway.queue) == before
+    assert enqueued(redis_client, gateway.queue) == before
 
 
 def test_methods_405_with_allow_and_head_reads_a_status(gateway: Gateway) -> None:
@@ -180,7 +165,7 @@ def test_a_body_shorter_than_its_length_or_trickled_is_408(gateway: Gateway) -> 
         assert _read_all(sock).startswith(b"HTTP/1.1 408")
 
 
-def test_a_stalled_body_does_not_hold_the_drain(redis_url: str, module_redis: Any) -> None:
+def test_a_stalled_body_does_not_hold_the_drain(redis_url: str, redis_client: Any) -> None:
     """Before: SIGTERM waited for the stalled request to the drain deadline, cut it, and
     exited 3 with the drain recorded as timed_out (ButtressDrainTimedOut)."""
     queue = f"stall-{os.getpid()}"
@@ -192,7 +177,7 @@ def test_a_stalled_body_does_not_hold_the_drain(redis_url: str, module_redis: An
             assert _read_all(sock).startswith(b"HTTP/1.1 408")
     finally:
         gw.kill()
-    assert module_redis.hgetall(f"buttress:svc:{queue}:drains") == {b"clean": b"1"}
+    assert redis_client.hgetall(f"buttress:svc:{queue}:drains") == {b"clean": b"1"}
 
 
 @pytest.mark.parametrize(("given", "message"), [
@@ -213,7 +198,7 @@ def test_settings_past_what_redis_or_the_clock_takes_are_refused(given: dict,
         settings_from({"redis_url": "redis://x", **given}, {})
 
 
-def test_the_longest_dedupe_ttl_admits(redis_url: str, module_redis: Any) -> None:
+def test_the_longest_dedupe_ttl_admits(redis_url: str, redis_client: Any) -> None:
     settings = settings_from({"redis_url": redis_url, "queue": f"ttl-{os.getpid()}",
                               "dedupe_ttl": str(MAX_DEDUPE_TTL)}, {})
     service = Service(settings, registry=CollectorRegistry())
