@@ -25,7 +25,7 @@ from buttress.service import Service, settings_from
 from buttress.service.settings import MAX_DEDUPE_TTL
 from buttress.service.worker import handlers
 from buttress.testing import RedisServer
-from conftest import PausedRedis
+from conftest import PausedRedis, wait_until
 from service_support import Gateway, task
 
 
@@ -257,3 +257,35 @@ def test_status_reads_do_not_starve_admission_while_redis_is_slow() -> None:
     assert status == 503  # Redis timed out: the POST was tried, not queued behind the reads
     # Two read threads, 0.3 s per read: the POST's batch ran beside the first reads.
     assert answered_before <= reads // 2, answered_before
+
+
+def test_a_tenant_named_like_the_overflow_series_is_not_exported_twice(
+        redis_url: str) -> None:
+    """Before: a client's tenant "__other__" among the deepest kept its own series and the
+    tenants past the cap were summed under the same labels: one scrape held
+    buttress_queue_tenant_depth{tenant="__other__"} twice (3 and 2), so Prometheus
+    dropped one of them as a duplicate sample."""
+    queue = f"other-{os.getpid()}"
+    gw = Gateway(redis_url, queue, "--leader-ttl-ms", "1000", "--maintenance-interval", "0.2",
+                 env={"BUTTRESS_GRACE_PERIOD": "4"})
+    try:
+        gw.wait_ready()
+        bodies = [task(f"o-{i}", tenant="__other__") for i in range(3)]
+        bodies += [task(f"t-{i}", tenant=f"t{i:02d}") for i in range(22)]  # 2 past the cap
+        for body in bodies:
+            assert httpx.post(gw.url + "/v1/tasks", json=body, timeout=10).status_code == 202
+
+        def scraped() -> list[str] | None:
+            text = httpx.get(gw.url + "/metrics", timeout=10).text
+            lines = [line for line in text.splitlines()
+                     if line.startswith(("buttress_queue_tenant_depth{",
+                                         "buttress_queue_head_age_seconds{"))]
+            return lines if len(lines) >= 42 else None  # both metrics, all 21 series each
+
+        lines = wait_until(scraped, timeout=30, message="the leader's tenant series")
+    finally:
+        gw.kill()
+    assert isinstance(lines, list)
+    series = [line.rsplit(" ", 1)[0] for line in lines]
+    assert len(series) == len(set(series)) == 42, series
+    assert f'buttress_queue_tenant_depth{{queue="{queue}",tenant="__other__"}} 5.0' in lines

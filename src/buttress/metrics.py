@@ -390,13 +390,19 @@ def capped_tenants(by_tenant: Mapping[str, float], limit: int,
     ``combine`` folds the rest: ``sum`` for counts such as depth (the default),
     ``max`` for ages (a sum of ages means nothing).  At most ``limit + 1``
     series whatever the number of tenants; ties are broken by tenant name, so
-    the series kept do not flap between scrapes.
+    the series kept do not flap between scrapes.  A tenant that is itself named
+    ``__other__`` (tenant names are the clients' choice) is always folded into
+    the rest: kept as its own series it would repeat the label set of the rest's
+    series, and a scrape must not hold one series twice.
     """
-    ranked = sorted(by_tenant.items(), key=lambda pair: (-pair[1], pair[0]))
+    ranked = sorted(((tenant, value) for tenant, value in by_tenant.items()
+                     if tenant != OTHER_TENANTS), key=lambda pair: (-pair[1], pair[0]))
     kept = ranked[:limit]
-    rest = ranked[limit:]
+    rest = [value for _, value in ranked[limit:]]
+    if OTHER_TENANTS in by_tenant:
+        rest.append(by_tenant[OTHER_TENANTS])
     if rest:
-        kept.append((OTHER_TENANTS, combine(value for _, value in rest)))
+        kept.append((OTHER_TENANTS, combine(rest)))
     return kept
 
 
