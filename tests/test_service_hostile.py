@@ -216,6 +216,28 @@ def test_the_longest_dedupe_ttl_admits(redis_url: str, redis_client: Any) -> Non
         service.close()
 
 
+def test_worker_names_a_metrics_port_that_is_taken(redis_url: str) -> None:
+    """Before: a traceback ending in "OSError: [Errno 98] Address already in use", exit 1,
+    naming neither the setting nor the port; now the worker command's setting error."""
+    import subprocess
+    import sys
+
+    from service_support import service_env
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "buttress", "worker", "--redis", redis_url, "--queue",
+             "taken", "--handlers", "buttress.service.worker:handlers"],
+            env=service_env(redis_url, "taken", BUTTRESS_WORKER_METRICS_PORT=str(port)),
+            capture_output=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"BUTTRESS_WORKER_METRICS_PORT: cannot serve metrics on port {port}".encode() \
+        in result.stderr
+
+
 def test_worker_refuses_a_dedupe_ttl_redis_would_refuse(redis_url: str) -> None:
     env = {"BUTTRESS_SERVICE_HANDLERS": "service_support:HANDLERS",
            "BUTTRESS_REDIS_URL": redis_url, "BUTTRESS_QUEUE": "q", "BUTTRESS_DEDUPE_TTL": "1e17"}

@@ -293,7 +293,13 @@ def _from_env(environ: Mapping[str, str] | None,
     if port_text:
         port = parse_int_setting("BUTTRESS_WORKER_METRICS_PORT", port_text, minimum=1,
                                  maximum=65535)
-        serve_worker_metrics(service, port)
+        try:
+            serve_worker_metrics(service, port)
+        except OSError as exc:
+            # A setting that cannot work, reported as the others are (the worker command
+            # prints it and exits 2), not as a traceback ending in a bare bind error.
+            raise ValueError(f"BUTTRESS_WORKER_METRICS_PORT: cannot serve metrics on port "
+                             f"{port}: {exc.strerror or exc}") from exc
     return service.wrapped
 
 
