@@ -216,6 +216,25 @@ def test_the_longest_dedupe_ttl_admits(redis_url: str, redis_client: Any) -> Non
         service.close()
 
 
+def test_serve_on_a_taken_port_is_a_setting_error(redis_url: str) -> None:
+    """Before: a traceback (exit 1) after the maintenance loop had started contending."""
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "buttress", "serve", "--redis", redis_url, "--queue",
+             "taken", "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert b"Traceback" not in result.stderr
+    assert b"error: serve: " in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}".encode() in result.stderr
+
+
 def test_worker_names_a_metrics_port_that_is_taken(redis_url: str) -> None:
     """Before: a traceback ending in "OSError: [Errno 98] Address already in use", exit 1,
     naming neither the setting nor the port; now the worker command's setting error."""

@@ -178,6 +178,7 @@ def add_cli(commands: Any) -> None:
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace,
             environ: Mapping[str, str] | None = None) -> int:
     """Validate the settings (errors name the setting), then serve until SIGTERM."""
+    from buttress.errors import PortInUseError
     from buttress.shutdown import GracefulShutdown, ShutdownBudget, serve_asgi
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -193,7 +194,14 @@ def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace,
     service.start()
     # The shutdown middleware answers /metrics itself, outside the in-flight count,
     # so a scrape never holds or extends the drain.
-    code = serve_asgi(service.app, host=settings.host, port=settings.port,
-                      controller=controller, metrics_registry=service.registry)
+    try:
+        code = serve_asgi(service.app, host=settings.host, port=settings.port,
+                          controller=controller, metrics_registry=service.registry)
+    except PortInUseError as exc:
+        # Nothing was served, so no drain to record: step down from the maintenance
+        # election (it may have won already) and say which port, as for a bad setting.
+        service.maintenance.stop()
+        service.client.close()
+        parser.error(f"serve: {exc}")
     sys.stdout.flush()
     return code
