@@ -330,3 +330,44 @@ def test_a_tenant_named_like_the_overflow_series_is_not_exported_twice(
     series = [line.rsplit(" ", 1)[0] for line in lines]
     assert len(series) == len(set(series)) == 42, series
     assert f'buttress_queue_tenant_depth{{queue="{queue}",tenant="__other__"}} 5.0' in lines
+
+
+def test_status_reads_hold_a_bounded_number_of_redis_connections() -> None:
+    """Before (async admission): every GET in flight while Redis was slow held a Redis
+    connection of its own (300 GETs, 302 connections): HTTP clients could fill Redis's
+    maxclients for everyone else on that Redis, the workers included."""
+    import psutil
+
+    reads = 16
+    with RedisServer() as server:
+        gw = Gateway(server.url, "conns", "--admission", "async", "--redis-timeout", "0.2",
+                     env={"BUTTRESS_GRACE_PERIOD": "4"}).wait_ready()
+        redis_port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+
+        def redis_connections() -> int:
+            return sum(1 for c in psutil.Process(gw.process.pid).net_connections("tcp")
+                       if c.raddr and c.raddr.port == redis_port)
+
+        async def run() -> int:
+            limits = httpx.Limits(max_connections=reads + 4)
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60, limits=limits) as client:
+                gets = [asyncio.ensure_future(client.get(f"/v1/tasks/c-{i}"))
+                        for i in range(reads)]
+                deadline = time.monotonic() + 30
+                while (await client.get("/drainz")).json()["in_flight"] < reads:
+                    assert time.monotonic() < deadline, "the reads never reached the gateway"
+                    await asyncio.sleep(0.01)
+                most = redis_connections()  # Redis is paused: each read waits on its reply
+                for get in await asyncio.gather(*gets):
+                    assert get.status_code == 503
+                return most
+
+        try:
+            paused = PausedRedis(server, 30)
+            try:
+                most = asyncio.run(run())
+            finally:
+                paused.close()
+        finally:
+            gw.kill()
+    assert most <= 8, most  # two reads, the maintenance loop's and its election's clients

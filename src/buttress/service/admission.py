@@ -41,8 +41,16 @@ from buttress.dedupe import AsyncDeduplicator, DedupeStatus, Deduplicator
 from buttress.errors import Rejected, StoreUnavailable
 from buttress.service.records import AsyncTaskRecords, TaskRecords
 
-__all__ = ["Admission", "AdmissionCore", "AdmissionPort", "AsyncAdmission", "GroupCommit",
-           "Outcome", "TaskRequest", "ThreadedAdmission", "async_client", "enqueue_request_id"]
+__all__ = ["STATUS_READS", "Admission", "AdmissionCore", "AdmissionPort", "AsyncAdmission",
+           "GroupCommit", "Outcome", "TaskRequest", "ThreadedAdmission", "async_client",
+           "enqueue_request_id"]
+
+# Status reads (GET /v1/tasks/{id}) in flight at once per gateway: the read pool's threads,
+# or AsyncAdmission's semaphore.  Each read holds a Redis connection for up to the socket
+# timeout: unbounded, every client connection asking for a status while Redis was slow
+# held a Redis connection of its own (300 GETs, 302 connections), so enough clients could
+# fill Redis's maxclients for every other client of that Redis, workers included.
+STATUS_READS = 2
 
 
 class TaskRequest(NamedTuple):
@@ -319,6 +327,7 @@ class AsyncAdmission(_Grouped):
         self.core = AdmissionCore(retry_after=retry_after)
         self.dedupe = AsyncDeduplicator(self._enqueue, dedupe_store, ttl=ttl,
                                         mode="effectively_once", lease=min(lease, ttl))
+        self._reads = asyncio.Semaphore(STATUS_READS)
         self.group = GroupCommit(self.core, self.admit_batch, committers=committers,
                                  max_pending=max_pending, max_batch=max_batch)
 
@@ -341,11 +350,12 @@ class AsyncAdmission(_Grouped):
 
     async def status(self, task_id: str) -> Outcome:
         """The task's state: the workers' record, else the admission claim."""
-        try:
-            record = await self.records.read(task_id)
-            claim = await self.dedupe.lookup(task_id) if record is None else None
-        except Exception as exc:
-            return self.core.unavailable(task_id, exc)
+        async with self._reads:  # at most STATUS_READS Redis connections for reads
+            try:
+                record = await self.records.read(task_id)
+                claim = await self.dedupe.lookup(task_id) if record is None else None
+            except Exception as exc:
+                return self.core.unavailable(task_id, exc)
         return self.core.status_answer(task_id, record, claim)
 
     async def aclose(self) -> None:
@@ -417,7 +427,7 @@ class ThreadedAdmission(_Grouped):
     """:class:`Admission` (sync components) on a thread pool, awaited by the event loop.
 
     At most ``committers`` batches run at once, each on a thread of their
-    own pool; GET reads run on a second pool of two threads.  Two pools, not
+    own pool; GET reads run on a second pool of STATUS_READS threads.  Two pools, not
     one: in a shared queue a batch waited behind every status read queued
     before it (24 reads while Redis was slow held a POST for 4 s), so a flood
     of GETs starved admission, and the reads never waited behind a batch.
@@ -432,7 +442,8 @@ class ThreadedAdmission(_Grouped):
                                  max_pending=max_pending, max_batch=max_batch)
         self._pool = ThreadPoolExecutor(max_workers=committers,
                                         thread_name_prefix="buttress-admit")
-        self._reads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="buttress-status")
+        self._reads = ThreadPoolExecutor(max_workers=STATUS_READS,
+                                         thread_name_prefix="buttress-status")
 
     async def status(self, task_id: str) -> Outcome:
         loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from buttress.service.admission import (
+    STATUS_READS,
     Admission,
     AdmissionCore,
     AsyncAdmission,
@@ -86,8 +87,11 @@ class Service:
                               ttl=settings.dedupe_ttl, lease=settings.admission_lease)
             self.admission: Any = ThreadedAdmission(steps, **grouping)
         else:
+            # Bounded like the threads' pool: a batch uses one connection at a time, the
+            # status reads STATUS_READS, and 8 are slack.
             self.async_client = async_client(
-                settings.redis_url,
+                settings.redis_url, max_connections=settings.admission_batches
+                + STATUS_READS + 8,
                 retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **options)
             store = (AsyncSQLiteStore(store=self.store) if self.store is not None
                      else AsyncRedisStore(self.async_client, namespace=namespace))
