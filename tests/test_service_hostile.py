@@ -10,10 +10,14 @@ every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -26,7 +30,7 @@ from buttress.service.settings import MAX_DEDUPE_TTL
 from buttress.service.worker import handlers
 from buttress.testing import RedisServer
 from conftest import PausedRedis, wait_until
-from service_support import Gateway, task
+from service_support import Gateway, service_env, task
 
 
 @pytest.fixture(scope="module")
@@ -216,45 +220,43 @@ def test_the_longest_dedupe_ttl_admits(redis_url: str, redis_client: Any) -> Non
         service.close()
 
 
-def test_serve_on_a_taken_port_is_a_setting_error(redis_url: str) -> None:
-    """Before: a traceback (exit 1) after the maintenance loop had started contending."""
-    import subprocess
-    import sys
-
+@contextlib.contextmanager
+def taken_port(host: str) -> Iterator[int]:
+    """A port another socket listens on, for as long as the block runs."""
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind((host, 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "buttress", "serve", "--redis", redis_url, "--queue",
-             "taken", "--host", "127.0.0.1", "--port", str(port)],
-            capture_output=True, timeout=60)
+        yield taken.getsockname()[1]
+
+
+def refused_command(command: list[str], env: dict[str, str] | None = None) -> bytes:
+    """Run ``python -m buttress <command>``; it must stop as for a bad setting: its stderr."""
+    result = subprocess.run([sys.executable, "-m", "buttress", *command], env=env,
+                            capture_output=True, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     assert b"Traceback" not in result.stderr
-    assert b"error: serve: " in result.stderr
-    assert f"cannot listen on 127.0.0.1:{port}".encode() in result.stderr
+    return result.stderr
+
+
+def test_serve_on_a_taken_port_is_a_setting_error(redis_url: str) -> None:
+    """Before: a traceback (exit 1) after the maintenance loop had started contending."""
+    with taken_port("127.0.0.1") as port:
+        stderr = refused_command(["serve", "--redis", redis_url, "--queue", "taken",
+                                  "--host", "127.0.0.1", "--port", str(port)])
+    assert b"error: serve: " in stderr
+    assert f"cannot listen on 127.0.0.1:{port}".encode() in stderr
 
 
 def test_worker_names_a_metrics_port_that_is_taken(redis_url: str) -> None:
     """Before: a traceback ending in "OSError: [Errno 98] Address already in use", exit 1,
     naming neither the setting nor the port; now the worker command's setting error."""
-    import subprocess
-    import sys
-
-    from service_support import service_env
-
-    with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "buttress", "worker", "--redis", redis_url, "--queue",
-             "taken", "--handlers", "buttress.service.worker:handlers"],
-            env=service_env(redis_url, "taken", BUTTRESS_WORKER_METRICS_PORT=str(port)),
-            capture_output=True, timeout=60)
-    assert result.returncode == 2, result.stderr[-2000:]
+    with taken_port("0.0.0.0") as port:
+        stderr = refused_command(
+            ["worker", "--redis", redis_url, "--queue", "taken", "--handlers",
+             "buttress.service.worker:handlers"],
+            service_env(redis_url, "taken", BUTTRESS_WORKER_METRICS_PORT=str(port)))
     assert f"BUTTRESS_WORKER_METRICS_PORT: cannot serve metrics on port {port}".encode() \
-        in result.stderr
+        in stderr
 
 
 def test_worker_refuses_a_dedupe_ttl_redis_would_refuse(redis_url: str) -> None:
@@ -264,40 +266,69 @@ def test_worker_refuses_a_dedupe_ttl_redis_would_refuse(redis_url: str) -> None:
         handlers(env)
 
 
+def with_reads_in_flight(reads: int, then: Callable[..., Awaitable[Any]],
+                         *gateway_args: str) -> Any:
+    """A gateway on a Redis of its own, paused, with ``reads`` status GETs in flight:
+    ``await then(gw, server, client, gets)`` runs then; every GET must end in 503."""
+    with RedisServer() as server:
+        gw = Gateway(server.url, "reads", "--redis-timeout", "0.2", *gateway_args,
+                     env={"BUTTRESS_GRACE_PERIOD": "4"}).wait_ready()
+
+        async def run() -> Any:
+            limits = httpx.Limits(max_connections=reads + 4)
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60, limits=limits) as client:
+                gets = [asyncio.ensure_future(client.get(f"/v1/tasks/g-{i}"))
+                        for i in range(reads)]
+                deadline = time.monotonic() + 30
+                while (await client.get("/drainz")).json()["in_flight"] < reads:
+                    assert time.monotonic() < deadline, "the reads never reached the gateway"
+                    await asyncio.sleep(0.01)
+                result = await then(gw, server, client, gets)
+                for get in await asyncio.gather(*gets):
+                    assert get.status_code == 503
+                return result
+
+        try:
+            paused = PausedRedis(server, 30)
+            try:
+                return asyncio.run(run())
+            finally:
+                paused.close()
+        finally:
+            gw.kill()
+
+
 def test_status_reads_do_not_starve_admission_while_redis_is_slow() -> None:
     """Before: GET reads and admission batches shared one thread pool, so with Redis
     paused a POST waited behind every status read queued before it (each one a Redis
     timeout): 24 reads held a POST for 4 s, and more reads held it longer."""
     reads = 12
-    with RedisServer() as server:
-        gw = Gateway(server.url, "starve", "--redis-timeout", "0.3",
-                     env={"BUTTRESS_GRACE_PERIOD": "4"}).wait_ready()
-        try:
-            async def run() -> tuple[int, int]:
-                limits = httpx.Limits(max_connections=reads + 4)
-                async with httpx.AsyncClient(base_url=gw.url, timeout=60,
-                                             limits=limits) as client:
-                    gets = [asyncio.ensure_future(client.get(f"/v1/tasks/g-{i}"))
-                            for i in range(reads)]
-                    deadline = time.monotonic() + 30
-                    while (await client.get("/drainz")).json()["in_flight"] < reads:
-                        assert time.monotonic() < deadline, "the reads never reached the gateway"
-                        await asyncio.sleep(0.01)
-                    answer = await client.post("/v1/tasks", json=task("starved"))
-                    answered_before = sum(get.done() for get in gets)
-                    await asyncio.gather(*gets)
-                    return answer.status_code, answered_before
 
-            paused = PausedRedis(server, 30)
-            try:
-                status, answered_before = asyncio.run(run())
-            finally:
-                paused.close()
-        finally:
-            gw.kill()
+    async def post(gw: Gateway, server: RedisServer, client: httpx.AsyncClient,
+                   gets: list[Any]) -> tuple[int, int]:
+        answer = await client.post("/v1/tasks", json=task("starved"))
+        return answer.status_code, sum(get.done() for get in gets)
+
+    status, answered_before = with_reads_in_flight(reads, post)
     assert status == 503  # Redis timed out: the POST was tried, not queued behind the reads
-    # Two read threads, 0.3 s per read: the POST's batch ran beside the first reads.
+    # Two read threads, 0.2 s per read: the POST's batch ran beside the first reads.
     assert answered_before <= reads // 2, answered_before
+
+
+def test_status_reads_hold_a_bounded_number_of_redis_connections() -> None:
+    """Before (async admission): every GET in flight while Redis was slow held a Redis
+    connection of its own (300 GETs, 302 connections): HTTP clients could fill Redis's
+    maxclients for everyone else on that Redis, the workers included."""
+    import psutil
+
+    async def count(gw: Gateway, server: RedisServer, client: httpx.AsyncClient,
+                    gets: list[Any]) -> int:
+        redis_port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        return sum(1 for c in psutil.Process(gw.process.pid).net_connections("tcp")
+                   if c.raddr and c.raddr.port == redis_port)
+
+    most = with_reads_in_flight(16, count, "--admission", "async")
+    assert most <= 8, most  # two reads, the maintenance loop's and its election's clients
 
 
 def test_a_tenant_named_like_the_overflow_series_is_not_exported_twice(
@@ -330,44 +361,3 @@ def test_a_tenant_named_like_the_overflow_series_is_not_exported_twice(
     series = [line.rsplit(" ", 1)[0] for line in lines]
     assert len(series) == len(set(series)) == 42, series
     assert f'buttress_queue_tenant_depth{{queue="{queue}",tenant="__other__"}} 5.0' in lines
-
-
-def test_status_reads_hold_a_bounded_number_of_redis_connections() -> None:
-    """Before (async admission): every GET in flight while Redis was slow held a Redis
-    connection of its own (300 GETs, 302 connections): HTTP clients could fill Redis's
-    maxclients for everyone else on that Redis, the workers included."""
-    import psutil
-
-    reads = 16
-    with RedisServer() as server:
-        gw = Gateway(server.url, "conns", "--admission", "async", "--redis-timeout", "0.2",
-                     env={"BUTTRESS_GRACE_PERIOD": "4"}).wait_ready()
-        redis_port = int(server.url.rsplit(":", 1)[1].split("/")[0])
-
-        def redis_connections() -> int:
-            return sum(1 for c in psutil.Process(gw.process.pid).net_connections("tcp")
-                       if c.raddr and c.raddr.port == redis_port)
-
-        async def run() -> int:
-            limits = httpx.Limits(max_connections=reads + 4)
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60, limits=limits) as client:
-                gets = [asyncio.ensure_future(client.get(f"/v1/tasks/c-{i}"))
-                        for i in range(reads)]
-                deadline = time.monotonic() + 30
-                while (await client.get("/drainz")).json()["in_flight"] < reads:
-                    assert time.monotonic() < deadline, "the reads never reached the gateway"
-                    await asyncio.sleep(0.01)
-                most = redis_connections()  # Redis is paused: each read waits on its reply
-                for get in await asyncio.gather(*gets):
-                    assert get.status_code == 503
-                return most
-
-        try:
-            paused = PausedRedis(server, 30)
-            try:
-                most = asyncio.run(run())
-            finally:
-                paused.close()
-        finally:
-            gw.kill()
-    assert most <= 8, most  # two reads, the maintenance loop's and its election's clients
