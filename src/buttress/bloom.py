@@ -42,9 +42,11 @@ differ (``buttress._bloom`` or the pure-Python core in
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -53,7 +55,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Generic, TypeVar
 import numpy as np
 
 from buttress import _bloom, _hash
-from buttress._validate import require_int, require_number, require_path, require_str
+from buttress._validate import (
+    require_bool,
+    require_int,
+    require_number,
+    require_path,
+    require_str,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -428,8 +436,9 @@ class BloomFilterBase:
     def bitset(self) -> bytes:
         """The raw bit array.  For split_block this is exactly a Parquet bitset
         (little-endian 32-bit words, block after block)."""
-        self._check_open()
-        return self._bits.tobytes()
+        with self._write_lock:  # a copy between two inserts, never half of one
+            self._check_open()
+            return self._bits.tobytes()
 
     def union(self: _F, other: BloomFilterBase) -> _F:
         """A new filter holding the keys of both (bitwise OR)."""
@@ -503,7 +512,11 @@ class BloomFilterBase:
     def to_bytes(self) -> bytes:
         """Header (magic, format version, layout, hash, seed, num_bits, num_hashes,
         checksum) followed by the bitset; :meth:`from_bytes` reads it back."""
-        return self._header() + self._bits.tobytes()
+        # Under the writers' lock: a checksum taken while an insert changes the
+        # bits would not match the bits copied after it, and from_bytes() would
+        # then reject the snapshot as corrupted.
+        with self._write_lock:
+            return self._header() + self._bits.tobytes()
 
     @classmethod
     def from_bytes(cls: type[_F], data: Any) -> _F:
@@ -555,13 +568,18 @@ class BloomFilterBase:
         return (type(self).from_bytes, (self.to_bytes(),))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_bytes` to ``path`` atomically (temp file, fsync, rename)."""
+        """Write :meth:`to_bytes` to ``path`` atomically (temp file, fsync, rename).
+
+        The file is one consistent snapshot: inserts from other threads wait
+        while the bits are written (lookups do not), so its checksum matches.
+        """
         path = require_path("path", path)
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             with open(tmp, "wb") as fh:
-                fh.write(self._header())
-                fh.write(self._bits.data)
+                with self._write_lock:  # header and bits from the same moment
+                    fh.write(self._header())
+                    fh.write(self._bits.data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -585,36 +603,41 @@ class BloomFilterBase:
         """
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        verify = require_bool("verify", verify)
         path = require_path("path", path)
-        with open(path, "rb") as fh:
-            head = fh.read(_HEADER_SIZE)
-            size = os.fstat(fh.fileno()).st_size
-        layout, num_bits, num_hashes, bitset_bytes, checksum = _parse_header(memoryview(head))
-        if size != _HEADER_SIZE + bitset_bytes:
-            raise ValueError(f"{path}: {_length_problem(size, bitset_bytes)}")
-        # A writer keeps the file it mapped open, and flush() writes the header
-        # through that handle: if save() has meanwhile replaced the file at
-        # `path` (the rebuild-and-swap recipe), this filter's bits and header go
-        # to its own, now unlinked, file and never into the new one.
-        handle = open(path, "r+b") if mode == "r+" else None  # noqa: SIM115 (closed by close())
+        # Header, length and bits all come through one handle, so they describe
+        # the same file even if save() replaces the file at `path` meanwhile
+        # (the rebuild-and-swap recipe): reading the header from the old file
+        # and mapping the new one would fail the checksum, or mix two filters.
+        # A writer keeps the handle: flush() writes the header through it, so
+        # its bits never go into a file saved over its path later.
+        handle = _open_regular_file(path, mode)
         try:
-            bits = np.memmap(handle if handle is not None else path, dtype=np.uint8,
-                             mode="r" if mode == "r" else "r+", offset=_HEADER_SIZE,
-                             shape=(bitset_bytes,))
-        except BaseException:
-            if handle is not None:
-                handle.close()
-            raise
-        if verify:
+            head = handle.read(_HEADER_SIZE)
+            size = os.fstat(handle.fileno()).st_size
             try:
-                _verify_checksum(cls._checksum_hash, head[:_CHECKSUMMED_HEADER], bits, checksum)
+                layout, num_bits, num_hashes, bitset_bytes, checksum = _parse_header(
+                    memoryview(head))
+                if size != _HEADER_SIZE + bitset_bytes:
+                    raise ValueError(_length_problem(size, bitset_bytes))
             except ValueError as exc:
-                if handle is not None:
-                    handle.close()
                 raise ValueError(f"{path}: {exc}") from None
+            bits = np.memmap(handle, dtype=np.uint8, mode=mode, offset=_HEADER_SIZE,
+                             shape=(bitset_bytes,))
+            if verify:
+                try:
+                    _verify_checksum(cls._checksum_hash, head[:_CHECKSUMMED_HEADER], bits,
+                                     checksum)
+                except ValueError as exc:
+                    raise ValueError(f"{path}: {exc}") from None
+        except BaseException:
+            handle.close()
+            raise
+        if mode == "r":  # the mapping stays valid without the handle
+            handle.close()
         bf = cls.__new__(cls)
         bf._setup(bits, layout, num_bits, num_hashes, path=path)
-        bf._file = handle
+        bf._file = handle if mode == "r+" else None
         logger.debug("opened %s (mode=%s): %r", path, mode, bf)
         return bf
 
@@ -881,6 +904,28 @@ def _byte_view(data: Any, name: str) -> memoryview:
     if not view.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous buffer")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _open_regular_file(path: str, mode: str) -> BinaryIO:
+    """``path`` opened for reading (``mode="r+"``: and writing), if it is a regular file.
+
+    Opened without blocking and checked before anything is read: a FIFO would
+    otherwise hang the caller until some other process wrote to it.
+    """
+    flags = (os.O_RDWR if mode == "r+" else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISDIR(kind):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(kind):
+            raise ValueError(f"{path}: not a regular file (a FIFO, socket or device "
+                             f"cannot hold a Bloom filter)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "r+b" if mode == "r+" else "rb")
 
 
 def _parse_header(view: memoryview) -> tuple[str, int, int, int, int]:
