@@ -625,6 +625,10 @@ cdef KeyChunk numpy_chunk(array):
         bad = ucs4_first_unencodable(<const uint32_t*>chunk.src.values,
                                      chunk.src.count * (chunk.src.width // 4))
     if bad >= 0:
+        code_point = (<const uint32_t*>chunk.src.values)[bad]
+        if code_point > 0x10FFFF:  # numpy cannot even make a str of this element
+            raise ValueError(f"'U' array element {bad // (chunk.src.width // 4)} holds "
+                             f"{code_point:#x}, which is not a Unicode code point")
         text = str(array[bad // (chunk.src.width // 4)])
         position = bad % (chunk.src.width // 4)
         raise UnicodeEncodeError("utf-8", text, position, position + 1,
@@ -746,15 +750,19 @@ cdef KeyChunk arrow_chunk(ArrowSchema* schema, ArrowArray* array, object owner,
     cdef ArrowSchema* column = check_arrow_type(schema)
     cdef int64_t offset = array.offset
     cdef int64_t length = array.length
+    cdef int64_t null_count = array.null_count
     if column != schema:  # a one-column table: descend into the column
         if array.null_count != 0 and array.buffers[0] != NULL:
             raise ValueError("a table-like Arrow struct with null rows is not a key column")
         array = array.children[0]
         offset += array.offset
+        # The child's null_count covers the whole child, which a sliced table
+        # shows only part of: count the nulls of the rows it shows.
+        null_count = -1 if array.null_count != 0 else 0
     chunk.owner = owner
     chunk.src.count = length
     chunk.src.offset = offset
-    chunk.src.null_count = array.null_count
+    chunk.src.null_count = null_count
     if array.null_count != 0 and array.n_buffers > 0 and array.buffers[0] != NULL:
         chunk.src.validity = <const uint8_t*>array.buffers[0]
     else:

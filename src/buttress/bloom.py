@@ -78,6 +78,7 @@ LAYOUTS = ("classic", "split_block")
 _LAYOUT_CODES = {"classic": 0, "split_block": 1}
 _BLOCK_BITS = 256  # split_block: eight 32-bit words
 _MAX_NUM_BITS = 1 << 40  # 128 GiB; split_block's block index needs num_blocks < 2**32
+_MAX_THREADS = 1024  # threads=: far beyond any core count, and within the kernels' C int
 
 # Persistence: a 64-byte little-endian header, then the bitset.
 #   magic, format version, layout, hash algorithm, num_hashes, seed, num_bits,
@@ -251,13 +252,21 @@ class BloomFilterBase:
                     del batch  # before the next batch is decoded
                     pool.release_unused()
 
-        with open_file() as parquet:
+        _check_regular_file(path, os.stat(path).st_mode)  # a FIFO would block the reader
+        try:
+            parquet = open_file()
+        except pa.ArrowInvalid as exc:  # not Parquet: say which file
+            raise ValueError(f"{path}: not a readable Parquet file: {exc}") from None
+        with parquet:
             names = parquet.schema_arrow.names
             if column not in names:
                 listed = ", ".join(repr(name) for name in names)
                 raise ValueError(f"{path}: no column {column!r}; the file's "
                                  f"columns are {listed}")
             bf = cls.for_capacity(max(1, parquet.metadata.num_rows), fp_rate, layout=layout)
+            # The key type is checked before any row is read, so a file with no
+            # rows (or whose first rows are all null) is refused like any other.
+            bf.insert_many(pa.nulls(0, parquet.schema_arrow.field(names.index(column)).type))
             readers = max(1, min(threads, parquet.num_row_groups))
             if readers == 1:
                 fill(parquet, range(parquet.num_row_groups))
@@ -339,7 +348,7 @@ class BloomFilterBase:
         raise ``TypeError`` naming the type.
 
         ``threads``: split a large batch over this many native threads (0: every
-        core).  The result is bit for bit the single-thread one: each thread
+        core; at most 1024).  The result is bit for bit the single-thread one: each thread
         owns a slice of the bit array.
         """
         threads = _check_threads(threads)
@@ -352,7 +361,7 @@ class BloomFilterBase:
 
         Takes the same inputs as :meth:`insert_many`; a null key answers
         ``False``.  ``threads`` splits a large batch over native threads (0:
-        every core).
+        every core; at most 1024).
         """
         threads = _check_threads(threads)
         return self._contains_many(keys, threads)
@@ -479,6 +488,8 @@ class BloomFilterBase:
         return self
 
     def _check_compatible(self, other: BloomFilterBase) -> None:
+        if other._closed:
+            raise ValueError("cannot combine a BloomFilter with a closed one")
         for name in ("layout", "num_bits", "num_hashes"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
@@ -622,8 +633,8 @@ class BloomFilterBase:
                     raise ValueError(_length_problem(size, bitset_bytes))
             except ValueError as exc:
                 raise ValueError(f"{path}: {exc}") from None
-            bits = np.memmap(handle, dtype=np.uint8, mode=mode, offset=_HEADER_SIZE,
-                             shape=(bitset_bytes,))
+            bits = np.memmap(handle, dtype=np.uint8, mode="r" if mode == "r" else "r+",
+                             offset=_HEADER_SIZE, shape=(bitset_bytes,))
             if verify:
                 try:
                     _verify_checksum(cls._checksum_hash, head[:_CHECKSUMMED_HEADER], bits,
@@ -803,7 +814,7 @@ def _check_fp_rate(fp_rate: Any) -> float:
 
 def _check_threads(threads: Any) -> int:
     """``threads`` as a thread count: 0 means every core this process may use."""
-    threads = require_int("threads", threads, minimum=0)
+    threads = require_int("threads", threads, minimum=0, maximum=_MAX_THREADS)
     if threads == 0:
         try:
             return len(os.sched_getaffinity(0))
@@ -813,7 +824,8 @@ def _check_threads(threads: Any) -> int:
 
 
 def _check_layout(layout: Any) -> str:
-    if layout not in LAYOUTS:
+    # isinstance first: `in` compares with ==, which a numpy array answers elementwise
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return str(layout)
 
@@ -827,7 +839,7 @@ def _check_num_bits(num_bits: Any, layout: str) -> int:
 
 def _check_num_hashes(num_hashes: Any, layout: str) -> int:
     if layout == "split_block":
-        if isinstance(num_hashes, bool) or num_hashes != 8:
+        if require_int("num_hashes", num_hashes) != 8:
             raise ValueError(f"layout 'split_block' sets exactly 8 bits per key "
                              f"(num_hashes=8), got num_hashes={num_hashes!r}")
         return 8
@@ -915,17 +927,20 @@ def _open_regular_file(path: str, mode: str) -> BinaryIO:
     flags = (os.O_RDWR if mode == "r+" else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC
     fd = os.open(path, flags)
     try:
-        kind = os.fstat(fd).st_mode
-        if stat.S_ISDIR(kind):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not stat.S_ISREG(kind):
-            raise ValueError(f"{path}: not a regular file (a FIFO, socket or device "
-                             f"cannot hold a Bloom filter)")
+        _check_regular_file(path, os.fstat(fd).st_mode)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return os.fdopen(fd, "r+b" if mode == "r+" else "rb")
+
+
+def _check_regular_file(path: str, kind: int) -> None:
+    """Raise unless ``kind`` (an ``st_mode``) is a regular file's."""
+    if stat.S_ISDIR(kind):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(kind):
+        raise ValueError(f"{path}: not a regular file (a FIFO, socket or device)")
 
 
 def _parse_header(view: memoryview) -> tuple[str, int, int, int, int]:

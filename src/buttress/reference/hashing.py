@@ -80,6 +80,8 @@ def iter_key_values(keys: Any, caller: str = "insert_many/contains_many") -> Ite
         elif array.dtype.kind == "T":  # StringDType: a missing value is not a str
             yield from (value if isinstance(value, str) else None for value in array.tolist())
         else:
+            if array.dtype.kind == "U" and array.size:
+                _check_code_points(array)
             yield from array.tolist()  # 'S' and 'U': numpy strips the trailing NULs here
         return
     if isinstance(keys, (str, bytes, bytearray, memoryview)):
@@ -87,7 +89,10 @@ def iter_key_values(keys: Any, caller: str = "insert_many/contains_many") -> Ite
                         f"{type(keys).__name__} key")
     chunks = _arrow_chunks(keys)
     if chunks is None:
-        yield from keys
+        for value in keys:
+            if value is None:  # a null in a column; in a list, a key of no supported type
+                encode_key(value)  # raises the key rule's TypeError
+            yield value
         return
     for chunk in chunks:
         yield from chunk.to_pylist()
@@ -126,6 +131,16 @@ def _arrow_chunks(keys: Any) -> list[Any] | None:
                         f"large_binary, binary_view or fixed_size_binary, or a dictionary of "
                         f"those; cast the column first")
     return chunks
+
+
+def _check_code_points(array: np.ndarray) -> None:
+    """Refuse what numpy cannot turn into str (tolist() would raise SystemError)."""
+    code_points = array.view(np.uint32)
+    bad = np.flatnonzero(code_points > 0x10FFFF)
+    if bad.size:
+        per_element = array.dtype.itemsize // 4
+        raise ValueError(f"'U' array element {int(bad[0]) // per_element} holds "
+                         f"{int(code_points[bad[0]]):#x}, which is not a Unicode code point")
 
 
 def _check_seed(seed: Any) -> int:
