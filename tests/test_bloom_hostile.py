@@ -97,6 +97,34 @@ def test_open_racing_a_save_over_the_path_reads_one_whole_file(impl, tmp_path):
     assert swaps[0] >= 30
 
 
+def test_close_racing_inserts_leaves_a_file_that_verifies(impl, tmp_path):
+    # close() flushes, then drops the bits: an insert from another thread in
+    # between changed the mapped bits after their checksum was written.
+    path = tmp_path / "live.bloom"
+    impl.for_capacity(50_000, 0.01, layout="split_block").save(path)
+    for trial in range(10):
+        bf = impl.open(path, "r+")
+        inserted = threading.Event()
+        errors: list[BaseException] = []
+
+        def inserter(bf=bf, inserted=inserted, errors=errors, trial=trial) -> None:
+            rng = np.random.default_rng(trial)
+            try:
+                while True:
+                    bf.insert_many(rng.integers(0, 2**62, 500))
+                    inserted.set()
+            except ValueError as exc:  # the filter was closed under it
+                errors.append(exc)
+
+        thread = threading.Thread(target=inserter)
+        thread.start()
+        assert inserted.wait(timeout=30)
+        bf.close()
+        thread.join(timeout=30)
+        assert "closed" in str(errors[0])
+        impl.open(path).close()  # verifies the checksum
+
+
 def test_open_refuses_a_fifo_without_blocking(impl, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -301,3 +329,21 @@ def test_from_parquet_refuses_odd_files_and_types_before_reading_rows(impl, tmp_
         pytest.fail("from_parquet blocked on a FIFO")
     assert isinstance(outcome[0], ValueError)
     assert "not a regular file" in str(outcome[0])
+
+
+def test_masked_arrays_never_insert_their_hidden_values(impl):
+    keys = np.ma.masked_array([1, 2, 3], mask=[False, True, False])
+    bf = impl(1024, 3)
+    for method in (bf.insert_many, bf.contains_many):
+        with pytest.raises(ValueError, match="1 masked element"):
+            method(keys)
+    assert not any(bf.bitset())  # 2 was inserted although masked
+    bf.insert_many(keys.compressed())
+    bf.insert_many(np.ma.masked_array(["a", "b"]))  # nothing masked: its values
+    assert bf.contains_many([1, 2, 3, "a", "b"]).tolist() == [True, False, True, True, True]
+
+
+@pytest.mark.parametrize("hasher", [_hash, reference_hashing], ids=["native", "reference"])
+def test_xxh64_many_refuses_masked_elements(hasher):
+    with pytest.raises(ValueError, match="masked"):
+        hasher.xxh64_many(np.ma.masked_array([1, 2], mask=[True, False]))

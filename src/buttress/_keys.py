@@ -23,10 +23,19 @@ def as_key_array(keys: Any) -> np.ndarray | None:
     None (the caller then treats ``keys`` as a sequence of Python keys, or as
     Arrow data).  Float, bool, object and other
     numpy arrays raise ``TypeError``: a silent cast would hash different keys
-    than the caller meant.
+    than the caller meant.  A masked array with masked elements raises
+    ``ValueError`` (its hidden values are not keys).
     """
     if not isinstance(keys, np.ndarray):
         return None
+    if isinstance(keys, np.ma.MaskedArray):
+        # The values under a mask are whatever the array holds there: hashing
+        # them would insert keys the caller marked as missing.
+        masked = int(np.ma.count_masked(keys))
+        if masked:
+            raise ValueError(f"the key array has {masked} masked element(s), which are not "
+                             f"keys: pass keys.compressed() to leave them out")
+        keys = keys.data
     if keys.ndim != 1:
         raise TypeError(f"key arrays must be one-dimensional, got shape {keys.shape}")
     kind = keys.dtype.kind

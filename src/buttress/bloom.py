@@ -323,8 +323,8 @@ class BloomFilterBase:
 
     def insert(self, key: Any) -> None:
         """Add ``key`` (str, bytes-like or int)."""
-        self._require_writable()
         with self._write_lock:
+            self._require_writable()
             self._insert_one(key)
             self._keys_inserted += 1
 
@@ -352,8 +352,8 @@ class BloomFilterBase:
         owns a slice of the bit array.
         """
         threads = _check_threads(threads)
-        self._require_writable()
         with self._write_lock:
+            self._require_writable()
             self._keys_inserted += self._insert_many(keys, threads)
 
     def contains_many(self, keys: Any, *, threads: int = 1) -> np.ndarray:
@@ -428,8 +428,8 @@ class BloomFilterBase:
 
     def clear(self) -> None:
         """Clear every bit (the only way to forget keys)."""
-        self._require_writable()
         with self._write_lock:
+            self._require_writable()
             self._bits[:] = 0
             self._keys_inserted = 0
 
@@ -482,8 +482,8 @@ class BloomFilterBase:
             raise TypeError(f"can only combine a BloomFilter with another BloomFilter, "
                             f"got {type(other).__name__}")
         self._check_compatible(other)
-        self._require_writable()
         with self._write_lock:
+            self._require_writable()
             op(self._bits, other._bits, out=self._bits)
         return self
 
@@ -658,26 +658,32 @@ class BloomFilterBase:
         They go to the file this filter opened, even if another file has since
         been saved under its path (that one is left alone).
         """
+        with self._write_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         if not isinstance(self._bits, np.memmap) or self.read_only:
             return
-        with self._write_lock:
-            handle = self._file
-            if handle is None or handle.closed:
-                raise ValueError("this BloomFilter's file handle is closed; it cannot be flushed")
-            self._bits.flush()
-            handle.seek(0)
-            handle.write(self._header())
-            handle.flush()
-            os.fsync(handle.fileno())
+        handle = self._file
+        if handle is None or handle.closed:
+            raise ValueError("this BloomFilter's file handle is closed; it cannot be flushed")
+        self._bits.flush()
+        handle.seek(0)
+        handle.write(self._header())
+        handle.flush()
+        os.fsync(handle.fileno())
 
     def close(self) -> None:
         """Flush a writable mapped filter and drop the bits; later use raises ValueError."""
-        if self._closed:
-            return
-        try:
-            self.flush()
-        finally:
-            with self._write_lock:
+        # One hold of the writers' lock from the flush to the unbind: an insert
+        # from another thread slipping in between would change the mapped bits
+        # after their checksum was written, and the file would fail to open.
+        with self._write_lock:
+            if self._closed:
+                return
+            try:
+                self._flush_locked()
+            finally:
                 self._unbind()
                 self._closed = True
                 self._bits = np.zeros(0, dtype=np.uint8)  # lets the mapping go
