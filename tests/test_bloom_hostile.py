@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import buttress
+import buttress.bloom
 import buttress.reference
 from buttress import _hash
 from buttress.reference import hashing as reference_hashing
@@ -347,3 +348,52 @@ def test_masked_arrays_never_insert_their_hidden_values(impl):
 def test_xxh64_many_refuses_masked_elements(hasher):
     with pytest.raises(ValueError, match="masked"):
         hasher.xxh64_many(np.ma.masked_array([1, 2], mask=[True, False]))
+
+
+class _LoudStr(str):
+    def encode(self, *args, **kwargs):  # type: ignore[override]
+        return b"not the characters"
+
+
+class _LoudBytes(bytes):
+    def __bytes__(self) -> bytes:
+        return b"not the buffer"
+
+
+@pytest.mark.parametrize("hasher", [_hash, reference_hashing], ids=["native", "reference"])
+def test_key_subclasses_hash_their_characters_and_buffer(hasher):
+    # hash_key reads a str's characters and a bytes' buffer; encode_key and the
+    # twin called the subclass's encode() / __bytes__ and disagreed with it.
+    for key, plain in ((_LoudStr("abc"), "abc"), (_LoudBytes(b"abc"), b"abc")):
+        assert hasher.encode_key(key) == hasher.encode_key(plain)
+        assert hasher.hash_key(key) == hasher.hash_key(plain) == hasher.xxh64(
+            hasher.encode_key(key))
+        assert hasher.xxh64_many([key]).tolist() == [hasher.hash_key(plain)]
+
+
+def test_key_subclasses_set_the_same_bits_in_both_filters(layout):
+    filters = [impl.for_capacity(100, 0.01, layout=layout) for impl in (NATIVE, TWIN)]
+    for bf in filters:
+        bf.insert(_LoudStr("abc"))
+        bf.insert_many([_LoudBytes(b"xyz")])
+        assert "abc" in bf and b"xyz" in bf
+    assert filters[0].bitset() == filters[1].bitset()
+
+
+@pytest.mark.parametrize(("call", "error", "match"), [
+    (lambda: buttress.bloom.split_block_fp_rate(100, 100), ValueError, "num_bits"),
+    (lambda: buttress.bloom.classic_fp_rate(100, 0, 3), ValueError, "num_bits"),
+    (lambda: buttress.bloom.classic_fp_rate(100, 1000, 0), ValueError, "num_hashes"),
+    (lambda: buttress.bloom.split_block_fp_rate(float("nan"), 1024), ValueError, "num_keys"),
+    (lambda: buttress.bloom.classic_fp_rate(-1, 1000, 3), ValueError, "num_keys"),
+    (lambda: buttress.bloom.classic_fp_rate("10", 1000, 3), TypeError, "num_keys"),
+    (lambda: buttress.bloom.split_block_fp_rate(10, 1024.0), TypeError, "num_bits"),
+])
+def test_fp_rate_formulas_validate_their_arguments(call, error, match):
+    with pytest.raises(error, match=match):  # was ZeroDivisionError, or a NaN's ValueError
+        call()
+
+
+def test_for_capacity_beyond_the_maximum_names_the_capacity(impl, layout):
+    with pytest.raises(ValueError, match=r"capacity 1099511627776 at fp_rate 0\.5 needs"):
+        impl.for_capacity(2**40, 0.5, layout=layout)

@@ -393,10 +393,12 @@ def encode_key(key):
     """Return the bytes that the key-encoding rule gives for ``key``."""
     if isinstance(key, bool):
         raise TypeError("bool is not a supported key type (use int or str explicitly)")
+    # str.encode and the buffer, not key.encode() or bytes(key): a subclass's
+    # encode() or __bytes__ must not change the key (hashing reads the buffer)
     if isinstance(key, str):
-        return key.encode("utf-8")
+        return str.encode(key, "utf-8")
     if isinstance(key, (bytes, bytearray, memoryview)):
-        return bytes(key)
+        return memoryview(key).tobytes()
     if isinstance(key, (int, np.integer)):
         return int_key(int(key)).to_bytes(8, "little")
     raise TypeError(

@@ -57,6 +57,8 @@ import numpy as np
 from buttress import _bloom, _hash
 from buttress._validate import (
     require_bool,
+    require_callable,
+    require_choice,
     require_int,
     require_number,
     require_path,
@@ -110,6 +112,9 @@ _READ_ONLY = (
 
 def classic_fp_rate(num_keys: float, num_bits: int, num_hashes: int) -> float:
     """Expected false-positive rate of a classic filter: ``(1 - e^(-k n / m))^k``."""
+    num_keys = require_number("num_keys", num_keys, minimum=0)
+    num_bits = require_int("num_bits", num_bits, minimum=1)
+    num_hashes = require_int("num_hashes", num_hashes, minimum=1)
     if num_keys <= 0:
         return 0.0
     return float((-math.expm1(-num_hashes * num_keys / num_bits)) ** num_hashes)
@@ -123,7 +128,8 @@ def split_block_fp_rate(num_keys: float, num_bits: int) -> float:
     query must find its bit set in all eight words.  The usual closed form
     ignores the variance of ``j`` and under-sizes the filter.
     """
-    blocks = num_bits // _BLOCK_BITS
+    num_keys = require_number("num_keys", num_keys, minimum=0)
+    blocks = require_int("num_bits", num_bits, minimum=_BLOCK_BITS) // _BLOCK_BITS
     if num_keys <= 0:
         return 0.0
     lam = num_keys / blocks
@@ -612,8 +618,7 @@ class BloomFilterBase:
         the whole file once); a file from a writer that died before flushing
         fails it, so pass ``verify=False`` to salvage one.
         """
-        if mode not in ("r", "r+"):
-            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        require_choice("mode", mode, ("r", "r+"))
         verify = require_bool("verify", verify)
         path = require_path("path", path)
         # Header, length and bits all come through one handle, so they describe
@@ -737,8 +742,7 @@ class BloomGuard(Generic[V]):
 
     def __init__(self, lookup: Callable[[Any], V | None], bloom: BloomFilterBase, *,
                  missing: Any = None) -> None:
-        if not callable(lookup):
-            raise TypeError(f"lookup must be callable, got {type(lookup).__name__}")
+        require_callable("lookup", lookup)
         if not isinstance(bloom, BloomFilterBase):
             raise TypeError(f"bloom must be a BloomFilter, got {type(bloom).__name__}")
         self.lookup = lookup
@@ -830,10 +834,11 @@ def _check_threads(threads: Any) -> int:
 
 
 def _check_layout(layout: Any) -> str:
-    # isinstance first: `in` compares with ==, which a numpy array answers elementwise
-    if not isinstance(layout, str) or layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return str(layout)
+    # Not require_choice: its `in` compares with ==, which a numpy array answers
+    # elementwise (array(['classic']) passed, then failed as a KeyError).
+    if isinstance(layout, str) and layout in LAYOUTS:
+        return str(layout)
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _check_num_bits(num_bits: Any, layout: str) -> int:
@@ -870,6 +875,9 @@ def _split_block_bits(capacity: int, fp_rate: float) -> int:
             high = mid
         else:
             low = mid + 1
+    if high * _BLOCK_BITS > _MAX_NUM_BITS:  # the first guess was already too big
+        raise ValueError(f"capacity {capacity} at fp_rate {fp_rate} needs "
+                         f"{high * _BLOCK_BITS} bits, more than the maximum {_MAX_NUM_BITS}")
     return high * _BLOCK_BITS
 
 
