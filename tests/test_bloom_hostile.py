@@ -397,3 +397,23 @@ def test_fp_rate_formulas_validate_their_arguments(call, error, match):
 def test_for_capacity_beyond_the_maximum_names_the_capacity(impl, layout):
     with pytest.raises(ValueError, match=r"capacity 1099511627776 at fp_rate 0\.5 needs"):
         impl.for_capacity(2**40, 0.5, layout=layout)
+
+
+def test_struct_with_null_rows_is_refused_by_both(impl):
+    # the struct's own nulls hide rows its field still holds ("b" here)
+    pa = pytest.importorskip("pyarrow")
+    keys = pa.StructArray.from_arrays([pa.array(["a", "b"])], names=["x"],
+                                      mask=pa.array([False, True]))
+    bf = impl(1024, 3)
+    with pytest.raises(ValueError, match="struct with null rows"):
+        bf.insert_many(keys)
+    assert not any(bf.bitset())  # the twin inserted "b"
+
+
+@pytest.mark.parametrize("hasher", [_hash, reference_hashing], ids=["native", "reference"])
+def test_xxh64_many_refuses_a_struct_with_null_rows(hasher):
+    pa = pytest.importorskip("pyarrow")
+    keys = pa.StructArray.from_arrays([pa.array(["a", "b"])], names=["x"],
+                                      mask=pa.array([False, True]))
+    with pytest.raises(ValueError, match="struct with null rows"):
+        hasher.xxh64_many(keys)

@@ -487,10 +487,11 @@ class BloomFilterBase:
         if not isinstance(other, BloomFilterBase):
             raise TypeError(f"can only combine a BloomFilter with another BloomFilter, "
                             f"got {type(other).__name__}")
+        theirs = other._bits  # taken first: a close() of `other` from now on cannot pull it
         self._check_compatible(other)
         with self._write_lock:
             self._require_writable()
-            op(self._bits, other._bits, out=self._bits)
+            op(self._bits, theirs, out=self._bits)
         return self
 
     def _check_compatible(self, other: BloomFilterBase) -> None:

@@ -120,6 +120,8 @@ def _arrow_chunks(keys: Any) -> list[Any] | None:
             return None
         raise
     if pa.types.is_struct(column_type) and column_type.num_fields == 1:
+        if any(chunk.null_count for chunk in chunks):  # field(0) would show the hidden rows
+            raise ValueError("a table-like Arrow struct with null rows is not a key column")
         column_type = column_type.field(0).type
         chunks = [chunk.field(0) for chunk in chunks]
     supported = (pa.types.is_integer, pa.types.is_string, pa.types.is_large_string,
