@@ -417,3 +417,11 @@ def test_xxh64_many_refuses_a_struct_with_null_rows(hasher):
                                       mask=pa.array([False, True]))
     with pytest.raises(ValueError, match="struct with null rows"):
         hasher.xxh64_many(keys)
+
+
+@pytest.mark.parametrize("fp_rate", [1e-19, 1e-25, 1e-50, 1e-100, 1e-300])
+def test_classic_for_capacity_meets_tiny_fp_rates_despite_the_probe_cap(impl, fp_rate):
+    # k is capped at 64; the bit count must then grow to keep the promise
+    # (1e-100 gave a filter at 1.6e-58)
+    bf = impl.for_capacity(1000, fp_rate)
+    assert buttress.bloom.classic_fp_rate(1000, bf._modulus, bf.num_hashes) <= fp_rate * 1.02

@@ -205,6 +205,11 @@ class BloomFilterBase:
             return cls(_split_block_bits(capacity, fp_rate), 8, layout=layout)
         bits = math.ceil(-capacity * math.log(fp_rate) / math.log(2) ** 2)
         num_hashes = min(64, max(1, round(bits / capacity * math.log(2))))
+        if num_hashes == 64:
+            # Below fp_rate ~ 2**-64 the best k is over the cap, and 64 probes
+            # need more bits than the formula above to reach fp_rate: the
+            # bits that make (1 - e^(-64 n / m))^64 = fp_rate.
+            bits = max(bits, math.ceil(-64 * capacity / math.log1p(-fp_rate ** (1 / 64))))
         num_bits = _next_prime(bits)
         if num_bits > _MAX_NUM_BITS:
             raise ValueError(f"capacity {capacity} at fp_rate {fp_rate} needs {num_bits} bits, "
