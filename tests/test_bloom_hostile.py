@@ -425,3 +425,29 @@ def test_classic_for_capacity_meets_tiny_fp_rates_despite_the_probe_cap(impl, fp
     # (1e-100 gave a filter at 1.6e-58)
     bf = impl.for_capacity(1000, fp_rate)
     assert buttress.bloom.classic_fp_rate(1000, bf._modulus, bf.num_hashes) <= fp_rate * 1.02
+
+
+def _dying_stream():
+    pa = pytest.importorskip("pyarrow")
+
+    def batches():
+        yield pa.record_batch({"x": ["a", "b"]})
+        raise RuntimeError("the source died")
+
+    return pa.RecordBatchReader.from_batches(pa.schema([("x", pa.string())]), batches())
+
+
+def test_a_stream_failing_midway_raises_in_both_filters(impl):
+    # The twin caught the read error as "cannot export", fell back to
+    # iterating the half-read stream, and returned having inserted nothing.
+    bf = impl(1024, 3)
+    with pytest.raises(ValueError, match=r"Arrow stream failed.*the source died"):
+        bf.insert_many(_dying_stream())
+    with pytest.raises(ValueError, match=r"Arrow stream failed.*the source died"):
+        bf.contains_many(_dying_stream())
+
+
+@pytest.mark.parametrize("hasher", [_hash, reference_hashing], ids=["native", "reference"])
+def test_xxh64_many_raises_for_a_stream_failing_midway(hasher):
+    with pytest.raises(ValueError, match=r"Arrow stream failed.*the source died"):
+        hasher.xxh64_many(_dying_stream())

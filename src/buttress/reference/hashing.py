@@ -106,19 +106,29 @@ def _arrow_chunks(keys: Any) -> list[Any] | None:
         hasattr(keys, "__arrow_c_stream__") or hasattr(keys, "__arrow_c_array__")
     ):
         return None
+    # As the native reader: a producer that cannot export (the export call
+    # raises) falls back to the Python-keys path; once exported, an error
+    # reading the data is the caller's (falling back then would iterate a
+    # half-read stream and silently insert nothing).
     try:
         import pyarrow as pa
 
-        if hasattr(keys, "__arrow_c_stream__"):
-            column = pa.chunked_array(keys)
-            chunks, column_type = column.chunks, column.type
-        else:
-            chunks = [pa.array(keys)]
-            column_type = chunks[0].type
+        exported: _ExportedStream | _ExportedArray = (
+            _ExportedStream(keys.__arrow_c_stream__()) if hasattr(keys, "__arrow_c_stream__")
+            else _ExportedArray(keys.__arrow_c_array__()))
     except (ImportError, TypeError, ValueError, NotImplementedError):
         if hasattr(keys, "__iter__"):
             return None
         raise
+    if isinstance(exported, _ExportedStream):
+        try:
+            column = pa.chunked_array(exported)
+        except pa.ArrowException as exc:
+            raise ValueError(f"the Arrow stream failed while reading it: {exc}") from exc
+        chunks, column_type = column.chunks, column.type
+    else:
+        chunks = [pa.array(exported)]
+        column_type = chunks[0].type
     if pa.types.is_struct(column_type) and column_type.num_fields == 1:
         if any(chunk.null_count for chunk in chunks):  # field(0) would show the hidden rows
             raise ValueError("a table-like Arrow struct with null rows is not a key column")
@@ -135,6 +145,26 @@ def _arrow_chunks(keys: Any) -> list[Any] | None:
                         f"large_binary, binary_view or fixed_size_binary, or a dictionary of "
                         f"those; cast the column first")
     return chunks
+
+
+class _ExportedStream:
+    """The capsule one ``__arrow_c_stream__`` call returned, for pyarrow to read."""
+
+    def __init__(self, capsule: Any) -> None:
+        self.capsule = capsule
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        return self.capsule
+
+
+class _ExportedArray:
+    """The capsules one ``__arrow_c_array__`` call returned, for pyarrow to read."""
+
+    def __init__(self, capsules: Any) -> None:
+        self.capsules = capsules
+
+    def __arrow_c_array__(self, requested_schema: Any = None) -> Any:
+        return self.capsules
 
 
 def _check_code_points(array: np.ndarray) -> None:
