@@ -18,23 +18,9 @@ import pytest
 import buttress
 import buttress.bloom
 import buttress.reference
+from bloom_support import NATIVE, TWIN
 from buttress import _hash
 from buttress.reference import hashing as reference_hashing
-
-NATIVE = buttress.BloomFilter
-TWIN = buttress.reference.BloomFilter
-LAYOUTS = ["classic", "split_block"]
-
-
-@pytest.fixture(params=[NATIVE, TWIN], ids=["native", "twin"])
-def impl(request):
-    return request.param
-
-
-@pytest.fixture(params=LAYOUTS)
-def layout(request):
-    return request.param
-
 
 # ---------------------------------------------------------------------- files and writers
 
