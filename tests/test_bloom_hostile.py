@@ -437,3 +437,44 @@ def test_a_stream_failing_midway_raises_in_both_filters(impl):
 def test_xxh64_many_raises_for_a_stream_failing_midway(hasher):
     with pytest.raises(ValueError, match=r"Arrow stream failed.*the source died"):
         hasher.xxh64_many(_dying_stream())
+
+
+def test_from_parquet_with_threads_reads_one_file_while_it_is_replaced(impl, tmp_path):
+    # Each thread opened the path itself: a file replaced mid-build (a batch job
+    # rewriting it) had its rows mixed with the old one's in one filter.
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = 4000 if impl is NATIVE else 800
+    sources = []
+    for prefix in ("old", "new"):
+        source = tmp_path / f"{prefix}.parquet"
+        pq.write_table(pa.table({"k": [f"{prefix}{i}" for i in range(rows)]}), source,
+                       row_group_size=rows // 8)
+        sources.append(source.read_bytes())
+    live = tmp_path / "live.parquet"
+    live.write_bytes(sources[0])
+    expected = [impl.from_parquet(tmp_path / "old.parquet", "k", fp_rate=0.01),
+                impl.from_parquet(tmp_path / "new.parquet", "k", fp_rate=0.01)]
+    stop = threading.Event()
+    swaps = [0]
+
+    def swapper() -> None:
+        staging = tmp_path / "staging.parquet"
+        while not stop.is_set():
+            staging.write_bytes(sources[swaps[0] % 2 == 0])
+            os.replace(staging, live)
+            swaps[0] += 1
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    builds = 0
+    deadline = time.monotonic() + 30
+    try:
+        while (builds < 5 or swaps[0] < 20) and time.monotonic() < deadline:
+            bf = impl.from_parquet(live, "k", fp_rate=0.01, threads=4)
+            assert bf in expected  # one file's rows, never a mix
+            builds += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert swaps[0] >= 20

@@ -252,8 +252,9 @@ class BloomFilterBase:
         # 57 MiB of peak RSS growth releasing per row group, 27 MiB per batch).
         pool = pa.default_memory_pool()
 
-        def open_file() -> Any:
-            return pq.ParquetFile(path, pre_buffer=False, buffer_size=_PARQUET_BUFFER)
+        def open_file(metadata: Any = None) -> Any:
+            return pq.ParquetFile(source, metadata=metadata, pre_buffer=False,
+                                  buffer_size=_PARQUET_BUFFER)
 
         def fill(parquet: Any, groups: Iterable[int]) -> None:
             for group in groups:
@@ -264,32 +265,41 @@ class BloomFilterBase:
                     pool.release_unused()
 
         _check_regular_file(path, os.stat(path).st_mode)  # a FIFO would block the reader
+        # Every reader reads this one open file (its positioned reads are
+        # thread-safe): readers that each opened `path` would read two different
+        # files if it were replaced meanwhile (a batch job rewriting it), and mix
+        # their rows into one filter sized for the first.
+        source = pa.OSFile(path)
         try:
-            parquet = open_file()
-        except pa.ArrowInvalid as exc:  # not Parquet: say which file
-            raise ValueError(f"{path}: not a readable Parquet file: {exc}") from None
-        with parquet:
-            names = parquet.schema_arrow.names
-            if column not in names:
-                listed = ", ".join(repr(name) for name in names)
-                raise ValueError(f"{path}: no column {column!r}; the file's "
-                                 f"columns are {listed}")
-            bf = cls.for_capacity(max(1, parquet.metadata.num_rows), fp_rate, layout=layout)
-            # The key type is checked before any row is read, so a file with no
-            # rows (or whose first rows are all null) is refused like any other.
-            bf.insert_many(pa.nulls(0, parquet.schema_arrow.field(names.index(column)).type))
-            readers = max(1, min(threads, parquet.num_row_groups))
-            if readers == 1:
-                fill(parquet, range(parquet.num_row_groups))
-            else:
-                # Decoding is most of the work: each thread reads its share of
-                # the row groups through its own reader (Arrow decodes with the GIL
-                # released) and inserts under the filter's lock.
-                def share(part: int) -> None:
-                    with open_file() as own:
-                        fill(own, range(part, own.num_row_groups, readers))
+            try:
+                parquet = open_file()
+            except pa.ArrowInvalid as exc:  # not Parquet: say which file
+                raise ValueError(f"{path}: not a readable Parquet file: {exc}") from None
+            with parquet:
+                names = parquet.schema_arrow.names
+                if column not in names:
+                    listed = ", ".join(repr(name) for name in names)
+                    raise ValueError(f"{path}: no column {column!r}; the file's "
+                                     f"columns are {listed}")
+                bf = cls.for_capacity(max(1, parquet.metadata.num_rows), fp_rate, layout=layout)
+                # The key type is checked before any row is read, so a file with no
+                # rows (or whose first rows are all null) is refused like any other.
+                bf.insert_many(pa.nulls(0, parquet.schema_arrow.field(names.index(column)).type))
+                groups = parquet.num_row_groups
+                readers = max(1, min(threads, groups))
+                if readers == 1:
+                    fill(parquet, range(groups))
+                else:
+                    # Decoding is most of the work: each thread reads its share of
+                    # the row groups through its own reader (Arrow decodes with the
+                    # GIL released) and inserts under the filter's lock.
+                    def share(part: int) -> None:
+                        with open_file(parquet.metadata) as own:
+                            fill(own, range(part, groups, readers))
 
-                _bloom._run_parallel([(share, part) for part in range(readers)])
+                    _bloom._run_parallel([(share, part) for part in range(readers)])
+        finally:
+            source.close()
         logger.debug("built %r from %s column %r", bf, path, column)
         return bf
 
