@@ -478,3 +478,33 @@ def test_from_parquet_with_threads_reads_one_file_while_it_is_replaced(impl, tmp
         stop.set()
         thread.join()
     assert swaps[0] >= 20
+
+
+class _LyingLength:
+    """An iterable of two keys whose __len__ is the caller's mistake."""
+
+    def __init__(self, length: int | None) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise RuntimeError("__len__ broke")
+        return self.length
+
+    def __iter__(self):
+        return iter(["a", "b"])
+
+
+@pytest.mark.parametrize("length", [2**62, 0, None], ids=["huge", "zero", "raises"])
+def test_batches_do_not_trust_a_keys_objects_len(impl, length):
+    # The native filter sized its answers (and list(keys)) by __len__: a huge
+    # one was a MemoryError, a raising one an error; the twin only iterates.
+    bf = impl(1024, 3)
+    bf.insert_many(_LyingLength(length))
+    assert bf.contains_many(_LyingLength(length)).tolist() == [True, True]
+    assert bf.stats()["keys_inserted"] == 2
+
+
+@pytest.mark.parametrize("hasher", [_hash, reference_hashing], ids=["native", "reference"])
+def test_xxh64_many_does_not_trust_len(hasher):
+    assert hasher.xxh64_many(_LyingLength(2**62)).tolist() == hasher.xxh64_many(["a", "b"]).tolist()

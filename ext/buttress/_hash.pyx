@@ -527,7 +527,15 @@ cdef KeyChunk python_chunk(keys, uint64_t seed):
     cdef KeyChunk chunk = KeyChunk.__new__(KeyChunk)
     cdef uint64_t[::1] hashes_view
     cdef Py_ssize_t i, n
-    cdef list items = keys if type(keys) is list else list(keys)
+    cdef list items
+    if type(keys) is list:
+        items = keys
+    elif type(keys) is tuple:
+        items = list(keys)
+    else:
+        # Not list(keys): it sizes the list by __len__ first, the caller's code,
+        # which may lie (a huge length is a MemoryError) or raise.
+        items = [key for key in keys]
     n = len(items)
     hashes = np.empty(n, dtype=np.uint64)
     if n:
