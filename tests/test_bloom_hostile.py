@@ -508,3 +508,19 @@ def test_batches_do_not_trust_a_keys_objects_len(impl, length):
 @pytest.mark.parametrize("hasher", [_hash, reference_hashing], ids=["native", "reference"])
 def test_xxh64_many_does_not_trust_len(hasher):
     assert hasher.xxh64_many(_LyingLength(2**62)).tolist() == hasher.xxh64_many(["a", "b"]).tolist()
+
+
+def test_damaged_saved_filters_raise_a_buttress_error(impl, tmp_path):
+    # raised on purpose, so a ButtressError; still a ValueError, as documented
+    good = impl(1024, 3).to_bytes()
+    damaged = [good[:10], b"x" * len(good), good[:-1], good + b"\0",
+               good[:70] + bytes([good[70] ^ 1]) + good[71:]]
+    path = tmp_path / "damaged.bloom"
+    for data in damaged:
+        with pytest.raises(buttress.CorruptFilterError) as caught:
+            impl.from_bytes(data)
+        assert isinstance(caught.value, buttress.ButtressError)
+        assert isinstance(caught.value, ValueError)
+        path.write_bytes(data)
+        with pytest.raises(buttress.CorruptFilterError, match=r"damaged\.bloom: "):
+            impl.open(path)

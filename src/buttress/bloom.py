@@ -64,6 +64,7 @@ from buttress._validate import (
     require_path,
     require_str,
 )
+from buttress.errors import CorruptFilterError
 
 __all__ = [
     "LAYOUTS",
@@ -561,7 +562,7 @@ class BloomFilterBase:
         view = _byte_view(data, "data")
         layout, num_bits, num_hashes, bitset_bytes, checksum = _parse_header(view)
         if len(view) != _HEADER_SIZE + bitset_bytes:
-            raise ValueError(_length_problem(len(view), bitset_bytes))
+            raise CorruptFilterError(_length_problem(len(view), bitset_bytes))
         bits = np.frombuffer(view, dtype=np.uint8, count=bitset_bytes, offset=_HEADER_SIZE)
         _verify_checksum(cls._checksum_hash, view[:_CHECKSUMMED_HEADER], bits, checksum)
         bf = cls.__new__(cls)
@@ -651,17 +652,17 @@ class BloomFilterBase:
                 layout, num_bits, num_hashes, bitset_bytes, checksum = _parse_header(
                     memoryview(head))
                 if size != _HEADER_SIZE + bitset_bytes:
-                    raise ValueError(_length_problem(size, bitset_bytes))
-            except ValueError as exc:
-                raise ValueError(f"{path}: {exc}") from None
+                    raise CorruptFilterError(_length_problem(size, bitset_bytes))
+            except CorruptFilterError as exc:
+                raise CorruptFilterError(f"{path}: {exc}") from None
             bits = np.memmap(handle, dtype=np.uint8, mode="r" if mode == "r" else "r+",
                              offset=_HEADER_SIZE, shape=(bitset_bytes,))
             if verify:
                 try:
                     _verify_checksum(cls._checksum_hash, head[:_CHECKSUMMED_HEADER], bits,
                                      checksum)
-                except ValueError as exc:
-                    raise ValueError(f"{path}: {exc}") from None
+                except CorruptFilterError as exc:
+                    raise CorruptFilterError(f"{path}: {exc}") from None
         except BaseException:
             handle.close()
             raise
@@ -976,33 +977,33 @@ def _check_regular_file(path: str, kind: int) -> None:
 def _parse_header(view: memoryview) -> tuple[str, int, int, int, int]:
     """Validate a header; return layout, num_bits, num_hashes, bitset bytes, checksum."""
     if len(view) < _HEADER_SIZE:
-        raise ValueError(f"truncated Bloom filter: the header needs {_HEADER_SIZE} bytes, "
+        raise CorruptFilterError(f"truncated Bloom filter: the header needs {_HEADER_SIZE} bytes, "
                          f"got {len(view)}")
     (magic, version, layout_code, hash_code, num_hashes, seed, num_bits, bitset_bytes,
      checksum) = _HEADER.unpack_from(view)
     if magic != _MAGIC:
-        raise ValueError(f"not a buttress Bloom filter (magic {bytes(magic)!r}, expected "
+        raise CorruptFilterError(f"not a buttress Bloom filter (magic {bytes(magic)!r}, expected "
                          f"{_MAGIC!r})")
     if version != _FORMAT_VERSION:
-        raise ValueError(f"unsupported Bloom filter format version {version} (this "
+        raise CorruptFilterError(f"unsupported Bloom filter format version {version} (this "
                          f"buttress reads version {_FORMAT_VERSION})")
     if any(view[_CHECKSUM_OFFSET + 8:_HEADER_SIZE]):
-        raise ValueError("corrupted header: reserved bytes are not zero")
+        raise CorruptFilterError("corrupted header: reserved bytes are not zero")
     layouts = {code: name for name, code in _LAYOUT_CODES.items()}
     if layout_code not in layouts:
-        raise ValueError(f"corrupted header: unknown layout code {layout_code}")
+        raise CorruptFilterError(f"corrupted header: unknown layout code {layout_code}")
     if hash_code != _HASH_XXH64:
-        raise ValueError(f"corrupted header: unknown hash algorithm code {hash_code}")
+        raise CorruptFilterError(f"corrupted header: unknown hash algorithm code {hash_code}")
     if seed != _SEED:
-        raise ValueError(f"unsupported hash seed {seed} (only {_SEED} is supported)")
+        raise CorruptFilterError(f"unsupported hash seed {seed} (only {_SEED} is supported)")
     layout = layouts[layout_code]
     try:
         checked_bits = _check_num_bits(num_bits, layout)
         num_hashes = _check_num_hashes(num_hashes, layout)
     except ValueError as exc:
-        raise ValueError(f"corrupted header: {exc}") from None
+        raise CorruptFilterError(f"corrupted header: {exc}") from None
     if checked_bits != num_bits or bitset_bytes != _bitset_bytes(num_bits, layout):
-        raise ValueError(f"corrupted header: num_bits={num_bits} does not match a "
+        raise CorruptFilterError(f"corrupted header: num_bits={num_bits} does not match a "
                          f"{bitset_bytes}-byte {layout} bitset")
     return layout, num_bits, num_hashes, bitset_bytes, checksum
 
@@ -1021,5 +1022,5 @@ def _checksum(xxh64: Callable[..., int], header: Any, bits: np.ndarray) -> int:
 def _verify_checksum(xxh64: Callable[..., int], header: Any, bits: np.ndarray,
                      expected: int) -> None:
     if _checksum(xxh64, header, bits) != expected:
-        raise ValueError("corrupted Bloom filter: checksum mismatch (the data was damaged, "
-                         "or a writer did not flush)")
+        raise CorruptFilterError("corrupted Bloom filter: checksum mismatch (the data was "
+                                 "damaged, or a writer did not flush)")
