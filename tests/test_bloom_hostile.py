@@ -524,3 +524,10 @@ def test_damaged_saved_filters_raise_a_buttress_error(impl, tmp_path):
         path.write_bytes(data)
         with pytest.raises(buttress.CorruptFilterError, match=r"damaged\.bloom: "):
             impl.open(path)
+
+
+def test_guard_get_many_does_not_trust_len(impl):
+    bf = impl(1024, 3)
+    guard = buttress.BloomGuard({"a": 1, "b": 2}.get, bf)
+    guard.add_many(["a", "b"])
+    assert guard.get_many(_LyingLength(2**62)) == [1, 2]

@@ -786,7 +786,7 @@ class BloomGuard(Generic[V]):
 
     def get_many(self, keys: Iterable[Any], default: Any = None) -> list[V | Any]:
         """:meth:`get` for many keys, with one batch filter check."""
-        keys = list(keys)
+        keys = [key for key in keys]  # not list(): it trusts a __len__ that may lie
         maybe = self.bloom.contains_many(keys).tolist()
         return [self._backend_lookup(k, default) if m else self._avoided_lookup(default)
                 for k, m in zip(keys, maybe, strict=True)]
