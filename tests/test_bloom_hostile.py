@@ -8,9 +8,12 @@ and on errors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +25,52 @@ from bloom_support import NATIVE, TWIN
 from buttress import _hash
 from buttress.reference import hashing as reference_hashing
 
+# ---------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _repeated_on_a_thread(action: Callable[[int], object]) -> Iterator[list[int]]:
+    """Run ``action(0)``, ``action(1)``, ... on a thread until the block ends.
+
+    Yields a one-item list holding how many calls have finished so far.
+    """
+    stop = threading.Event()
+    done = [0]
+
+    def loop() -> None:
+        while not stop.is_set():
+            action(done[0])
+            done[0] += 1
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _outcome_unless_it_blocks(fifo: Any, call: Callable[[], object]) -> object:
+    """``call()``'s result or exception; fails the test if it blocks on ``fifo``."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():  # it waits for a writer: let it go, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=10)
+        pytest.fail("blocked on a FIFO")
+    return outcome[0]
+
+
 # ---------------------------------------------------------------------- files and writers
 
 
@@ -30,24 +79,13 @@ def test_save_and_to_bytes_racing_inserts_write_a_consistent_snapshot(impl, tmp_
     # must come from the same moment, or the file fails its own checksum.
     bf = impl.for_capacity(2_000_000, 0.01, layout="split_block")
     batch = 20_000 if impl is NATIVE else 2_000
-    stop = threading.Event()
-
-    def writer() -> None:
-        rng = np.random.default_rng(0)
-        while not stop.is_set():
-            bf.insert_many(rng.integers(0, 2**62, batch))
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
+    rng = np.random.default_rng(0)
+    with _repeated_on_a_thread(lambda _: bf.insert_many(rng.integers(0, 2**62, batch))):
         for round_ in range(8):
             path = tmp_path / f"snap{round_}.bloom"
             bf.save(path)
             impl.open(path).close()  # verifies the checksum
             impl.from_bytes(bf.to_bytes())
-    finally:
-        stop.set()
-        thread.join()
 
 
 def test_open_racing_a_save_over_the_path_reads_one_whole_file(impl, tmp_path):
@@ -60,27 +98,14 @@ def test_open_racing_a_save_over_the_path_reads_one_whole_file(impl, tmp_path):
     new = impl.for_capacity(100_000, 0.01, layout="split_block")
     new.insert_many(np.arange(1000, 2000))
     old.save(path)
-    stop = threading.Event()
-    swaps = [0]
-
-    def swapper() -> None:
-        while not stop.is_set():
-            (new if swaps[0] % 2 else old).save(path)
-            swaps[0] += 1
-
-    thread = threading.Thread(target=swapper)
-    thread.start()
     opens = 0
     deadline = time.monotonic() + 30
-    try:
+    with _repeated_on_a_thread(lambda i: (new if i % 2 else old).save(path)) as swaps:
         # until the file was swapped under the opens many times (the race was on)
         while (opens < 300 or swaps[0] < 30) and time.monotonic() < deadline:
             with impl.open(path) as bf:
                 assert bf in (old, new)
             opens += 1
-    finally:
-        stop.set()
-        thread.join()
     assert swaps[0] >= 30
 
 
@@ -89,7 +114,7 @@ def test_close_racing_inserts_leaves_a_file_that_verifies(impl, tmp_path):
     # between changed the mapped bits after their checksum was written.
     path = tmp_path / "live.bloom"
     impl.for_capacity(50_000, 0.01, layout="split_block").save(path)
-    for trial in range(10):
+    for trial in range(30):
         bf = impl.open(path, "r+")
         inserted = threading.Event()
         errors: list[BaseException] = []
@@ -98,7 +123,7 @@ def test_close_racing_inserts_leaves_a_file_that_verifies(impl, tmp_path):
             rng = np.random.default_rng(trial)
             try:
                 while True:
-                    bf.insert_many(rng.integers(0, 2**62, 500))
+                    bf.insert_many(rng.integers(0, 2**62, 100))
                     inserted.set()
             except ValueError as exc:  # the filter was closed under it
                 errors.append(exc)
@@ -115,23 +140,9 @@ def test_close_racing_inserts_leaves_a_file_that_verifies(impl, tmp_path):
 def test_open_refuses_a_fifo_without_blocking(impl, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    outcome: list[BaseException | object] = []
-
-    def opener() -> None:
-        try:
-            outcome.append(impl.open(fifo))
-        except BaseException as exc:  # handed to the test thread
-            outcome.append(exc)
-
-    thread = threading.Thread(target=opener, daemon=True)
-    thread.start()
-    thread.join(timeout=10)
-    if thread.is_alive():  # it blocked waiting for a writer: let it go, then fail
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        thread.join(timeout=10)
-        pytest.fail("BloomFilter.open blocked on a FIFO")
-    assert isinstance(outcome[0], ValueError)
-    assert "not a regular file" in str(outcome[0])
+    outcome = _outcome_unless_it_blocks(fifo, lambda: impl.open(fifo))
+    assert isinstance(outcome, ValueError)
+    assert "not a regular file" in str(outcome)
     with pytest.raises(IsADirectoryError):
         impl.open(tmp_path)
 
@@ -299,23 +310,10 @@ def test_from_parquet_refuses_odd_files_and_types_before_reading_rows(impl, tmp_
         impl.from_parquet(tmp_path, "x", fp_rate=0.01)
     fifo = tmp_path / "pipe.parquet"
     os.mkfifo(fifo)
-    outcome: list[BaseException | object] = []
-
-    def reader() -> None:
-        try:
-            outcome.append(impl.from_parquet(fifo, "x", fp_rate=0.01))
-        except BaseException as exc:  # handed to the test thread
-            outcome.append(exc)
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    thread.join(timeout=10)
-    if thread.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        thread.join(timeout=10)
-        pytest.fail("from_parquet blocked on a FIFO")
-    assert isinstance(outcome[0], ValueError)
-    assert "not a regular file" in str(outcome[0])
+    outcome = _outcome_unless_it_blocks(
+        fifo, lambda: impl.from_parquet(fifo, "x", fp_rate=0.01))
+    assert isinstance(outcome, ValueError)
+    assert "not a regular file" in str(outcome)
 
 
 def test_masked_arrays_never_insert_their_hidden_values(impl):
@@ -455,28 +453,19 @@ def test_from_parquet_with_threads_reads_one_file_while_it_is_replaced(impl, tmp
     live.write_bytes(sources[0])
     expected = [impl.from_parquet(tmp_path / "old.parquet", "k", fp_rate=0.01),
                 impl.from_parquet(tmp_path / "new.parquet", "k", fp_rate=0.01)]
-    stop = threading.Event()
-    swaps = [0]
+    staging = tmp_path / "staging.parquet"
 
-    def swapper() -> None:
-        staging = tmp_path / "staging.parquet"
-        while not stop.is_set():
-            staging.write_bytes(sources[swaps[0] % 2 == 0])
-            os.replace(staging, live)
-            swaps[0] += 1
+    def replace(i: int) -> None:
+        staging.write_bytes(sources[i % 2 == 0])
+        os.replace(staging, live)
 
-    thread = threading.Thread(target=swapper)
-    thread.start()
     builds = 0
     deadline = time.monotonic() + 30
-    try:
+    with _repeated_on_a_thread(replace) as swaps:
         while (builds < 5 or swaps[0] < 20) and time.monotonic() < deadline:
             bf = impl.from_parquet(live, "k", fp_rate=0.01, threads=4)
             assert bf in expected  # one file's rows, never a mix
             builds += 1
-    finally:
-        stop.set()
-        thread.join()
     assert swaps[0] >= 20
 
 
