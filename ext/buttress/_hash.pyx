@@ -691,6 +691,7 @@ _ARROW_NAMES = {
 _INT_FORMATS = {"c": (1, True), "C": (1, False), "s": (2, True), "S": (2, False),
                 "i": (4, True), "I": (4, False), "l": (8, True), "L": (8, False)}
 _BYTES_FORMATS = {"u", "U", "z", "Z", "vu", "vz"}
+_TIME_UNITS = {"s": "s", "m": "ms", "u": "us", "n": "ns"}
 
 
 cdef str arrow_type_name(ArrowSchema* schema):
@@ -712,12 +713,15 @@ cdef str arrow_type_name(ArrowSchema* schema):
         return f"fixed_size_binary[{fmt[2:]}]"
     if fmt.startswith("d:"):
         return f"decimal({fmt[2:]})"
-    if fmt.startswith("ts"):
-        return f"timestamp[{fmt[2:]}]"
-    if fmt.startswith("tD"):
-        return f"duration[{fmt[2:]}]"
-    if fmt.startswith("tt"):
-        return f"time[{fmt[2:]}]"
+    if fmt[:2] in ("ts", "tD", "tt") and fmt[2:3] in _TIME_UNITS:
+        # "tsu:UTC" is timestamp[us, tz=UTC], "tDs" duration[s], "ttn" time64[ns]
+        unit = _TIME_UNITS[fmt[2:3]]
+        if fmt.startswith("ts"):
+            zone = fmt[4:]
+            return f"timestamp[{unit}, tz={zone}]" if zone else f"timestamp[{unit}]"
+        if fmt.startswith("tD"):
+            return f"duration[{unit}]"
+        return f"time{32 if unit in ('s', 'ms') else 64}[{unit}]"
     return f"Arrow format {fmt!r}"
 
 

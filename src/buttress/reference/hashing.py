@@ -134,6 +134,11 @@ def _arrow_chunks(keys: Any) -> list[Any] | None:
             raise ValueError("a table-like Arrow struct with null rows is not a key column")
         column_type = column_type.field(0).type
         chunks = [chunk.field(0) for chunk in chunks]
+    if isinstance(column_type, pa.BaseExtensionType):
+        # The C data interface carries an extension type (arrow.uuid, ...) as
+        # its storage plus metadata, and the native reader reads the storage.
+        column_type = column_type.storage_type
+        chunks = [chunk.storage for chunk in chunks]
     supported = (pa.types.is_integer, pa.types.is_string, pa.types.is_large_string,
                  pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
                  pa.types.is_null, pa.types.is_string_view, pa.types.is_binary_view)
