@@ -31,7 +31,8 @@ Thread safety: lookups never lock (bits only ever go from 0 to 1, so a
 reader racing a writer can at worst miss a key whose insert has not returned
 yet).  Writers (insert, insert_many, |=, &=, clear) hold one lock per filter,
 so inserts from several threads never lose bits; the native batch kernels
-release the GIL while they hold it.  Processes sharing a file opened with
+release the GIL while they hold it.  Snapshots (save, to_bytes, bitset, flush,
+close) hold it too, so a file's checksum matches its bits.  Processes sharing a file opened with
 ``mode="r+"`` must agree on a single writer.
 
 The layer in this module (validation, persistence, set operations, sizing,
