@@ -20,6 +20,9 @@ from hypothesis import HealthCheck, settings
 import buttress
 from buttress.testing import REDIS_URL_ENV, RedisServer
 
+# The Bloom filter test files share the `impl` and `layout` fixtures.
+pytest_plugins = ["bloom_support"]
+
 # Subprocesses started by tests (workers, services, contenders) import the same
 # buttress as the test run: the installed wheel in CI, an editable install or a
 # checkout on PYTHONPATH for a developer.  Never src/ by default: a fresh clone has

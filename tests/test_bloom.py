@@ -20,23 +20,11 @@ import xxhash
 
 import buttress
 import buttress.reference
+from bloom_support import LAYOUTS, NATIVE, TWIN
 from buttress.bloom import BloomGuard, classic_fp_rate, split_block_fp_rate
 
-NATIVE = buttress.BloomFilter
-TWIN = buttress.reference.BloomFilter
-LAYOUTS = ["classic", "split_block"]
 SALT = [0x47B6137B, 0x44974D91, 0x8824AD5B, 0xA2B7289D,
         0x705495C7, 0x2DF1424B, 0x9EFC4947, 0x5C6BFB31]
-
-
-@pytest.fixture(params=[NATIVE, TWIN], ids=["native", "twin"])
-def impl(request):
-    return request.param
-
-
-@pytest.fixture(params=LAYOUTS)
-def layout(request):
-    return request.param
 
 
 # ---------------------------------------------------------------------- API

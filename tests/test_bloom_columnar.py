@@ -19,14 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import buttress
-import buttress.reference
+from bloom_support import NATIVE, TWIN
 from buttress import _bloom, _hash
 from buttress.reference import hashing as reference_hashing
 
-NATIVE = buttress.BloomFilter
-TWIN = buttress.reference.BloomFilter
-LAYOUTS = ["classic", "split_block"]
 HASHERS = [pytest.param(_hash, id="native"), pytest.param(reference_hashing, id="reference")]
 
 WORDS = [f"user:{i:08d}" for i in range(300)] + [
@@ -36,16 +32,6 @@ STRING_TYPES = [pa.string(), pa.large_string(), pa.string_view()]
 BINARY_TYPES = [pa.binary(), pa.large_binary(), pa.binary_view()]
 INT_TYPES = [pa.int8(), pa.int16(), pa.int32(), pa.int64(),
              pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()]
-
-
-@pytest.fixture(params=[NATIVE, TWIN], ids=["native", "twin"])
-def impl(request):
-    return request.param
-
-
-@pytest.fixture(params=LAYOUTS)
-def layout(request):
-    return request.param
 
 
 def ints_for(arrow_type):

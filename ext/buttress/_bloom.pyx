@@ -333,33 +333,26 @@ cdef class BloomCore:
         """Return a numpy bool array: may each key be in the filter?"""
         cdef KeyChunk chunk
         cdef _Batch batch
-        cdef Py_ssize_t position = 0
         self._check_bound()
         buffer = self._buffer  # captured before Python code runs (see _insert_many)
         cdef uint8_t* data = self._data
-        try:
-            expected = len(keys)  # one result array, filled chunk by chunk
-        except TypeError:
-            expected = -1
-        result = np.zeros(max(expected, 0), dtype=np.bool_)
-        collected = None  # the answers per chunk, once the chunks outgrow len(keys)
+        # One answer array per chunk, joined at the end.  Not one array of
+        # len(keys) filled in place: __len__ is the caller's code, and may lie
+        # (a huge length is a huge allocation) or raise.
+        parts = []
         for chunk in iter_key_chunks(keys):
             count = chunk.src.count
-            if collected is None and position + count <= result.shape[0]:
-                answers = result[position:position + count]
-            else:
-                if collected is None:
-                    collected = [result[:position]]
-                answers = np.zeros(count, dtype=np.bool_)
-                collected.append(answers)
-            position += count
+            answers = np.zeros(count, dtype=np.bool_)
+            parts.append(answers)
             if count == 0:
                 continue
             batch = _Batch.create(self, buffer, data, chunk, answers)
             batch.lookup_threaded(_share_count(count, threads))
-        if collected is not None:
-            return np.concatenate(collected)
-        return result if position == result.shape[0] else result[:position]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.zeros(0, dtype=np.bool_)
+        return np.concatenate(parts)
 
     def _count_ones(self):
         """Number of set bits."""

@@ -393,10 +393,12 @@ def encode_key(key):
     """Return the bytes that the key-encoding rule gives for ``key``."""
     if isinstance(key, bool):
         raise TypeError("bool is not a supported key type (use int or str explicitly)")
+    # str.encode and the buffer, not key.encode() or bytes(key): a subclass's
+    # encode() or __bytes__ must not change the key (hashing reads the buffer)
     if isinstance(key, str):
-        return key.encode("utf-8")
+        return str.encode(key, "utf-8")
     if isinstance(key, (bytes, bytearray, memoryview)):
-        return bytes(key)
+        return memoryview(key).tobytes()
     if isinstance(key, (int, np.integer)):
         return int_key(int(key)).to_bytes(8, "little")
     raise TypeError(
@@ -525,7 +527,15 @@ cdef KeyChunk python_chunk(keys, uint64_t seed):
     cdef KeyChunk chunk = KeyChunk.__new__(KeyChunk)
     cdef uint64_t[::1] hashes_view
     cdef Py_ssize_t i, n
-    cdef list items = keys if type(keys) is list else list(keys)
+    cdef list items
+    if type(keys) is list:
+        items = keys
+    elif type(keys) is tuple:
+        items = list(keys)
+    else:
+        # Not list(keys): it sizes the list by __len__ first, the caller's code,
+        # which may lie (a huge length is a MemoryError) or raise.
+        items = [key for key in keys]
     n = len(items)
     hashes = np.empty(n, dtype=np.uint64)
     if n:
@@ -625,6 +635,10 @@ cdef KeyChunk numpy_chunk(array):
         bad = ucs4_first_unencodable(<const uint32_t*>chunk.src.values,
                                      chunk.src.count * (chunk.src.width // 4))
     if bad >= 0:
+        code_point = (<const uint32_t*>chunk.src.values)[bad]
+        if code_point > 0x10FFFF:  # numpy cannot even make a str of this element
+            raise ValueError(f"'U' array element {bad // (chunk.src.width // 4)} holds "
+                             f"{code_point:#x}, which is not a Unicode code point")
         text = str(array[bad // (chunk.src.width // 4)])
         position = bad % (chunk.src.width // 4)
         raise UnicodeEncodeError("utf-8", text, position, position + 1,
@@ -677,6 +691,7 @@ _ARROW_NAMES = {
 _INT_FORMATS = {"c": (1, True), "C": (1, False), "s": (2, True), "S": (2, False),
                 "i": (4, True), "I": (4, False), "l": (8, True), "L": (8, False)}
 _BYTES_FORMATS = {"u", "U", "z", "Z", "vu", "vz"}
+_TIME_UNITS = {"s": "s", "m": "ms", "u": "us", "n": "ns"}
 
 
 cdef str arrow_type_name(ArrowSchema* schema):
@@ -698,12 +713,15 @@ cdef str arrow_type_name(ArrowSchema* schema):
         return f"fixed_size_binary[{fmt[2:]}]"
     if fmt.startswith("d:"):
         return f"decimal({fmt[2:]})"
-    if fmt.startswith("ts"):
-        return f"timestamp[{fmt[2:]}]"
-    if fmt.startswith("tD"):
-        return f"duration[{fmt[2:]}]"
-    if fmt.startswith("tt"):
-        return f"time[{fmt[2:]}]"
+    if fmt[:2] in ("ts", "tD", "tt") and fmt[2:3] in _TIME_UNITS:
+        # "tsu:UTC" is timestamp[us, tz=UTC], "tDs" duration[s], "ttn" time64[ns]
+        unit = _TIME_UNITS[fmt[2:3]]
+        if fmt.startswith("ts"):
+            zone = fmt[4:]
+            return f"timestamp[{unit}, tz={zone}]" if zone else f"timestamp[{unit}]"
+        if fmt.startswith("tD"):
+            return f"duration[{unit}]"
+        return f"time{32 if unit in ('s', 'ms') else 64}[{unit}]"
     return f"Arrow format {fmt!r}"
 
 
@@ -746,15 +764,19 @@ cdef KeyChunk arrow_chunk(ArrowSchema* schema, ArrowArray* array, object owner,
     cdef ArrowSchema* column = check_arrow_type(schema)
     cdef int64_t offset = array.offset
     cdef int64_t length = array.length
+    cdef int64_t null_count = array.null_count
     if column != schema:  # a one-column table: descend into the column
         if array.null_count != 0 and array.buffers[0] != NULL:
             raise ValueError("a table-like Arrow struct with null rows is not a key column")
         array = array.children[0]
         offset += array.offset
+        # The child's null_count covers the whole child, which a sliced table
+        # shows only part of: count the nulls of the rows it shows.
+        null_count = -1 if array.null_count != 0 else 0
     chunk.owner = owner
     chunk.src.count = length
     chunk.src.offset = offset
-    chunk.src.null_count = array.null_count
+    chunk.src.null_count = null_count
     if array.null_count != 0 and array.n_buffers > 0 and array.buffers[0] != NULL:
         chunk.src.validity = <const uint8_t*>array.buffers[0]
     else:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from buttress._version import __version__
 from buttress.errors import (
     ButtressError,
+    CorruptFilterError,
     Expired,
     FencingRejected,
     PortInUseError,
@@ -102,6 +103,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ButtressError",
+    "CorruptFilterError",
     "Expired",
     "FencingRejected",
     "PortInUseError",

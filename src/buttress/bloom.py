@@ -31,7 +31,8 @@ Thread safety: lookups never lock (bits only ever go from 0 to 1, so a
 reader racing a writer can at worst miss a key whose insert has not returned
 yet).  Writers (insert, insert_many, |=, &=, clear) hold one lock per filter,
 so inserts from several threads never lose bits; the native batch kernels
-release the GIL while they hold it.  Processes sharing a file opened with
+release the GIL while they hold it.  Snapshots (save, to_bytes, bitset, flush,
+close) hold it too, so a file's checksum matches its bits.  Processes sharing a file opened with
 ``mode="r+"`` must agree on a single writer.
 
 The layer in this module (validation, persistence, set operations, sizing,
@@ -42,9 +43,11 @@ differ (``buttress._bloom`` or the pure-Python core in
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -53,7 +56,16 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Generic, TypeVar
 import numpy as np
 
 from buttress import _bloom, _hash
-from buttress._validate import require_int, require_number, require_path, require_str
+from buttress._validate import (
+    require_bool,
+    require_callable,
+    require_choice,
+    require_int,
+    require_number,
+    require_path,
+    require_str,
+)
+from buttress.errors import CorruptFilterError
 
 __all__ = [
     "LAYOUTS",
@@ -70,6 +82,7 @@ LAYOUTS = ("classic", "split_block")
 _LAYOUT_CODES = {"classic": 0, "split_block": 1}
 _BLOCK_BITS = 256  # split_block: eight 32-bit words
 _MAX_NUM_BITS = 1 << 40  # 128 GiB; split_block's block index needs num_blocks < 2**32
+_MAX_THREADS = 1024  # threads=: far beyond any core count, and within the kernels' C int
 
 # Persistence: a 64-byte little-endian header, then the bitset.
 #   magic, format version, layout, hash algorithm, num_hashes, seed, num_bits,
@@ -101,6 +114,9 @@ _READ_ONLY = (
 
 def classic_fp_rate(num_keys: float, num_bits: int, num_hashes: int) -> float:
     """Expected false-positive rate of a classic filter: ``(1 - e^(-k n / m))^k``."""
+    num_keys = require_number("num_keys", num_keys, minimum=0)
+    num_bits = require_int("num_bits", num_bits, minimum=1)
+    num_hashes = require_int("num_hashes", num_hashes, minimum=1)
     if num_keys <= 0:
         return 0.0
     return float((-math.expm1(-num_hashes * num_keys / num_bits)) ** num_hashes)
@@ -114,7 +130,8 @@ def split_block_fp_rate(num_keys: float, num_bits: int) -> float:
     query must find its bit set in all eight words.  The usual closed form
     ignores the variance of ``j`` and under-sizes the filter.
     """
-    blocks = num_bits // _BLOCK_BITS
+    num_keys = require_number("num_keys", num_keys, minimum=0)
+    blocks = require_int("num_bits", num_bits, minimum=_BLOCK_BITS) // _BLOCK_BITS
     if num_keys <= 0:
         return 0.0
     lam = num_keys / blocks
@@ -190,6 +207,11 @@ class BloomFilterBase:
             return cls(_split_block_bits(capacity, fp_rate), 8, layout=layout)
         bits = math.ceil(-capacity * math.log(fp_rate) / math.log(2) ** 2)
         num_hashes = min(64, max(1, round(bits / capacity * math.log(2))))
+        if num_hashes == 64:
+            # Below fp_rate ~ 2**-64 the best k is over the cap, and 64 probes
+            # need more bits than the formula above to reach fp_rate: the
+            # bits that make (1 - e^(-64 n / m))^64 = fp_rate.
+            bits = max(bits, math.ceil(-64 * capacity / math.log1p(-fp_rate ** (1 / 64))))
         num_bits = _next_prime(bits)
         if num_bits > _MAX_NUM_BITS:
             raise ValueError(f"capacity {capacity} at fp_rate {fp_rate} needs {num_bits} bits, "
@@ -232,8 +254,9 @@ class BloomFilterBase:
         # 57 MiB of peak RSS growth releasing per row group, 27 MiB per batch).
         pool = pa.default_memory_pool()
 
-        def open_file() -> Any:
-            return pq.ParquetFile(path, pre_buffer=False, buffer_size=_PARQUET_BUFFER)
+        def open_file(metadata: Any = None) -> Any:
+            return pq.ParquetFile(source, metadata=metadata, pre_buffer=False,
+                                  buffer_size=_PARQUET_BUFFER)
 
         def fill(parquet: Any, groups: Iterable[int]) -> None:
             for group in groups:
@@ -243,25 +266,42 @@ class BloomFilterBase:
                     del batch  # before the next batch is decoded
                     pool.release_unused()
 
-        with open_file() as parquet:
-            names = parquet.schema_arrow.names
-            if column not in names:
-                listed = ", ".join(repr(name) for name in names)
-                raise ValueError(f"{path}: no column {column!r}; the file's "
-                                 f"columns are {listed}")
-            bf = cls.for_capacity(max(1, parquet.metadata.num_rows), fp_rate, layout=layout)
-            readers = max(1, min(threads, parquet.num_row_groups))
-            if readers == 1:
-                fill(parquet, range(parquet.num_row_groups))
-            else:
-                # Decoding is most of the work: each thread reads its share of
-                # the row groups through its own reader (Arrow decodes with the GIL
-                # released) and inserts under the filter's lock.
-                def share(part: int) -> None:
-                    with open_file() as own:
-                        fill(own, range(part, own.num_row_groups, readers))
+        _check_regular_file(path, os.stat(path).st_mode)  # a FIFO would block the reader
+        # Every reader reads this one open file (its positioned reads are
+        # thread-safe): readers that each opened `path` would read two different
+        # files if it were replaced meanwhile (a batch job rewriting it), and mix
+        # their rows into one filter sized for the first.
+        source = pa.OSFile(path)
+        try:
+            try:
+                parquet = open_file()
+            except pa.ArrowInvalid as exc:  # not Parquet: say which file
+                raise ValueError(f"{path}: not a readable Parquet file: {exc}") from None
+            with parquet:
+                names = parquet.schema_arrow.names
+                if column not in names:
+                    listed = ", ".join(repr(name) for name in names)
+                    raise ValueError(f"{path}: no column {column!r}; the file's "
+                                     f"columns are {listed}")
+                bf = cls.for_capacity(max(1, parquet.metadata.num_rows), fp_rate, layout=layout)
+                # The key type is checked before any row is read, so a file with no
+                # rows (or whose first rows are all null) is refused like any other.
+                bf.insert_many(pa.nulls(0, parquet.schema_arrow.field(names.index(column)).type))
+                groups = parquet.num_row_groups
+                readers = max(1, min(threads, groups))
+                if readers == 1:
+                    fill(parquet, range(groups))
+                else:
+                    # Decoding is most of the work: each thread reads its share of
+                    # the row groups through its own reader (Arrow decodes with the
+                    # GIL released) and inserts under the filter's lock.
+                    def share(part: int) -> None:
+                        with open_file(parquet.metadata) as own:
+                            fill(own, range(part, groups, readers))
 
-                _bloom._run_parallel([(share, part) for part in range(readers)])
+                    _bloom._run_parallel([(share, part) for part in range(readers)])
+        finally:
+            source.close()
         logger.debug("built %r from %s column %r", bf, path, column)
         return bf
 
@@ -306,8 +346,8 @@ class BloomFilterBase:
 
     def insert(self, key: Any) -> None:
         """Add ``key`` (str, bytes-like or int)."""
-        self._require_writable()
         with self._write_lock:
+            self._require_writable()
             self._insert_one(key)
             self._keys_inserted += 1
 
@@ -331,12 +371,12 @@ class BloomFilterBase:
         raise ``TypeError`` naming the type.
 
         ``threads``: split a large batch over this many native threads (0: every
-        core).  The result is bit for bit the single-thread one: each thread
+        core; at most 1024).  The result is bit for bit the single-thread one: each thread
         owns a slice of the bit array.
         """
         threads = _check_threads(threads)
-        self._require_writable()
         with self._write_lock:
+            self._require_writable()
             self._keys_inserted += self._insert_many(keys, threads)
 
     def contains_many(self, keys: Any, *, threads: int = 1) -> np.ndarray:
@@ -344,7 +384,7 @@ class BloomFilterBase:
 
         Takes the same inputs as :meth:`insert_many`; a null key answers
         ``False``.  ``threads`` splits a large batch over native threads (0:
-        every core).
+        every core; at most 1024).
         """
         threads = _check_threads(threads)
         return self._contains_many(keys, threads)
@@ -411,8 +451,8 @@ class BloomFilterBase:
 
     def clear(self) -> None:
         """Clear every bit (the only way to forget keys)."""
-        self._require_writable()
         with self._write_lock:
+            self._require_writable()
             self._bits[:] = 0
             self._keys_inserted = 0
 
@@ -428,8 +468,9 @@ class BloomFilterBase:
     def bitset(self) -> bytes:
         """The raw bit array.  For split_block this is exactly a Parquet bitset
         (little-endian 32-bit words, block after block)."""
-        self._check_open()
-        return self._bits.tobytes()
+        with self._write_lock:  # a copy between two inserts, never half of one
+            self._check_open()
+            return self._bits.tobytes()
 
     def union(self: _F, other: BloomFilterBase) -> _F:
         """A new filter holding the keys of both (bitwise OR)."""
@@ -463,13 +504,16 @@ class BloomFilterBase:
         if not isinstance(other, BloomFilterBase):
             raise TypeError(f"can only combine a BloomFilter with another BloomFilter, "
                             f"got {type(other).__name__}")
+        theirs = other._bits  # taken first: a close() of `other` from now on cannot pull it
         self._check_compatible(other)
-        self._require_writable()
         with self._write_lock:
-            op(self._bits, other._bits, out=self._bits)
+            self._require_writable()
+            op(self._bits, theirs, out=self._bits)
         return self
 
     def _check_compatible(self, other: BloomFilterBase) -> None:
+        if other._closed:
+            raise ValueError("cannot combine a BloomFilter with a closed one")
         for name in ("layout", "num_bits", "num_hashes"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
@@ -503,7 +547,11 @@ class BloomFilterBase:
     def to_bytes(self) -> bytes:
         """Header (magic, format version, layout, hash, seed, num_bits, num_hashes,
         checksum) followed by the bitset; :meth:`from_bytes` reads it back."""
-        return self._header() + self._bits.tobytes()
+        # Under the writers' lock: a checksum taken while an insert changes the
+        # bits would not match the bits copied after it, and from_bytes() would
+        # then reject the snapshot as corrupted.
+        with self._write_lock:
+            return self._header() + self._bits.tobytes()
 
     @classmethod
     def from_bytes(cls: type[_F], data: Any) -> _F:
@@ -515,7 +563,7 @@ class BloomFilterBase:
         view = _byte_view(data, "data")
         layout, num_bits, num_hashes, bitset_bytes, checksum = _parse_header(view)
         if len(view) != _HEADER_SIZE + bitset_bytes:
-            raise ValueError(_length_problem(len(view), bitset_bytes))
+            raise CorruptFilterError(_length_problem(len(view), bitset_bytes))
         bits = np.frombuffer(view, dtype=np.uint8, count=bitset_bytes, offset=_HEADER_SIZE)
         _verify_checksum(cls._checksum_hash, view[:_CHECKSUMMED_HEADER], bits, checksum)
         bf = cls.__new__(cls)
@@ -555,13 +603,18 @@ class BloomFilterBase:
         return (type(self).from_bytes, (self.to_bytes(),))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_bytes` to ``path`` atomically (temp file, fsync, rename)."""
+        """Write :meth:`to_bytes` to ``path`` atomically (temp file, fsync, rename).
+
+        The file is one consistent snapshot: inserts from other threads wait
+        while the bits are written (lookups do not), so its checksum matches.
+        """
         path = require_path("path", path)
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             with open(tmp, "wb") as fh:
-                fh.write(self._header())
-                fh.write(self._bits.data)
+                with self._write_lock:  # header and bits from the same moment
+                    fh.write(self._header())
+                    fh.write(self._bits.data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -583,38 +636,42 @@ class BloomFilterBase:
         the whole file once); a file from a writer that died before flushing
         fails it, so pass ``verify=False`` to salvage one.
         """
-        if mode not in ("r", "r+"):
-            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        require_choice("mode", mode, ("r", "r+"))
+        verify = require_bool("verify", verify)
         path = require_path("path", path)
-        with open(path, "rb") as fh:
-            head = fh.read(_HEADER_SIZE)
-            size = os.fstat(fh.fileno()).st_size
-        layout, num_bits, num_hashes, bitset_bytes, checksum = _parse_header(memoryview(head))
-        if size != _HEADER_SIZE + bitset_bytes:
-            raise ValueError(f"{path}: {_length_problem(size, bitset_bytes)}")
-        # A writer keeps the file it mapped open, and flush() writes the header
-        # through that handle: if save() has meanwhile replaced the file at
-        # `path` (the rebuild-and-swap recipe), this filter's bits and header go
-        # to its own, now unlinked, file and never into the new one.
-        handle = open(path, "r+b") if mode == "r+" else None  # noqa: SIM115 (closed by close())
+        # Header, length and bits all come through one handle, so they describe
+        # the same file even if save() replaces the file at `path` meanwhile
+        # (the rebuild-and-swap recipe): reading the header from the old file
+        # and mapping the new one would fail the checksum, or mix two filters.
+        # A writer keeps the handle: flush() writes the header through it, so
+        # its bits never go into a file saved over its path later.
+        handle = _open_regular_file(path, mode)
         try:
-            bits = np.memmap(handle if handle is not None else path, dtype=np.uint8,
-                             mode="r" if mode == "r" else "r+", offset=_HEADER_SIZE,
-                             shape=(bitset_bytes,))
-        except BaseException:
-            if handle is not None:
-                handle.close()
-            raise
-        if verify:
+            head = handle.read(_HEADER_SIZE)
+            size = os.fstat(handle.fileno()).st_size
             try:
-                _verify_checksum(cls._checksum_hash, head[:_CHECKSUMMED_HEADER], bits, checksum)
-            except ValueError as exc:
-                if handle is not None:
-                    handle.close()
-                raise ValueError(f"{path}: {exc}") from None
+                layout, num_bits, num_hashes, bitset_bytes, checksum = _parse_header(
+                    memoryview(head))
+                if size != _HEADER_SIZE + bitset_bytes:
+                    raise CorruptFilterError(_length_problem(size, bitset_bytes))
+            except CorruptFilterError as exc:
+                raise CorruptFilterError(f"{path}: {exc}") from None
+            bits = np.memmap(handle, dtype=np.uint8, mode="r" if mode == "r" else "r+",
+                             offset=_HEADER_SIZE, shape=(bitset_bytes,))
+            if verify:
+                try:
+                    _verify_checksum(cls._checksum_hash, head[:_CHECKSUMMED_HEADER], bits,
+                                     checksum)
+                except CorruptFilterError as exc:
+                    raise CorruptFilterError(f"{path}: {exc}") from None
+        except BaseException:
+            handle.close()
+            raise
+        if mode == "r":  # the mapping stays valid without the handle
+            handle.close()
         bf = cls.__new__(cls)
         bf._setup(bits, layout, num_bits, num_hashes, path=path)
-        bf._file = handle
+        bf._file = handle if mode == "r+" else None
         logger.debug("opened %s (mode=%s): %r", path, mode, bf)
         return bf
 
@@ -624,26 +681,32 @@ class BloomFilterBase:
         They go to the file this filter opened, even if another file has since
         been saved under its path (that one is left alone).
         """
+        with self._write_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         if not isinstance(self._bits, np.memmap) or self.read_only:
             return
-        with self._write_lock:
-            handle = self._file
-            if handle is None or handle.closed:
-                raise ValueError("this BloomFilter's file handle is closed; it cannot be flushed")
-            self._bits.flush()
-            handle.seek(0)
-            handle.write(self._header())
-            handle.flush()
-            os.fsync(handle.fileno())
+        handle = self._file
+        if handle is None or handle.closed:
+            raise ValueError("this BloomFilter's file handle is closed; it cannot be flushed")
+        self._bits.flush()
+        handle.seek(0)
+        handle.write(self._header())
+        handle.flush()
+        os.fsync(handle.fileno())
 
     def close(self) -> None:
         """Flush a writable mapped filter and drop the bits; later use raises ValueError."""
-        if self._closed:
-            return
-        try:
-            self.flush()
-        finally:
-            with self._write_lock:
+        # One hold of the writers' lock from the flush to the unbind: an insert
+        # from another thread slipping in between would change the mapped bits
+        # after their checksum was written, and the file would fail to open.
+        with self._write_lock:
+            if self._closed:
+                return
+            try:
+                self._flush_locked()
+            finally:
                 self._unbind()
                 self._closed = True
                 self._bits = np.zeros(0, dtype=np.uint8)  # lets the mapping go
@@ -697,8 +760,7 @@ class BloomGuard(Generic[V]):
 
     def __init__(self, lookup: Callable[[Any], V | None], bloom: BloomFilterBase, *,
                  missing: Any = None) -> None:
-        if not callable(lookup):
-            raise TypeError(f"lookup must be callable, got {type(lookup).__name__}")
+        require_callable("lookup", lookup)
         if not isinstance(bloom, BloomFilterBase):
             raise TypeError(f"bloom must be a BloomFilter, got {type(bloom).__name__}")
         self.lookup = lookup
@@ -725,7 +787,7 @@ class BloomGuard(Generic[V]):
 
     def get_many(self, keys: Iterable[Any], default: Any = None) -> list[V | Any]:
         """:meth:`get` for many keys, with one batch filter check."""
-        keys = list(keys)
+        keys = [key for key in keys]  # not list(): it trusts a __len__ that may lie
         maybe = self.bloom.contains_many(keys).tolist()
         return [self._backend_lookup(k, default) if m else self._avoided_lookup(default)
                 for k, m in zip(keys, maybe, strict=True)]
@@ -780,7 +842,7 @@ def _check_fp_rate(fp_rate: Any) -> float:
 
 def _check_threads(threads: Any) -> int:
     """``threads`` as a thread count: 0 means every core this process may use."""
-    threads = require_int("threads", threads, minimum=0)
+    threads = require_int("threads", threads, minimum=0, maximum=_MAX_THREADS)
     if threads == 0:
         try:
             return len(os.sched_getaffinity(0))
@@ -790,9 +852,11 @@ def _check_threads(threads: Any) -> int:
 
 
 def _check_layout(layout: Any) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return str(layout)
+    # Not require_choice: its `in` compares with ==, which a numpy array answers
+    # elementwise (array(['classic']) passed, then failed as a KeyError).
+    if isinstance(layout, str) and layout in LAYOUTS:
+        return str(layout)
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _check_num_bits(num_bits: Any, layout: str) -> int:
@@ -804,7 +868,7 @@ def _check_num_bits(num_bits: Any, layout: str) -> int:
 
 def _check_num_hashes(num_hashes: Any, layout: str) -> int:
     if layout == "split_block":
-        if isinstance(num_hashes, bool) or num_hashes != 8:
+        if require_int("num_hashes", num_hashes) != 8:
             raise ValueError(f"layout 'split_block' sets exactly 8 bits per key "
                              f"(num_hashes=8), got num_hashes={num_hashes!r}")
         return 8
@@ -829,6 +893,9 @@ def _split_block_bits(capacity: int, fp_rate: float) -> int:
             high = mid
         else:
             low = mid + 1
+    if high * _BLOCK_BITS > _MAX_NUM_BITS:  # the first guess was already too big
+        raise ValueError(f"capacity {capacity} at fp_rate {fp_rate} needs "
+                         f"{high * _BLOCK_BITS} bits, more than the maximum {_MAX_NUM_BITS}")
     return high * _BLOCK_BITS
 
 
@@ -883,36 +950,61 @@ def _byte_view(data: Any, name: str) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+def _open_regular_file(path: str, mode: str) -> BinaryIO:
+    """``path`` opened for reading (``mode="r+"``: and writing), if it is a regular file.
+
+    Opened without blocking and checked before anything is read: a FIFO would
+    otherwise hang the caller until some other process wrote to it.
+    """
+    flags = (os.O_RDWR if mode == "r+" else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    try:
+        _check_regular_file(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "r+b" if mode == "r+" else "rb")
+
+
+def _check_regular_file(path: str, kind: int) -> None:
+    """Raise unless ``kind`` (an ``st_mode``) is a regular file's."""
+    if stat.S_ISDIR(kind):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(kind):
+        raise ValueError(f"{path}: not a regular file (a FIFO, socket or device)")
+
+
 def _parse_header(view: memoryview) -> tuple[str, int, int, int, int]:
     """Validate a header; return layout, num_bits, num_hashes, bitset bytes, checksum."""
     if len(view) < _HEADER_SIZE:
-        raise ValueError(f"truncated Bloom filter: the header needs {_HEADER_SIZE} bytes, "
+        raise CorruptFilterError(f"truncated Bloom filter: the header needs {_HEADER_SIZE} bytes, "
                          f"got {len(view)}")
     (magic, version, layout_code, hash_code, num_hashes, seed, num_bits, bitset_bytes,
      checksum) = _HEADER.unpack_from(view)
     if magic != _MAGIC:
-        raise ValueError(f"not a buttress Bloom filter (magic {bytes(magic)!r}, expected "
+        raise CorruptFilterError(f"not a buttress Bloom filter (magic {bytes(magic)!r}, expected "
                          f"{_MAGIC!r})")
     if version != _FORMAT_VERSION:
-        raise ValueError(f"unsupported Bloom filter format version {version} (this "
+        raise CorruptFilterError(f"unsupported Bloom filter format version {version} (this "
                          f"buttress reads version {_FORMAT_VERSION})")
     if any(view[_CHECKSUM_OFFSET + 8:_HEADER_SIZE]):
-        raise ValueError("corrupted header: reserved bytes are not zero")
+        raise CorruptFilterError("corrupted header: reserved bytes are not zero")
     layouts = {code: name for name, code in _LAYOUT_CODES.items()}
     if layout_code not in layouts:
-        raise ValueError(f"corrupted header: unknown layout code {layout_code}")
+        raise CorruptFilterError(f"corrupted header: unknown layout code {layout_code}")
     if hash_code != _HASH_XXH64:
-        raise ValueError(f"corrupted header: unknown hash algorithm code {hash_code}")
+        raise CorruptFilterError(f"corrupted header: unknown hash algorithm code {hash_code}")
     if seed != _SEED:
-        raise ValueError(f"unsupported hash seed {seed} (only {_SEED} is supported)")
+        raise CorruptFilterError(f"unsupported hash seed {seed} (only {_SEED} is supported)")
     layout = layouts[layout_code]
     try:
         checked_bits = _check_num_bits(num_bits, layout)
         num_hashes = _check_num_hashes(num_hashes, layout)
     except ValueError as exc:
-        raise ValueError(f"corrupted header: {exc}") from None
+        raise CorruptFilterError(f"corrupted header: {exc}") from None
     if checked_bits != num_bits or bitset_bytes != _bitset_bytes(num_bits, layout):
-        raise ValueError(f"corrupted header: num_bits={num_bits} does not match a "
+        raise CorruptFilterError(f"corrupted header: num_bits={num_bits} does not match a "
                          f"{bitset_bytes}-byte {layout} bitset")
     return layout, num_bits, num_hashes, bitset_bytes, checksum
 
@@ -931,5 +1023,5 @@ def _checksum(xxh64: Callable[..., int], header: Any, bits: np.ndarray) -> int:
 def _verify_checksum(xxh64: Callable[..., int], header: Any, bits: np.ndarray,
                      expected: int) -> None:
     if _checksum(xxh64, header, bits) != expected:
-        raise ValueError("corrupted Bloom filter: checksum mismatch (the data was damaged, "
-                         "or a writer did not flush)")
+        raise CorruptFilterError("corrupted Bloom filter: checksum mismatch (the data was "
+                                 "damaged, or a writer did not flush)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "ButtressError",
+    "CorruptFilterError",
     "Expired",
     "FencingRejected",
     "PortInUseError",
@@ -97,4 +98,14 @@ class WorkerCrashed(ButtressError):
 
     Handler exceptions and Redis errors never do this (they fail the task or are
     retried); the cause is chained as ``__cause__``.
+    """
+
+
+class CorruptFilterError(ButtressError, ValueError):
+    """Bytes or a file given as a saved Bloom filter are not one, or are damaged.
+
+    Raised by ``BloomFilter.from_bytes`` and ``BloomFilter.open``; the message
+    says which check failed (the length, the magic, the version, a header
+    field or the checksum) and, for a file, names it.  Also a ``ValueError``,
+    as before.
     """

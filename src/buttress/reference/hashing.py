@@ -37,10 +37,12 @@ def encode_key(key: Any) -> bytes:
     """Return the bytes that the key-encoding rule gives for ``key``."""
     if isinstance(key, bool):
         raise TypeError("bool is not a supported key type (use int or str explicitly)")
+    # str.encode and the buffer, not key.encode() or bytes(key): a subclass's
+    # encode() or __bytes__ must not change the key (hashing reads the buffer)
     if isinstance(key, str):
-        return key.encode("utf-8")
+        return str.encode(key, "utf-8")
     if isinstance(key, (bytes, bytearray, memoryview)):
-        return bytes(key)
+        return memoryview(key).tobytes()
     if isinstance(key, (int, np.integer)):
         value = int(key)
         if value < _INT64_MIN or value > _UINT64_MAX:
@@ -80,6 +82,8 @@ def iter_key_values(keys: Any, caller: str = "insert_many/contains_many") -> Ite
         elif array.dtype.kind == "T":  # StringDType: a missing value is not a str
             yield from (value if isinstance(value, str) else None for value in array.tolist())
         else:
+            if array.dtype.kind == "U" and array.size:
+                _check_code_points(array)
             yield from array.tolist()  # 'S' and 'U': numpy strips the trailing NULs here
         return
     if isinstance(keys, (str, bytes, bytearray, memoryview)):
@@ -87,7 +91,10 @@ def iter_key_values(keys: Any, caller: str = "insert_many/contains_many") -> Ite
                         f"{type(keys).__name__} key")
     chunks = _arrow_chunks(keys)
     if chunks is None:
-        yield from keys
+        for value in keys:
+            if value is None:  # a null in a column; in a list, a key of no supported type
+                encode_key(value)  # raises the key rule's TypeError
+            yield value
         return
     for chunk in chunks:
         yield from chunk.to_pylist()
@@ -99,22 +106,39 @@ def _arrow_chunks(keys: Any) -> list[Any] | None:
         hasattr(keys, "__arrow_c_stream__") or hasattr(keys, "__arrow_c_array__")
     ):
         return None
+    # As the native reader: a producer that cannot export (the export call
+    # raises) falls back to the Python-keys path; once exported, an error
+    # reading the data is the caller's (falling back then would iterate a
+    # half-read stream and silently insert nothing).
     try:
         import pyarrow as pa
 
-        if hasattr(keys, "__arrow_c_stream__"):
-            column = pa.chunked_array(keys)
-            chunks, column_type = column.chunks, column.type
-        else:
-            chunks = [pa.array(keys)]
-            column_type = chunks[0].type
+        exported: _ExportedStream | _ExportedArray = (
+            _ExportedStream(keys.__arrow_c_stream__()) if hasattr(keys, "__arrow_c_stream__")
+            else _ExportedArray(keys.__arrow_c_array__()))
     except (ImportError, TypeError, ValueError, NotImplementedError):
         if hasattr(keys, "__iter__"):
             return None
         raise
+    if isinstance(exported, _ExportedStream):
+        try:
+            column = pa.chunked_array(exported)
+        except pa.ArrowException as exc:
+            raise ValueError(f"the Arrow stream failed while reading it: {exc}") from exc
+        chunks, column_type = column.chunks, column.type
+    else:
+        chunks = [pa.array(exported)]
+        column_type = chunks[0].type
     if pa.types.is_struct(column_type) and column_type.num_fields == 1:
+        if any(chunk.null_count for chunk in chunks):  # field(0) would show the hidden rows
+            raise ValueError("a table-like Arrow struct with null rows is not a key column")
         column_type = column_type.field(0).type
         chunks = [chunk.field(0) for chunk in chunks]
+    if isinstance(column_type, pa.BaseExtensionType):
+        # The C data interface carries an extension type (arrow.uuid, ...) as
+        # its storage plus metadata, and the native reader reads the storage.
+        column_type = column_type.storage_type
+        chunks = [chunk.storage for chunk in chunks]
     supported = (pa.types.is_integer, pa.types.is_string, pa.types.is_large_string,
                  pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
                  pa.types.is_null, pa.types.is_string_view, pa.types.is_binary_view)
@@ -126,6 +150,36 @@ def _arrow_chunks(keys: Any) -> list[Any] | None:
                         f"large_binary, binary_view or fixed_size_binary, or a dictionary of "
                         f"those; cast the column first")
     return chunks
+
+
+class _ExportedStream:
+    """The capsule one ``__arrow_c_stream__`` call returned, for pyarrow to read."""
+
+    def __init__(self, capsule: Any) -> None:
+        self.capsule = capsule
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        return self.capsule
+
+
+class _ExportedArray:
+    """The capsules one ``__arrow_c_array__`` call returned, for pyarrow to read."""
+
+    def __init__(self, capsules: Any) -> None:
+        self.capsules = capsules
+
+    def __arrow_c_array__(self, requested_schema: Any = None) -> Any:
+        return self.capsules
+
+
+def _check_code_points(array: np.ndarray) -> None:
+    """Refuse what numpy cannot turn into str (tolist() would raise SystemError)."""
+    code_points = array.view(np.uint32)
+    bad = np.flatnonzero(code_points > 0x10FFFF)
+    if bad.size:
+        per_element = array.dtype.itemsize // 4
+        raise ValueError(f"'U' array element {int(bad[0]) // per_element} holds "
+                         f"{int(code_points[bad[0]]):#x}, which is not a Unicode code point")
 
 
 def _check_seed(seed: Any) -> int:
