@@ -72,6 +72,9 @@ __all__ = [
 logger = logging.getLogger("buttress.leader")
 
 DEFAULT_PREFIX = "buttress:leader"
+# The longest lease (ms): ten years.  Redis refuses an expiry past 2**63 ms and the
+# renewal thread's waits overflow long before that (a ttl_ms of 1e20 killed the thread).
+MAX_TTL_MS = 315_360_000_000
 FENCED_PREFIX = "buttress:fenced"
 
 # Lua turns integer replies into doubles: tokens stay exact below 2**53.
@@ -129,7 +132,7 @@ class ElectionProtocol:
     ) -> None:
         # The name is the hash tag that keeps the election's keys in one cluster slot.
         check_tag("name", name)
-        ttl_ms = require_int("ttl_ms", ttl_ms, minimum=1)
+        ttl_ms = require_int("ttl_ms", ttl_ms, minimum=1, maximum=MAX_TTL_MS)
         if drift_ms is None:
             # 1% covers clock rate differences (NTP slews at most 0.05%) and
             # 2 ms covers the server's expiry granularity.

@@ -94,6 +94,10 @@ __all__ = ["MAX_ID_BYTES", "DedupeCore", "DedupeResult", "DedupeStatus", "Dedupl
 logger = logging.getLogger("buttress.dedupe")
 
 MAX_ID_BYTES = 512  # longer ids are refused: they bloat every key and index entry
+# The longest ttl (seconds): ten years, far past any redelivery and far below what Redis
+# refuses (an expiry only if now + ttl stays below 2**63 ms, about 9.2e15 s: a larger ttl
+# made every claim fail on the server; one past 1.8e305 s overflowed converting to ms).
+MAX_TTL = 315_360_000.0
 MODES = ("at_most_once", "effectively_once")
 _SHORT_ID = MAX_ID_BYTES // 4  # a str this short is within MAX_ID_BYTES in any encoding
 
@@ -207,7 +211,7 @@ class DedupeCore:
         require_callable("handler", handler)
         self._check_store(store)
         mode = require_choice("mode", mode, MODES)
-        self.ttl = require_number("ttl", ttl, above=0)
+        self.ttl = require_number("ttl", ttl, above=0, maximum=MAX_TTL)
         self.lease = require_number("lease", lease, above=0)
         if mode == "effectively_once" and self.lease > self.ttl:
             raise ValueError(f"lease must be <= ttl, got lease={lease!r} > ttl={ttl!r}")
@@ -372,7 +376,7 @@ class Deduplicator(DedupeCore):
 
     ``store`` is a :class:`~buttress.SQLiteStore` (one machine) or a
     :class:`~buttress.RedisStore` (many machines).  ``ttl`` (seconds) is how
-    long an id is remembered; ``mode`` is ``"at_most_once"`` or
+    long an id is remembered (at most ten years); ``mode`` is ``"at_most_once"`` or
     ``"effectively_once"`` (see the module docstring); ``lease`` (seconds,
     effectively_once only, at most ``ttl``) bounds how long a dead consumer
     holds a message; ``release_on_failure`` (effectively_once only, default

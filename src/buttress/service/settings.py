@@ -21,14 +21,13 @@ from buttress._validate import (
     require_choice,
     require_str,
 )
+from buttress.dedupe.core import MAX_TTL
 
 __all__ = ["MAX_DEDUPE_TTL", "SETTINGS", "ServiceSettings", "add_arguments", "settings_from"]
 
-# Ten years: far past any resend, and far below what Redis refuses.  Redis takes an
-# expiry only if now + ttl stays below 2**63 ms (a ttl of about 9.2e15 s): a larger
-# --dedupe-ttl started the gateway and then failed every admission with a 500, and one
-# past 1.8e305 s stopped its start with an OverflowError traceback.
-MAX_DEDUPE_TTL = 315_360_000.0
+# The Deduplicator's own bound (ten years): a larger --dedupe-ttl used to start the
+# gateway and then fail every admission with a 500.
+MAX_DEDUPE_TTL = MAX_TTL
 
 
 @dataclass(frozen=True)
