@@ -21,14 +21,20 @@ logger = logging.getLogger("shutdown_apps")
 SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
 
 
-def _setup_logging() -> None:
+def _setup() -> None:
+    # A test may shorten the request-head deadline (also in gunicorn's workers, which
+    # build the app after the fork).
+    if "SHUTDOWN_APPS_HEAD_TIMEOUT" in os.environ:
+        from buttress.shutdown import _asgi
+
+        _asgi.HEAD_TIMEOUT = float(os.environ["SHUTDOWN_APPS_HEAD_TIMEOUT"])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s",
                             stream=sys.stderr)
 
 
 def make_wsgi_app() -> Any:
-    _setup_logging()
+    _setup()
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         body = environ["wsgi.input"].read()
@@ -50,7 +56,7 @@ def make_wsgi_app() -> Any:
 
 
 def make_asgi_app() -> Any:
-    _setup_logging()
+    _setup()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

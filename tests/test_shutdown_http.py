@@ -37,7 +37,7 @@ APPS = Path(__file__).resolve().parent / "shutdown_apps.py"
 class Target(Service):
     """``shutdown_apps.py`` as a child process (the attacks' target)."""
 
-    def __init__(self, flavor: str) -> None:
+    def __init__(self, flavor: str, env: dict[str, str] | None = None) -> None:
         import tempfile
 
         self.port = free_port()
@@ -45,7 +45,8 @@ class Target(Service):
         self.process = subprocess.Popen(
             [sys.executable, str(APPS), "--server", flavor, "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "BUTTRESS_DRAIN_DELAY": "0", "BUTTRESS_DRAIN_TIMEOUT": "5"},
+            env={**os.environ, "BUTTRESS_DRAIN_DELAY": "0", "BUTTRESS_DRAIN_TIMEOUT": "5",
+                 **(env or {})},
         )
 
     def saw(self, method: str, path: str) -> bool:
@@ -178,6 +179,49 @@ def test_a_pipelined_valid_request_is_still_served(target):
 
 
 # -- slow clients, streams, the preStop drain (a fresh service each) ------------------------
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True if the server closes ``sock`` within ``seconds`` (whatever it sends first)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_request_head_that_never_arrives_whole_is_closed_at_its_deadline(flavor):
+    # uvicorn times the idle gap after a response only, and the first byte of a head stops
+    # that clock: these three connections were held open for ever (a descriptor each).
+    needs(flavor)
+    target = Target(flavor, env={"SHUTDOWN_APPS_HEAD_TIMEOUT": "1"})
+    try:
+        target.wait_ready()
+        silent = socket.create_connection(("127.0.0.1", target.port), timeout=10)
+        partial = socket.create_connection(("127.0.0.1", target.port), timeout=10)
+        partial.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        reused = socket.create_connection(("127.0.0.1", target.port), timeout=10)
+        reused.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"\r\n\r\nok"):
+            answer += reused.recv(65536)
+        reused.sendall(b"GET /second HTTP/1.1\r\n")  # then nothing more
+        for name, sock in (("silent", silent), ("partial head", partial),
+                           ("second head", reused)):
+            with sock:
+                assert closed_within(sock, 1 + MARGIN), f"{name} connection still open"
+        # Whole requests are unaffected, a slow one included (its head came in time).
+        assert get(target.port, "/slow")[0] == 200
+        assert target.saw("GET", "/first") and not target.saw("GET", "/second")
+    finally:
+        target.close()
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

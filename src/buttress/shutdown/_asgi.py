@@ -385,16 +385,27 @@ class ASGIServer:
 MAX_REQUEST_LINE = 8190  # bytes of request target; longer -> 414 (gunicorn's limit is 4094)
 MAX_HEAD = 64 * 1024  # bytes of header block; larger -> 431
 MAX_HEADERS = 100  # header fields; more -> 431 (gunicorn's limit_request_fields)
+# Seconds a request head may take to arrive whole (Apache's RequestReadTimeout default:
+# a head comes in one or two packets; a client slower than this is holding the line).
+HEAD_TIMEOUT = 20.0
 
 
 @functools.cache
 def limited_httptools_protocol() -> type[Any]:
-    """uvicorn's httptools protocol with caps on the request head (414 and 431).
+    """uvicorn's httptools protocol with caps on the request head (414 and 431) and a
+    deadline for it.
 
     llhttp buffers a request line or header block of any length; these caps
     only count the bytes and fields llhttp hands to uvicorn (and, while a head
     is incomplete, the bytes received), so a slow or endless head cannot grow
     without bound.  Parsing stays llhttp's.
+
+    A head must also arrive whole within ``HEAD_TIMEOUT`` seconds, counted
+    from the connection's start or from the first byte of a later request;
+    otherwise the connection is closed.  uvicorn times only the idle gap after
+    a response, and the first byte of a head stops that clock: a client that
+    connects and sends nothing, or a few bytes of a head and then nothing, held
+    its connection (and a file descriptor) for ever.
     """
     import httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -412,11 +423,21 @@ def limited_httptools_protocol() -> type[Any]:
             self._in_head = False
             self._head_bytes = 0
             self._refusal: tuple[int, bytes] | None = None
+            self._head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._start_head_clock()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_head_clock()
+            super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head = True
             self._head_bytes = 0
+            self._start_head_clock()  # kept running if the connection's own is still on
 
         def on_url(self, url: bytes) -> None:
             super().on_url(url)
@@ -431,7 +452,26 @@ def limited_httptools_protocol() -> type[Any]:
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._stop_head_clock()
             super().on_headers_complete()
+
+        def _start_head_clock(self) -> None:
+            if self._head_deadline is None:
+                self._head_deadline = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+        def _stop_head_clock(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_timed_out(self) -> None:
+            self._head_deadline = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                # A pipelined head behind a response still being written: its clock
+                # starts again rather than cutting that response.
+                self._start_head_clock()
+            elif not self.transport.is_closing():
+                self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)

@@ -3,8 +3,9 @@
 ``serve_wsgi`` and :class:`WSGIServer` run a WSGI application on the same
 uvicorn server path as the ASGI flavor (``_asgi``), through a2wsgi, a
 maintained WSGI-to-ASGI adapter, on a bounded pool of daemon threads.  HTTP is
-parsed and written by h11; buttress adds only what the adapter leaves to the
-server and the lifecycle needs:
+parsed by llhttp (httptools) with the ASGI flavor's caps and deadline on the
+request head; buttress adds only what the adapter leaves to the server and
+the lifecycle needs:
 
 * header names holding ``_`` are dropped before the adapter builds the
   environ (``X_Forwarded_For`` would otherwise merge into
