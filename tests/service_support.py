@@ -174,6 +174,37 @@ class Worker(_Process):
         return any(entry.get("name") == self.client_name for entry in client.client_list())
 
 
+def kill_mid_task_then_redeliver(client: Any, redis_url: str, queue_name: str, *,
+                                 lease_ms: int, seconds: float, worker_args: Iterable[str] = (),
+                                 env: dict[str, str] | None = None) -> int:
+    """One slow task k-1: SIGKILL its worker once it runs, let a second worker redeliver it.
+
+    Returns the second worker's exit code after SIGTERM (the caller asserts what it needs:
+    the run count, the attempts).
+    """
+    from buttress.distributed import FairQueue
+    from conftest import wait_until
+
+    queue = FairQueue(client, queue_name, lease_ms=lease_ms)
+    queue.enqueue("slow", {"id": "k-1", "payload": {"n": "k-1", "tenant": "t",
+                                                    "seconds": seconds}}, tenant="t")
+    args = ("--lease-ms", str(lease_ms), *worker_args)
+    first = Worker(redis_url, queue_name, *args, env=env)
+    try:
+        wait_until(lambda: client.hget(f"buttress:svc:{queue_name}:task:{{k-1}}",
+                                       "state") == b"running", timeout=30)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(10)
+    finally:
+        first.kill()
+    second = Worker(redis_url, queue_name, *args, env=env)
+    try:
+        wait_until(lambda: queue.stats()["completed"] == 1, timeout=60)
+    finally:
+        code = second.terminate()
+    return code
+
+
 class Watch:
     """The processes a test started; every wait loop of the test asks :meth:`check` first.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -25,7 +24,7 @@ from buttress.service.admission import enqueue_request_id
 from buttress.service.maintenance import Maintenance, head_ages
 from buttress.testing import RedisServer, free_port
 from conftest import wait_until
-from service_support import Gateway, Worker, task
+from service_support import Gateway, Worker, kill_mid_task_then_redeliver, task
 
 
 @pytest.fixture(scope="module")
@@ -370,23 +369,8 @@ def test_the_gateway_recognises_an_enqueue_retry_only_while_dedupe_remembers_the
 def test_sigkill_of_a_worker_mid_task_is_redelivered_once(redis_url: str,
                                                           module_redis: Any) -> None:
     queue_name = f"kill-{os.getpid()}"
-    queue = FairQueue(module_redis, queue_name, lease_ms=1500)
-    queue.enqueue("slow", {"id": "k-1", "payload": {"n": "k-1", "tenant": "t",
-                                                    "seconds": 5}}, tenant="t")
-    env = {"BUTTRESS_WORKER_DEDUPE_LEASE": "1.5"}
-    first = Worker(redis_url, queue_name, "--lease-ms", "1500", env=env)
-    try:
-        wait_until(lambda: module_redis.hget(f"buttress:svc:{queue_name}:task:{{k-1}}",
-                                             "state") == b"running", timeout=30)
-        first.process.send_signal(signal.SIGKILL)
-        first.process.wait(10)
-    finally:
-        first.kill()
-    second = Worker(redis_url, queue_name, "--lease-ms", "1500", env=env)
-    try:
-        wait_until(lambda: queue.stats()["completed"] == 1, timeout=60)
-    finally:
-        second.terminate()
+    kill_mid_task_then_redeliver(module_redis, redis_url, queue_name, lease_ms=1500, seconds=5,
+                                 env={"BUTTRESS_WORKER_DEDUPE_LEASE": "1.5"})
     assert module_redis.hget(f"{queue_name}:runs", "k-1") == b"1"
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from typing import Any
 
 import httpx
@@ -56,7 +55,7 @@ from buttress.distributed import FairQueue  # noqa: E402
 from buttress.service import AdmissionCore, GroupCommit, Outcome, TaskRequest  # noqa: E402
 from buttress.shutdown import lifespan  # noqa: E402
 from conftest import wait_until  # noqa: E402
-from service_support import Gateway, Worker  # noqa: E402
+from service_support import Gateway, Worker, kill_mid_task_then_redeliver  # noqa: E402
 
 ASYNC_WORKER = ("--async", "--handlers", "buttress.service.worker:async_handlers")
 ASYNC_ENV = {"BUTTRESS_SERVICE_HANDLERS": "test_service_async:ASYNC_HANDLERS"}
@@ -133,23 +132,9 @@ def test_a_redelivered_task_runs_its_side_effect_once(redis_url: str, client: An
 def test_kill_of_an_async_worker_mid_task_is_redelivered_once(redis_url: str,
                                                               client: Any) -> None:
     queue_name = f"akill-{os.getpid()}"
-    queue = FairQueue(client, queue_name, lease_ms=1000)
-    queue.enqueue("slow", {"id": "k-1", "payload": {"n": "k-1", "tenant": "t", "seconds": 4}},
-                  tenant="t")
     env = {**ASYNC_ENV, "BUTTRESS_WORKER_DEDUPE_LEASE": "1"}
-    first = Worker(redis_url, queue_name, "--lease-ms", "1000", *ASYNC_WORKER, env=env)
-    try:
-        wait_until(lambda: client.hget(f"buttress:svc:{queue_name}:task:{{k-1}}",
-                                       "state") == b"running", timeout=30)
-        first.process.send_signal(signal.SIGKILL)
-        first.process.wait(10)
-    finally:
-        first.kill()
-    second = Worker(redis_url, queue_name, "--lease-ms", "1000", *ASYNC_WORKER, env=env)
-    try:
-        wait_until(lambda: queue.stats()["completed"] == 1, timeout=60)
-    finally:
-        assert second.terminate() == 0
+    assert kill_mid_task_then_redeliver(client, redis_url, queue_name, lease_ms=1000,
+                                        seconds=4, worker_args=ASYNC_WORKER, env=env) == 0
     assert client.hget(f"{queue_name}:runs", "k-1") == b"1"
     assert client.hget(f"buttress:svc:{queue_name}:task:{{k-1}}", "attempts") == b"2"
 
